@@ -1,0 +1,427 @@
+// CPU kernels of the fused LoRA layer, compiled once per instruction set.
+//
+// The build compiles this file several times with different -march flags and
+// -DFASTLORA_ISA=<name>; everything lives in namespace fastlora::cpu::<name> with internal
+// linkage, and dispatch.cpp picks one table at run time. Standard-library templates are
+// avoided on purpose: their out-of-line copies are shared between the builds at link time, so
+// one compiled for AVX-512 could end up in the baseline path.
+//
+// Structure: strided big operands (x, dy) are converted (and dropout-masked) into small
+// zero-padded panels of the accumulation type, and three register-tiled micro-kernels work on
+// those panels: a dot tile (reductions over the long dimension), an expand tile (rank-r
+// combinations along the long dimension) and a rank-update tile (sums over tokens).
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "lora_cpu.h"
+
+#ifndef FASTLORA_ISA
+#error "compile with -DFASTLORA_ISA=<namespace name>"
+#endif
+
+namespace fastlora::cpu::FASTLORA_ISA {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kDotJB = 4;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kDotJB = 2;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kDotJB = 2;
+#endif
+constexpr int kDotTB = 4;          // tokens per dot tile
+constexpr int64_t kTokBlock = 8;   // tokens per panel in down / dy_products / expand
+constexpr int kUpdJB = 8;          // ranks per rank-update tile
+constexpr int64_t kColBlock = 256; // columns per panel in expand
+constexpr int64_t kUpdCols = kRankUpdateCols;
+constexpr int64_t kUpdRows = 64;   // tokens per panel in rank_update
+
+static_assert(kPad * 4 % kVecBytes == 0 && kPad * 8 % kVecBytes == 0,
+              "column padding must hold whole vectors of float and double");
+static_assert(kColBlock % kPad == 0 && kUpdCols % kPad == 0, "panel widths must be padded");
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <class Acc>
+inline void fill_zero(Acc* begin, Acc* end) {
+  for (Acc* p = begin; p < end; ++p) *p = Acc(0);
+}
+
+struct bf16_t {
+  uint16_t bits;
+};
+using f16_t = _Float16;
+
+template <class T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <class Acc>
+struct VecOf {
+  typedef Acc type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t N = kVecBytes / sizeof(Acc);
+};
+
+template <class V, class Acc>
+inline V loadv(const Acc* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V, class Acc>
+inline void storev(Acc* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// ---- element conversion --------------------------------------------------------------
+
+template <class T>
+inline T widen(T v) {
+  return v;
+}
+inline float widen(bf16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <class Acc, class T>
+inline Acc to_acc(T v) {
+  return static_cast<Acc>(widen(v));
+}
+
+template <class T, class Acc>
+inline T from_acc(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+inline bf16_t from_acc<bf16_t, float>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+
+// Calls f(T{}) with the C++ type of a runtime dtype.
+template <class F>
+inline void with_type(DType dt, F&& f) {
+  switch (dt) {
+    case DType::f64: f(double{}); break;
+    case DType::f32: f(float{}); break;
+    case DType::bf16: f(bf16_t{}); break;
+    case DType::f16: f(f16_t{}); break;
+  }
+}
+
+// Zeroed, cache-line aligned scratch of n elements.
+template <class Acc>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up((n > 0 ? n : 1) * sizeof(Acc), 64));
+    mem_ = static_cast<Acc*>(std::aligned_alloc(64, bytes));
+    if (mem_ == nullptr) throw std::bad_alloc();
+    std::memset(mem_, 0, bytes);
+  }
+  ~Scratch() { std::free(mem_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Acc* get() const { return mem_; }
+
+ private:
+  Acc* mem_;
+};
+
+// ---- dropout ----------------------------------------------------------------------------
+
+// v[i] <- keep(idx0 + i) ? v[i] / (1 - p) : 0, in flat element order.
+template <class Acc>
+void apply_dropout(Acc* v, int64_t count, const DropoutParams& d, uint64_t idx0) {
+  const Acc scale = static_cast<Acc>(d.scale);
+  const uint32_t thr = d.threshold;
+  int64_t i = 0;
+  if ((idx0 & 1) && count > 0) {
+    v[0] = dropout_keep(d.key, thr, idx0) ? v[0] * scale : Acc(0);
+    i = 1;
+  }
+  for (; i + 2 <= count; i += 2) {
+    const uint64_t bits = dropout_pair_bits(d.key, (idx0 + i) >> 1);
+    v[i] = static_cast<uint32_t>(bits) >= thr ? v[i] * scale : Acc(0);
+    v[i + 1] = static_cast<uint32_t>(bits >> 32) >= thr ? v[i + 1] * scale : Acc(0);
+  }
+  if (i < count) v[i] = dropout_keep(d.key, thr, idx0 + i) ? v[i] * scale : Acc(0);
+}
+
+// ---- panels -----------------------------------------------------------------------------
+
+// dst[i, c] = drop(m)[t0 + i, k0 + c] for i < nt, c < kc, in Acc; the rest of the
+// nt_pad x round_up(kc, kPad) panel is zero.
+template <class T, class Acc>
+void load_panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
+                int64_t kc, const DropoutParams& d, Acc* dst, int64_t ldd) {
+  const T* base = static_cast<const T*>(m.data);
+  const int64_t kc_pad = round_up(kc, kPad);
+  for (int64_t i = 0; i < nt; ++i) {
+    const T* row = base + (t0 + i) * m.s0 + k0 * m.s1;
+    Acc* out = dst + i * ldd;
+    if (m.s1 == 1) {
+      for (int64_t c = 0; c < kc; ++c) out[c] = to_acc<Acc>(row[c]);
+    } else {
+      for (int64_t c = 0; c < kc; ++c) out[c] = to_acc<Acc>(row[c * m.s1]);
+    }
+    if (d.enabled) apply_dropout(out, kc, d, static_cast<uint64_t>((t0 + i) * m.cols + k0));
+    fill_zero(out + kc, out + kc_pad);
+  }
+  for (int64_t i = nt; i < nt_pad; ++i) fill_zero(dst + i * ldd, dst + i * ldd + kc_pad);
+}
+
+// dst[i, j] = u[t0 + i, j] in Acc for i < nt; rows nt..nt_pad-1 zero.
+template <class Acc>
+void load_small_rows(const ConstMat& u, int64_t t0, int64_t nt, int64_t nt_pad, Acc* dst) {
+  const int64_t r = u.cols;
+  with_type(u.dtype, [&](auto tag) {
+    using U = decltype(tag);
+    const U* base = static_cast<const U*>(u.data);
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = 0; j < r; ++j) dst[i * r + j] = to_acc<Acc>(base[(t0 + i) * u.s0 + j * u.s1]);
+  });
+  fill_zero(dst + nt * r, dst + nt_pad * r);
+}
+
+// ---- micro-kernels on Acc panels --------------------------------------------------------
+
+template <class V, class Acc>
+inline Acc hsum(V v) {
+  Acc s = 0;
+  for (int64_t i = 0; i < VecOf<Acc>::N; ++i) s += v[i];
+  return s;
+}
+
+// out[t * ldo + j] = sum_k X[t, k] * W[j, k] for t < TB, j < JB; kpad a multiple of kPad.
+template <class Acc, int TB, int JB>
+inline void dot_tile(const Acc* X, int64_t ldx, const Acc* W, int64_t ldw, int64_t kpad, Acc* out,
+                     int64_t ldo) {
+  using V = typename VecOf<Acc>::type;
+  constexpr int64_t N = VecOf<Acc>::N;
+  V acc[TB][JB] = {};
+  for (int64_t k = 0; k < kpad; k += N) {
+    V w[JB];
+    for (int j = 0; j < JB; ++j) w[j] = loadv<V>(W + j * ldw + k);
+    for (int t = 0; t < TB; ++t) {
+      const V x = loadv<V>(X + t * ldx + k);
+      for (int j = 0; j < JB; ++j) acc[t][j] += x * w[j];
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int j = 0; j < JB; ++j) out[t * ldo + j] = hsum<V, Acc>(acc[t][j]);
+}
+
+// out[t, j] = sum_k X[t, k] * W[j, k] for t < kDotTB, j < r.
+template <class Acc>
+void dot_rows(const Acc* X, int64_t ldx, const Acc* W, int64_t ldw, int64_t r, int64_t kpad,
+              Acc* out) {
+  int64_t j = 0;
+  for (; j + kDotJB <= r; j += kDotJB)
+    dot_tile<Acc, kDotTB, kDotJB>(X, ldx, W + j * ldw, ldw, kpad, out + j, r);
+  for (; j < r; ++j) dot_tile<Acc, kDotTB, 1>(X, ldx, W + j * ldw, ldw, kpad, out + j, r);
+}
+
+// Y[t, k] = sum_j U[t, j] * W[j, k] for t < TB, k < kpad.
+template <class Acc, int TB>
+inline void expand_tile(const Acc* U, int64_t r, const Acc* W, int64_t ldw, int64_t kpad, Acc* Y,
+                        int64_t ldy) {
+  using V = typename VecOf<Acc>::type;
+  constexpr int64_t N = VecOf<Acc>::N;
+  for (int64_t k = 0; k < kpad; k += N) {
+    V acc[TB] = {};
+    for (int64_t j = 0; j < r; ++j) {
+      const V w = loadv<V>(W + j * ldw + k);
+      for (int t = 0; t < TB; ++t) acc[t] += U[t * r + j] * w;
+    }
+    for (int t = 0; t < TB; ++t) storev(Y + t * ldy + k, acc[t]);
+  }
+}
+
+// O[i, k] += sum_t U[t, i] * X[t, k] for i < JB, t < nt, k < kpad (U has row stride ldu).
+template <class Acc, int JB>
+inline void update_tile(const Acc* U, int64_t ldu, int64_t nt, const Acc* X, int64_t ldx,
+                        int64_t kpad, Acc* O, int64_t ldo) {
+  using V = typename VecOf<Acc>::type;
+  constexpr int64_t N = VecOf<Acc>::N;
+  for (int64_t k = 0; k < kpad; k += N) {
+    V acc[JB];
+    for (int i = 0; i < JB; ++i) acc[i] = loadv<V>(O + i * ldo + k);
+    for (int64_t t = 0; t < nt; ++t) {
+      const V x = loadv<V>(X + t * ldx + k);
+      for (int i = 0; i < JB; ++i) acc[i] += U[t * ldu + i] * x;
+    }
+    for (int i = 0; i < JB; ++i) storev(O + i * ldo + k, acc[i]);
+  }
+}
+
+// O[j, k] += sum_t U[t, j] * X[t, k] for all j < r.
+template <class Acc>
+void update_rows(const Acc* U, int64_t r, int64_t nt, const Acc* X, int64_t ldx, int64_t kpad,
+                 Acc* O, int64_t ldo) {
+  int64_t j = 0;
+  for (; j + kUpdJB <= r; j += kUpdJB)
+    update_tile<Acc, kUpdJB>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
+  for (; j < r; ++j) update_tile<Acc, 1>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
+}
+
+// ---- kernels ----------------------------------------------------------------------------
+
+template <class T>
+void down_impl(const ConstMat& x, const void* a_, int64_t lda, int64_t r, const DropoutParams& d,
+               void* xa_, int64_t t0, int64_t t1) {
+  using Acc = typename AccOf<T>::type;
+  const Acc* a = static_cast<const Acc*>(a_);
+  T* xa = static_cast<T*>(xa_);
+  const int64_t n_pad = round_up(x.cols, kPad);
+  Scratch<Acc> panel(kTokBlock * n_pad), sums(kTokBlock * r);
+  for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
+    const int64_t nt = imin(kTokBlock, t1 - tb);
+    load_panel<T, Acc>(x, tb, nt, kTokBlock, 0, x.cols, d, panel.get(), n_pad);
+    for (int64_t s = 0; s < nt; s += kDotTB)
+      dot_rows(panel.get() + s * n_pad, n_pad, a, lda, r, n_pad, sums.get() + s * r);
+    for (int64_t i = 0; i < nt * r; ++i) xa[tb * r + i] = from_acc<T>(sums.get()[i]);
+  }
+}
+
+template <class T>
+void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bias_,
+                 const ConstMat* base, const DropoutParams& d, void* out_, int64_t n, int64_t t0,
+                 int64_t t1) {
+  using Acc = typename AccOf<T>::type;
+  const Acc* w = static_cast<const Acc*>(w_);
+  const T* bias = static_cast<const T*>(bias_);
+  T* out = static_cast<T*>(out_);
+  const T* base_data = base ? static_cast<const T*>(base->data) : nullptr;
+  const int64_t r = u.cols;
+  Scratch<Acc> urows(kTokBlock * r), panel(kTokBlock * kColBlock);
+  for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
+    const int64_t nt = imin(kTokBlock, t1 - tb);
+    load_small_rows(u, tb, nt, kTokBlock, urows.get());
+    for (int64_t k0 = 0; k0 < n; k0 += kColBlock) {
+      const int64_t kc = imin(kColBlock, n - k0);
+      expand_tile<Acc, kTokBlock>(urows.get(), r, w + k0, ldw, round_up(kc, kPad), panel.get(),
+                                  kColBlock);
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = tb + i;
+        Acc* y = panel.get() + i * kColBlock;
+        if (d.enabled) apply_dropout(y, kc, d, static_cast<uint64_t>(t * n + k0));
+        if (bias)
+          for (int64_t c = 0; c < kc; ++c) y[c] += to_acc<Acc>(bias[k0 + c]);
+        if (base_data) {
+          const T* b = base_data + t * base->s0 + k0 * base->s1;
+          if (base->s1 == 1) {
+            for (int64_t c = 0; c < kc; ++c) y[c] += to_acc<Acc>(b[c]);
+          } else {
+            for (int64_t c = 0; c < kc; ++c) y[c] += to_acc<Acc>(b[c * base->s1]);
+          }
+        }
+        T* o = out + t * n + k0;
+        for (int64_t c = 0; c < kc; ++c) o[c] = from_acc<T>(y[c]);
+      }
+    }
+  }
+}
+
+template <class T>
+void dy_products_impl(const ConstMat& dy, const void* xa_, const void* bt_, int64_t ldbt,
+                      int64_t r, double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0,
+                      int64_t t1) {
+  using Acc = typename AccOf<T>::type;
+  const T* xa = static_cast<const T*>(xa_);
+  const Acc* bt = static_cast<const Acc*>(bt_);
+  Acc* dxa = static_cast<Acc*>(dxa_);
+  Acc* dbt = static_cast<Acc*>(dbt_);
+  const Acc s = static_cast<Acc>(scale);
+  const int64_t n_pad = round_up(dy.cols, kPad);
+  Scratch<Acc> panel(kTokBlock * n_pad), sums(kTokBlock * r), sxa(kTokBlock * r);
+  const DropoutParams no_dropout;
+  for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
+    const int64_t nt = imin(kTokBlock, t1 - tb);
+    load_panel<T, Acc>(dy, tb, nt, kTokBlock, 0, dy.cols, no_dropout, panel.get(), n_pad);
+    for (int64_t s0 = 0; s0 < nt; s0 += kDotTB)
+      dot_rows(panel.get() + s0 * n_pad, n_pad, bt, ldbt, r, n_pad, sums.get() + s0 * r);
+    for (int64_t i = 0; i < nt * r; ++i) {
+      dxa[tb * r + i] = s * sums.get()[i];
+      sxa.get()[i] = s * to_acc<Acc>(xa[tb * r + i]);
+    }
+    update_rows(sxa.get(), r, nt, panel.get(), n_pad, n_pad, dbt, lddbt);
+  }
+}
+
+template <class T>
+void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_, int64_t r,
+                      void* out_, int64_t k0, int64_t k1) {
+  using Acc = typename AccOf<T>::type;
+  const Acc* u = static_cast<const Acc*>(u_);
+  Acc* out = static_cast<Acc*>(out_);
+  Scratch<Acc> panel(kUpdRows * kUpdCols), acc(r * kUpdCols);
+  for (int64_t kb = k0; kb < k1; kb += kUpdCols) {
+    const int64_t kc = imin(kUpdCols, k1 - kb);
+    const int64_t kc_pad = round_up(kc, kPad);
+    fill_zero(acc.get(), acc.get() + r * kUpdCols);
+    for (int64_t tb = 0; tb < x.rows; tb += kUpdRows) {
+      const int64_t nt = imin(kUpdRows, x.rows - tb);
+      load_panel<T, Acc>(x, tb, nt, nt, kb, kc, d, panel.get(), kUpdCols);
+      update_rows(u + tb * r, r, nt, panel.get(), kUpdCols, kc_pad, acc.get(), kUpdCols);
+    }
+    for (int64_t j = 0; j < r; ++j)
+      std::memcpy(out + j * x.cols + kb, acc.get() + j * kUpdCols, kc * sizeof(Acc));
+  }
+}
+
+// ---- type-dispatching entry points ------------------------------------------------------
+
+void down(const ConstMat& x, const void* a, int64_t lda, int64_t r, const DropoutParams& d,
+          void* xa, int64_t t0, int64_t t1) {
+  with_type(x.dtype, [&](auto tag) { down_impl<decltype(tag)>(x, a, lda, r, d, xa, t0, t1); });
+}
+
+void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, const ConstMat* base,
+            const DropoutParams& d, DType out_dtype, void* out, int64_t n, int64_t t0,
+            int64_t t1) {
+  with_type(out_dtype, [&](auto tag) {
+    expand_impl<decltype(tag)>(u, w, ldw, bias, base, d, out, n, t0, t1);
+  });
+}
+
+void dy_products(const ConstMat& dy, const void* xa, const void* bt, int64_t ldbt, int64_t r,
+                 double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1) {
+  with_type(dy.dtype, [&](auto tag) {
+    dy_products_impl<decltype(tag)>(dy, xa, bt, ldbt, r, scale, dxa, dbt, lddbt, t0, t1);
+  });
+}
+
+void rank_update(const ConstMat& x, const DropoutParams& d, const void* u, int64_t r, void* out,
+                 int64_t k0, int64_t k1) {
+  with_type(x.dtype,
+            [&](auto tag) { rank_update_impl<decltype(tag)>(x, d, u, r, out, k0, k1); });
+}
+
+#define FASTLORA_STR2(x) #x
+#define FASTLORA_STR(x) FASTLORA_STR2(x)
+
+}  // namespace
+
+const KernelTable* kernel_table() {
+  static const KernelTable table{FASTLORA_STR(FASTLORA_ISA), &down, &expand, &dy_products,
+                                 &rank_update};
+  return &table;
+}
+
+}  // namespace fastlora::cpu::FASTLORA_ISA

@@ -1,0 +1,108 @@
+// Argument checks shared by the CPU and CUDA implementations of the fastlora ops.
+// The Python API validates user input earlier with friendlier messages; these guard direct
+// calls of torch.ops.fastlora.* so that no kernel ever sees an inconsistent argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+namespace fastlora::ops {
+
+inline bool is_supported_float(at::ScalarType s) {
+  return s == at::kDouble || s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// float64 activations accumulate in float64, all others in float32.
+inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_matrix(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "fastlora.", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "fastlora.", op, ": ", name,
+              " must be float64, float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "fastlora.", op, ": ", name, " is on ", t.device(),
+              " but the activations are on ", ref.device());
+}
+
+inline void check_rank(int64_t r, const char* op) {
+  TORCH_CHECK(r >= 1, "fastlora.", op, ": the rank must be at least 1, got ", r);
+}
+
+inline void check_scale(double scale, const char* op) {
+  TORCH_CHECK(std::isfinite(scale), "fastlora.", op, ": scale must be finite, got ", scale);
+}
+
+// dropout_p in [0, 1); a one-element int64 seed on the activations' device when p > 0.
+inline void check_dropout(double p, const std::optional<at::Tensor>& seed, const at::Tensor& like,
+                          const char* op) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastlora.", op, ": dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return;
+  TORCH_CHECK(seed.has_value(), "fastlora.", op, ": dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, "fastlora.", op,
+              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ",
+              seed->sizes());
+  check_same_device(*seed, like, op, "seed");
+}
+
+// x (T, in) and lora_A (r, in).
+inline void check_down(const at::Tensor& x, const at::Tensor& lora_A, double p,
+                       const std::optional<at::Tensor>& seed, const char* op) {
+  check_matrix(x, op, "x");
+  check_matrix(lora_A, op, "lora_A");
+  check_same_device(lora_A, x, op, "lora_A");
+  check_rank(lora_A.size(0), op);
+  TORCH_CHECK(lora_A.size(1) == x.size(1), "fastlora.", op, ": lora_A has ", lora_A.size(1),
+              " input features but x has ", x.size(1));
+  check_dropout(p, seed, x, op);
+}
+
+// xa (T, r) in the activations' dtype and lora_B (out, r).
+inline void check_up(const at::Tensor& xa, const at::Tensor& lora_B, at::ScalarType act,
+                     int64_t tokens, const char* op) {
+  check_matrix(xa, op, "xa");
+  check_matrix(lora_B, op, "lora_B");
+  check_same_device(lora_B, xa, op, "lora_B");
+  TORCH_CHECK(xa.scalar_type() == act, "fastlora.", op, ": xa must have the activations' dtype ",
+              act, ", got ", xa.scalar_type());
+  TORCH_CHECK(xa.size(0) == tokens, "fastlora.", op, ": xa has ", xa.size(0), " rows, expected ",
+              tokens);
+  TORCH_CHECK(lora_B.size(1) == xa.size(1), "fastlora.", op, ": lora_B has rank ",
+              lora_B.size(1), " but xa has ", xa.size(1), " columns");
+}
+
+// weight (out, in) and optional bias (out) for activations x (T, in).
+inline void check_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& x, int64_t out_features, const char* op) {
+  check_matrix(weight, op, "weight");
+  check_same_device(weight, x, op, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fastlora.", op, ": weight is ",
+              weight.scalar_type(), " but the activations are ", x.scalar_type());
+  TORCH_CHECK(weight.size(0) == out_features && weight.size(1) == x.size(1), "fastlora.", op,
+              ": weight has shape ", weight.sizes(), ", expected [", out_features, ", ", x.size(1),
+              "]");
+  if (bias.has_value()) {
+    check_same_device(*bias, x, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "fastlora.", op,
+                ": bias must have shape [", out_features, "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "fastlora.", op, ": bias is ",
+                bias->scalar_type(), " but the activations are ", x.scalar_type());
+  }
+}
+
+// dxa (T, r) in the accumulation dtype, contiguous.
+inline void check_dxa(const at::Tensor& dxa, const at::Tensor& act, int64_t r, const char* op) {
+  TORCH_CHECK(dxa.dim() == 2 && dxa.size(0) == act.size(0) && dxa.size(1) == r, "fastlora.", op,
+              ": dxa must have shape [", act.size(0), ", ", r, "], got ", dxa.sizes());
+  TORCH_CHECK(dxa.scalar_type() == acc_type(act.scalar_type()), "fastlora.", op, ": dxa must be ",
+              acc_type(act.scalar_type()), " for ", act.scalar_type(), " activations, got ",
+              dxa.scalar_type());
+  check_same_device(dxa, act, op, "dxa");
+}
+
+}  // namespace fastlora::ops

@@ -1,0 +1,246 @@
+// CPU implementations of the fastlora ops: argument checks, preparation of the small
+// operands, threading with at::parallel_for, and the frozen GEMMs through ATen (BLAS).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "kernels/common/dropout_rng.h"
+#include "kernels/cpu/lora_cpu.h"
+#include "ops/checks.h"
+
+namespace fastlora::ops {
+namespace {
+
+using cpu::ConstMat;
+using cpu::DType;
+
+DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kDouble: return DType::f64;
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "fastlora: unsupported dtype ", s);
+  }
+}
+
+ConstMat mat(const at::Tensor& t) {
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1),
+          kernel_dtype(t.scalar_type())};
+}
+
+void check_cpu(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), "fastlora.", op, ": the CPU kernel got a tensor on ",
+              x.device());
+}
+
+DropoutParams dropout_params(double p, const std::optional<at::Tensor>& seed) {
+  return p > 0.0 ? make_dropout(p, seed->item<int64_t>()) : DropoutParams{};
+}
+
+// m (rows x cols) as a zero-padded rows x round_up(cols, kPad) matrix of `acc`, times scale.
+at::Tensor prepare(const at::Tensor& m, at::ScalarType acc, double scale = 1.0) {
+  auto out = at::zeros({m.size(0), cpu::round_up(m.size(1), cpu::kPad)}, m.options().dtype(acc));
+  auto body = out.narrow(1, 0, m.size(1));
+  body.copy_(m);
+  if (scale != 1.0) body.mul_(scale);
+  return out;
+}
+
+// Rows per task so that a task touches at least ~64K elements.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(8, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
+
+at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p,
+                const std::optional<at::Tensor>& seed) {
+  const int64_t r = lora_A.size(0);
+  const auto a = prepare(lora_A, acc_type(x.scalar_type()));
+  auto xa = at::empty({x.size(0), r}, x.options());
+  const ConstMat xm = mat(x);
+  const DropoutParams d = dropout_params(p, seed);
+  const auto& k = cpu::kernels();
+  at::parallel_for(0, x.size(0), row_grain(x.size(1)), [&](int64_t b, int64_t e) {
+    k.down(xm, a.data_ptr(), a.stride(0), r, d, xa.data_ptr(), b, e);
+  });
+  return xa;
+}
+
+// out = [base +] drop(u w) [+ bias], out (T x n) contiguous in `dtype`.
+at::Tensor expand(const at::Tensor& u, const at::Tensor& w_prepared, int64_t n,
+                  const std::optional<at::Tensor>& bias, const at::Tensor* base,
+                  const DropoutParams& d, at::ScalarType dtype) {
+  auto out = at::empty({u.size(0), n}, u.options().dtype(dtype));
+  const ConstMat um = mat(u);
+  std::optional<ConstMat> bm;
+  if (base != nullptr) bm = mat(*base);
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const void* bias_ptr = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  const auto& k = cpu::kernels();
+  at::parallel_for(0, u.size(0), row_grain(n), [&](int64_t b, int64_t e) {
+    k.expand(um, w_prepared.data_ptr(), w_prepared.stride(0), bias_ptr, bm ? &*bm : nullptr, d,
+             kernel_dtype(dtype), out.data_ptr(), n, b, e);
+  });
+  return out;
+}
+
+at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p,
+                         const std::optional<at::Tensor>& seed) {
+  check_down(x, lora_A, p, seed, "lora_down");
+  check_cpu(x, "lora_down");
+  return down(x, lora_A, p, seed);
+}
+
+at::Tensor lora_up_cpu(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& lora_B,
+                       double scale) {
+  check_matrix(y, "lora_up", "y");
+  check_cpu(y, "lora_up");
+  check_up(xa, lora_B, y.scalar_type(), y.size(0), "lora_up");
+  check_same_device(xa, y, "lora_up", "xa");
+  check_scale(scale, "lora_up");
+  TORCH_CHECK(lora_B.size(0) == y.size(1), "fastlora.lora_up: lora_B has ", lora_B.size(0),
+              " output features but y has ", y.size(1));
+  const auto w = prepare(lora_B.t(), acc_type(y.scalar_type()), scale);
+  return expand(xa, w, y.size(1), std::nullopt, &y, DropoutParams{}, y.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scale,
+                                                    double p,
+                                                    const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_forward";
+  check_down(x, lora_A, p, seed, op);
+  check_cpu(x, op);
+  check_matrix(lora_B, op, "lora_B");
+  check_same_device(lora_B, x, op, "lora_B");
+  TORCH_CHECK(lora_B.size(1) == lora_A.size(0), "fastlora.lora_forward: lora_B has rank ",
+              lora_B.size(1), " but lora_A has rank ", lora_A.size(0));
+  check_weight(weight, bias, x, lora_B.size(0), op);
+  check_scale(scale, op);
+  auto xa = down(x, lora_A, p, seed);
+  // The rank-r term and the bias form the C operand of a beta = 1 GEMM: no extra pass over y.
+  const auto w = prepare(lora_B.t(), acc_type(x.scalar_type()), scale);
+  auto y = expand(xa, w, weight.size(0), bias, nullptr, DropoutParams{}, x.scalar_type());
+  y.addmm_(x, weight.t());
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
+                                                        const at::Tensor& xa,
+                                                        const at::Tensor& lora_B, double scale) {
+  const char* op = "lora_dy_products";
+  check_matrix(dy, op, "dy");
+  check_cpu(dy, op);
+  check_up(xa, lora_B, dy.scalar_type(), dy.size(0), op);
+  check_same_device(xa, dy, op, "xa");
+  check_scale(scale, op);
+  TORCH_CHECK(lora_B.size(0) == dy.size(1), "fastlora.lora_dy_products: lora_B has ",
+              lora_B.size(0), " output features but dy has ", dy.size(1));
+  const int64_t T = dy.size(0), out = dy.size(1), r = lora_B.size(1);
+  const auto acc = acc_type(dy.scalar_type());
+  const auto bt = prepare(lora_B.t(), acc);
+  const auto xa_c = xa.contiguous();
+  auto dxa = at::empty({T, r}, dy.options().dtype(acc));
+  // Per-chunk partial sums of dB^T, reduced afterwards in a fixed order (deterministic).
+  const int64_t grain = row_grain(out);
+  const int64_t chunks =
+      std::clamp<int64_t>((T + grain - 1) / grain, 1, std::max(1, at::get_num_threads()));
+  const int64_t per_chunk = (T + chunks - 1) / chunks;
+  const int64_t ld = bt.size(1);
+  auto partial = at::zeros({chunks, r, ld}, dy.options().dtype(acc));
+  const ConstMat dym = mat(dy);
+  const auto& k = cpu::kernels();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t t0 = std::min(T, c * per_chunk), t1 = std::min(T, t0 + per_chunk);
+      k.dy_products(dym, xa_c.data_ptr(), bt.data_ptr(), ld, r, scale, dxa.data_ptr(),
+                    partial[c].data_ptr(), ld, t0, t1);
+    }
+  });
+  const auto dbt = chunks == 1 ? partial[0] : partial.sum(0);
+  auto dB = at::empty({out, r}, lora_B.options());
+  dB.copy_(dbt.narrow(1, 0, out).t());
+  return {dxa, dB};
+}
+
+at::Tensor lora_grad_A_cpu(const at::Tensor& x, const at::Tensor& dxa, double p,
+                           const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
+  const char* op = "lora_grad_A";
+  check_matrix(x, op, "x");
+  check_cpu(x, op);
+  check_dxa(dxa, x, dxa.size(1), op);
+  check_rank(dxa.size(1), op);
+  check_dropout(p, seed, x, op);
+  TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
+  const int64_t r = dxa.size(1), n = x.size(1);
+  auto out = at::empty({r, n}, x.options().dtype(acc_type(x.scalar_type())));
+  const auto dxa_c = dxa.contiguous();
+  const ConstMat xm = mat(x);
+  const DropoutParams d = dropout_params(p, seed);
+  const auto& k = cpu::kernels();
+  const int64_t blocks = (n + cpu::kRankUpdateCols - 1) / cpu::kRankUpdateCols;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(
+                                                 x.size(0) * cpu::kRankUpdateCols, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
+    k.rank_update(xm, d, dxa_c.data_ptr(), r, out.data_ptr(), b * cpu::kRankUpdateCols,
+                  std::min(n, e * cpu::kRankUpdateCols));
+  });
+  return out.to(dtype);
+}
+
+at::Tensor lora_grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,
+                           const at::Tensor& lora_A, double p,
+                           const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_grad_x";
+  check_matrix(dy, op, "dy");
+  check_cpu(dy, op);
+  check_matrix(weight, op, "weight");
+  check_matrix(lora_A, op, "lora_A");
+  check_same_device(weight, dy, op, "weight");
+  check_same_device(lora_A, dy, op, "lora_A");
+  TORCH_CHECK(weight.scalar_type() == dy.scalar_type(), "fastlora.lora_grad_x: weight is ",
+              weight.scalar_type(), " but dy is ", dy.scalar_type());
+  TORCH_CHECK(weight.size(0) == dy.size(1), "fastlora.lora_grad_x: weight has ", weight.size(0),
+              " output features but dy has ", dy.size(1));
+  TORCH_CHECK(lora_A.size(1) == weight.size(1), "fastlora.lora_grad_x: lora_A has ",
+              lora_A.size(1), " input features but weight has ", weight.size(1));
+  check_rank(lora_A.size(0), op);
+  check_dxa(dxa, dy, lora_A.size(0), op);
+  check_dropout(p, seed, dy, op);
+  const auto a = prepare(lora_A, acc_type(dy.scalar_type()));
+  auto dx = expand(dxa.contiguous(), a, weight.size(1), std::nullopt, nullptr,
+                   dropout_params(p, seed), dy.scalar_type());
+  dx.addmm_(dy, weight);
+  return dx;
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
+  check_cpu(seed, "dropout_mask");
+  check_dropout(p, seed, seed, "dropout_mask");
+  auto mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  const DropoutParams d = dropout_params(p, seed);
+  bool* out = mask.data_ptr<bool>();
+  at::parallel_for(0, rows * cols, 1 << 16, [&](int64_t b, int64_t e) {
+    cpu::dropout_mask(d, b, e, out);
+  });
+  return mask;
+}
+
+}  // namespace
+}  // namespace fastlora::ops
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
+  using namespace fastlora::ops;
+  m.impl("lora_down", &lora_down_cpu);
+  m.impl("lora_up", &lora_up_cpu);
+  m.impl("lora_forward", &lora_forward_cpu);
+  m.impl("lora_dy_products", &lora_dy_products_cpu);
+  m.impl("lora_grad_A", &lora_grad_A_cpu);
+  m.impl("lora_grad_x", &lora_grad_x_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
+}

@@ -1,0 +1,49 @@
+// The fastlora operator schemas; per-device kernels live in cpu.cpp / cuda.cu and the fake
+// (meta) kernels and autograd formulas in python/fastlora/ops.py.
+//
+// Shapes: x (T, in), weight (out, in), lora_A (r, in), lora_B (out, r), xa (T, r),
+// dy (T, out), dxa (T, r). `seed` is a one-element int64 tensor on the activations' device
+// (read on the device, so CUDA graphs replay with fresh masks); it is required when
+// dropout_p > 0 and ignored otherwise.
+#include <torch/library.h>
+
+#include <string>
+
+#include "kernels/cpu/lora_cpu.h"
+
+namespace {
+
+// Selects the CPU kernel build ("auto", "avx512", "avx2", "baseline"); "" only queries.
+std::string cpu_isa(const std::string& name) {
+  TORCH_CHECK(name.empty() || fastlora::cpu::select_isa(name.c_str()),
+              "fastlora: CPU kernel build '", name,
+              "' is unknown or not supported by this CPU; use auto, avx512, avx2 or baseline");
+  return fastlora::cpu::kernels().isa;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastlora, m) {
+  // xa = drop(x) A^T, in x's dtype.
+  m.def("lora_down(Tensor x, Tensor lora_A, float dropout_p, Tensor? seed) -> Tensor");
+  // y + scale * xa B^T.
+  m.def("lora_up(Tensor y, Tensor xa, Tensor lora_B, float scale) -> Tensor");
+  // (y, xa): y = x W^T + bias + scale * xa B^T with xa = drop(x) A^T.
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  // (dxa, dB) from one pass over dy: dxa = scale * dy B (float32, or float64 for float64
+  // activations), dB = scale * dy^T xa in lora_B's dtype.
+  m.def("lora_dy_products(Tensor dy, Tensor xa, Tensor lora_B, float scale) -> (Tensor, Tensor)");
+  // dA = dxa^T drop(x) with the forward's mask regenerated, in `dtype`.
+  m.def(
+      "lora_grad_A(Tensor x, Tensor dxa, float dropout_p, Tensor? seed, ScalarType dtype) -> "
+      "Tensor");
+  // dx = dy W + mask / (1 - p) * (dxa A).
+  m.def(
+      "lora_grad_x(Tensor dy, Tensor weight, Tensor dxa, Tensor lora_A, float dropout_p, "
+      "Tensor? seed) -> Tensor");
+  // The keep mask (bool, rows x cols) that dropout with this seed and p applies.
+  m.def("dropout_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
+  m.def("_cpu_isa(str name) -> str", &cpu_isa);
+}

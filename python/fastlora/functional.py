@@ -1,0 +1,114 @@
+"""The LoRA layer's computation as a function: ``y = x W^T + b + s * (drop(x) A^T) B^T``.
+
+:func:`lora_linear` validates its arguments, handles autocast and leading dimensions, and runs
+the compiled kernels (``torch.ops.fastlora.lora_forward`` with its fused backward) whenever
+they apply, otherwise the pure-PyTorch reference. :class:`fastlora.LoRALinear` calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from ._extension import get_backend, has_kernel
+
+__all__ = ["lora_linear", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def new_dropout_seed(device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+    """A fresh dropout seed (one-element int64 tensor on ``device``) drawn from torch's RNG, so
+    ``torch.manual_seed`` makes dropout reproducible as it does for ``nn.Dropout``."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def kernel_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """Whether :func:`lora_linear` will run the compiled kernels for these arguments."""
+    if get_backend() == "reference" or not has_kernel("lora_forward", x.device.type):
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # the kernels do not produce gradients for the frozen weight
+    devices = {t.device for t in (weight, lora_A, lora_B)} | ({bias.device} if bias is not None else set())
+    return devices == {x.device}
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"LoRA layers take float32, bfloat16, float16 or float64 inputs, got {x.dtype}; "
+            "cast the input (for example x.float())"
+        )
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"expected an input whose last dimension is in_features={weight.shape[1]}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the layer's weight dtype {weight.dtype}; cast "
+            "the input or the model, or run under torch.autocast"
+        )
+    r = lora_A.shape[0]
+    if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
+        raise ValueError(
+            f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a layer of "
+            f"shape {tuple(weight.shape)}: expected ({r}, {weight.shape[1]}) and ({weight.shape[0]}, {r})"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``x W^T + b + scale * (drop(x) A^T) B^T`` for x of shape (..., in).
+
+    Args:
+        x: activations, float32/bfloat16/float16/float64, any leading dimensions.
+        weight, bias: the frozen base layer's parameters (out x in, out).
+        lora_A, lora_B: adapters (r x in, out x r), in any float dtype (float32 keeps fp32
+            master adapters while the branch runs in x's dtype with fp32 accumulation).
+        scale: the LoRA scale s (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        dropout_p: dropout probability on the adapter branch's input; 0 disables dropout.
+        seed: one-element int64 tensor on x's device fixing the dropout mask; drawn from
+            torch's RNG (or ``generator``) when omitted.
+    Returns:
+        y with x's leading dimensions and ``out`` features, in x's dtype (the autocast dtype
+        under ``torch.autocast``).
+    """
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    # Like autocast's own casts for F.linear: float64 is left alone.
+    if (
+        isinstance(x, Tensor)
+        and torch.is_autocast_enabled(device_type)
+        and x.is_floating_point()
+        and x.dtype != torch.float64
+    ):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = new_dropout_seed(x.device, generator)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if kernel_path_applies(x2d, weight, bias, lora_A, lora_B):
+        y = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
+    else:
+        mask = None
+        if dropout_p > 0.0 and has_kernel("dropout_mask", x.device.type):
+            mask = ops.dropout_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p)
+        y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed, mask)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,155 @@
+"""Pure-PyTorch definitions of every fastlora operator: the single source of their semantics.
+
+Each function here computes what the same-named ``torch.ops.fastlora`` operator computes, on
+any device and in any floating dtype (float64 included), with ordinary autograd. Tests compare
+the compiled kernels against these in float64; the layer runs them when no kernel applies.
+
+Notation (as PEFT): x (T, in), weight W (out, in), lora_A A (r, in), lora_B B (out, r),
+``xa = drop(x) A^T`` (T, r), dy (T, out), ``dxa = s dy B`` (T, r).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulation_dtype",
+    "dropout",
+    "dropout_mask",
+    "dropout_threshold",
+    "lora_down",
+    "lora_dy_products",
+    "lora_forward",
+    "lora_grad_A",
+    "lora_grad_x",
+    "lora_linear",
+    "lora_up",
+]
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _signed(v: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch integers are signed)."""
+    v &= _MASK64
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    # SplitMix64's finaliser; int64 products wrap modulo 2^64 like the uint64 ones in C++.
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def dropout_threshold(p: float) -> int:
+    """Draws (uniform 32-bit integers) below this value are dropped."""
+    t = p * 4294967296.0
+    if t <= 0.0:
+        return 0
+    if t >= 4294967295.0:
+        return 0xFFFFFFFF
+    return int(t + 0.5)
+
+
+def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
+    """The keep-mask (bool, rows x cols) of dropout with this seed: a pure function of
+    (seed, row * cols + col), identical to the kernels' (csrc/kernels/common/dropout_rng.h)."""
+    if p == 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=seed.device)
+    key = _mix64(seed.reshape(()).to(torch.int64) + _signed(_GAMMA))
+    index = torch.arange(rows * cols, dtype=torch.int64, device=seed.device)
+    bits = _mix64(key + (index >> 1) * _signed(_GAMMA))
+    draw = torch.where((index & 1).bool(), _shr(bits, 32), bits & 0xFFFFFFFF)
+    return (draw >= dropout_threshold(p)).reshape(rows, cols)
+
+
+def dropout(x: Tensor, p: float, seed: Tensor | None, mask: Tensor | None = None) -> Tensor:
+    """Inverted dropout of a 2-D x: kept elements times 1/(1-p), dropped ones exactly zero.
+    ``mask`` may pass a precomputed :func:`dropout_mask` of x's shape."""
+    if p == 0.0:
+        return x
+    if mask is None:
+        assert seed is not None, "dropout with p > 0 needs a seed"
+        mask = dropout_mask(seed, x.shape[0], x.shape[1], p)
+    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 activations accumulate in float64, every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lora_down(
+    x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor | None, mask: Tensor | None = None
+) -> Tensor:
+    """xa = drop(x) A^T, in x's dtype."""
+    return dropout(x, dropout_p, seed, mask) @ lora_A.to(x.dtype).t()
+
+
+def lora_up(y: Tensor, xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """y + scale * xa B^T, in y's dtype."""
+    return y + scale * (xa @ lora_B.to(xa.dtype).t())
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, xa) with y = x W^T + bias + scale * xa B^T and xa = drop(x) A^T."""
+    xa = lora_down(x, lora_A, dropout_p, seed, mask)
+    return lora_up(torch.nn.functional.linear(x, weight, bias), xa, lora_B, scale), xa
+
+
+def lora_dy_products(dy: Tensor, xa: Tensor, lora_B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(dxa, dB): dxa = scale * dy B in the accumulation dtype, dB = scale * dy^T xa in B's dtype."""
+    acc = accumulation_dtype(dy.dtype)
+    dy_acc = dy.to(acc)
+    dxa = scale * (dy_acc @ lora_B.to(acc))
+    d_b = scale * (dy_acc.t() @ xa.to(acc))
+    return dxa, d_b.to(lora_B.dtype)
+
+
+def lora_grad_A(x: Tensor, dxa: Tensor, dropout_p: float, seed: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """dA = dxa^T drop(x) with the forward's mask, in ``dtype``."""
+    return (dxa.t() @ dropout(x.to(dxa.dtype), dropout_p, seed)).to(dtype)
+
+
+def lora_grad_x(
+    dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor | None
+) -> Tensor:
+    """dx = dy W + mask / (1 - p) * (dxa A), in dy's dtype."""
+    low_rank = dropout(dxa @ lora_A.to(dxa.dtype), dropout_p, seed)
+    return (dy.to(dxa.dtype) @ weight.to(dxa.dtype) + low_rank).to(dy.dtype)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The whole layer on a 2-D x through ordinary autograd (gradients for every input that
+    requires them, the frozen weight included). The adapter branch runs in x's dtype."""
+    return lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, mask)[0]

@@ -1,0 +1,103 @@
+"""Shared helpers: tolerances per dtype, operand layouts, poisoned allocations, ISA selection."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastlora
+
+requires_extension = pytest.mark.skipif(
+    not fastlora.extension_available(), reason=f"compiled extension unavailable: {fastlora.extension_error()}"
+)
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+# Relative tolerance of a result computed in `dtype` against the float64 reference on the same
+# input values, measured against the reference's largest magnitude: output rounding plus
+# float32 accumulation over a few hundred terms.
+RTOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+LAYOUTS = ("contiguous", "transposed", "strided")
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """actual is within rtol * max|expected| of the float64 ``expected``, rtol being that of the
+    compute dtype or of actual's own dtype, whichever is coarser."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().item() if e.numel() else 0.0
+    tol = max(RTOL[dtype], RTOL[actual.dtype]) * max(scale, 1e-30)
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g} (dtype {dtype}, max|ref| {scale:.3g})"
+
+
+def make_matrix(
+    rows: int, cols: int, dtype: torch.dtype, layout: str = "contiguous", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A random (never zero) rows x cols matrix in the given memory layout:
+    contiguous, transposed (column-major storage) or strided (every other column of a wider one)."""
+    def draw(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).to(dtype)
+
+    if layout == "contiguous":
+        return draw(rows, cols)
+    if layout == "transposed":
+        return draw(cols, rows).t()
+    if layout == "strided":
+        return draw(rows, 2 * cols + 1)[:, 1::2]
+    if layout == "broadcast":  # every row the same storage (stride 0), as the gradient of a sum
+        return draw(1, cols).expand(rows, cols)
+    raise ValueError(layout)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every uninitialised allocation torch makes (the ops' outputs included) starts as NaN,
+    so an element a kernel forgets to write shows up as NaN."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture
+def poison():
+    with poisoned_allocations():
+        yield
+
+
+def available_isas() -> list[str]:
+    if not fastlora.extension_available():
+        return []
+    found = []
+    for name in ("baseline", "avx2", "avx512"):
+        try:
+            fastlora.cpu_isa(name)
+            found.append(name)
+        except RuntimeError:
+            pass
+    fastlora.cpu_isa("auto")
+    return found
+
+
+@contextlib.contextmanager
+def using_isa(name: str):
+    fastlora.cpu_isa(name)
+    try:
+        yield
+    finally:
+        fastlora.cpu_isa("auto")
+
+
+def seed_tensor(value: int = 1234) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64)

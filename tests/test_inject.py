@@ -1,0 +1,128 @@
+"""fastlora.inject and the model-level helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.q_proj(x) * self.v_proj(x) + self.mlp(x))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(16, 10, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def test_suffix_targets_freeze_and_helpers():
+    model = Model()
+    ids = torch.randint(0, 10, (2, 5))
+    before = model(ids)
+    out = fastlora.inject(model, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    assert out is model
+    layers = fastlora.lora_layers(model)
+    assert list(layers) == [f"layers.{i}.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
+    assert torch.equal(model(ids), before)  # B = 0 at init
+    trainable = fastlora.trainable_parameters(model)
+    assert len(trainable) == 8 and all(p.requires_grad for p in trainable)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"{k}.lora_{ab}" for k in layers for ab in "AB"}
+    state = fastlora.adapter_state_dict(model)
+    assert set(state) == names and state["layers.0.q_proj.lora_A"].shape == (4, 16)
+    # The base module is kept (state-dict keys stay valid under .base_layer).
+    assert "layers.0.q_proj.base_layer.weight" in model.state_dict()
+
+
+def test_all_linear_skips_output_head_and_regex_targets():
+    model = fastlora.inject(Model(), "all-linear", r=2)
+    assert "lm_head" not in fastlora.lora_layers(model)
+    assert len(fastlora.lora_layers(model)) == 8
+    regex = fastlora.inject(Model(), target_modules=r"layers\.1\.mlp\.[02]", r=2)
+    assert list(fastlora.lora_layers(regex)) == ["layers.1.mlp.0", "layers.1.mlp.2"]
+
+
+def test_rank_and_alpha_patterns_exclude_and_trainable_modules():
+    model = fastlora.inject(
+        Model(),
+        "all-linear",
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"layers.0.q_proj": 2, r"mlp\.0": 8},
+        alpha_pattern={"v_proj": 1},
+        exclude_modules=["layers.1.v_proj"],
+        trainable_modules=["norm"],
+        use_rslora=True,
+    )
+    layers = fastlora.lora_layers(model)
+    assert layers["layers.0.q_proj"].r == 2 and layers["layers.1.q_proj"].r == 4
+    assert layers["layers.0.mlp.0"].r == 8 and layers["layers.0.mlp.2"].r == 4
+    assert layers["layers.0.v_proj"].lora_alpha == 1 and layers["layers.0.v_proj"].scaling == 0.5
+    assert "layers.1.v_proj" not in layers
+    assert model.layers[0].norm.weight.requires_grad and not model.embed.weight.requires_grad
+
+
+def test_merge_and_unmerge_model():
+    model = fastlora.inject(Model(), ["q_proj"], r=2).eval()
+    for layer in fastlora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    ids = torch.randint(0, 10, (3, 4))
+    y = model(ids)
+    fastlora.merge(model)
+    torch.testing.assert_close(model(ids), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        fastlora.merge(model)
+    fastlora.unmerge(model)
+    torch.testing.assert_close(model(ids), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        fastlora.unmerge(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(target_modules=["k_proj"]), ValueError, "no module matched"),
+        (dict(target_modules=["mlp"]), ValueError, "adapts nn.Linear layers only"),
+        (dict(target_modules=["q_proj"], r=17), ValueError, r"layers\.0\.q_proj: rank r=17"),
+        (dict(target_modules=["q_proj"], rank_pattern={"q_proj": 0}), ValueError, "rank r=0"),
+        (dict(target_modules=["q_proj"], lora_alpha=-1), ValueError, "lora_alpha must be a positive"),
+        (dict(target_modules=["q_proj"], lora_dropout=1.5), ValueError, "lora_dropout"),
+        (dict(target_modules="(", r=2), ValueError, "not a valid regular expression"),
+        (dict(target_modules=3, r=2), TypeError, "target_modules must be"),
+        (dict(init="nope"), ValueError, "unknown init"),
+    ],
+)
+def test_inject_errors_leave_the_model_untouched(kwargs, error, message):
+    model = Model()
+    with pytest.raises(error, match=message):
+        fastlora.inject(model, **kwargs)
+    assert not fastlora.lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inject_twice_and_helpers_without_adapters():
+    model = fastlora.inject(Model(), ["q_proj"], r=2)
+    with pytest.raises(ValueError, match="no module matched"):
+        fastlora.inject(model, ["q_proj"], r=2)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        fastlora.merge(Model())
