@@ -1,0 +1,136 @@
+"""Shared timing and reporting helpers for the benchmark scripts (not a test suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def measure(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3, repeat: int = 30) -> float:
+    """Median wall time of fn() in seconds (CUDA events on a GPU, perf_counter on the CPU)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", warmup: int = 2, repeat: int = 30
+) -> dict[str, float]:
+    """Median time of each fn, timed in alternating rounds so that drift in the machine's speed
+    (other load, frequency) affects every variant alike; the ratios are what to trust."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(measure(fn, device, warmup=0, repeat=1))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """What a result needs next to it: device, torch version, threads, fastlora's kernel build."""
+    import fastlora
+
+    device = torch.device(device)
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "fastlora_extension": fastlora.extension_available(),
+    }
+    if fastlora.extension_available():
+        info["fastlora_cpu_isa"] = fastlora.cpu_isa()
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    cells = [[str(c) for c in columns]] + [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [" | ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Writes atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, series: Sequence[str], title: str) -> Path | None:
+    """Grouped bar chart of ratio columns per row; returns None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [str(r[label_key]) for r in rows]
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(labels) * len(series)), 5))
+    for i, name in enumerate(series):
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, [r.get(name, float("nan")) for r in rows], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("time / frozen nn.Linear")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,164 @@
+"""Property-based tests: every op against the float64 reference on drawn shapes, strides, dtypes,
+ranks, dropout rates, seeds and CPU kernel builds (a few thousand cases per run in total)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlora
+from fastlora import reference
+from conftest import DTYPES, RTOL, assert_matches, available_isas, make_matrix, requires_extension, using_isa
+
+pytestmark = requires_extension
+ops = torch.ops.fastlora
+ISAS = available_isas() or ["auto"]
+EXAMPLES = 600
+
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def problems(draw, dy_layouts=("contiguous", "transposed", "strided", "broadcast")):
+    n_in = draw(st.integers(1, 80))
+    n_out = draw(st.integers(1, 80))
+    dtype = draw(st.sampled_from(DTYPES))
+    return dict(
+        T=draw(st.integers(0, 40)),
+        n_in=n_in,
+        n_out=n_out,
+        r=draw(st.integers(1, min(n_in, n_out, 24))),
+        dtype=dtype,
+        adapter_dtype=draw(st.sampled_from(sorted({torch.float32, dtype}, key=str))),
+        p=draw(st.one_of(st.just(0.0), st.floats(0.01, 0.95))),
+        seed=draw(st.integers(0, 2**62)),
+        scale=draw(st.floats(0.05, 4.0)) * draw(st.sampled_from([1.0, -1.0])),
+        x_layout=draw(st.sampled_from(("contiguous", "transposed", "strided"))),
+        dy_layout=draw(st.sampled_from(dy_layouts)),
+        values=draw(st.integers(0, 2**31 - 1)),
+        isa=draw(st.sampled_from(ISAS)),
+    )
+
+
+def _tensors(pr):
+    g = torch.Generator().manual_seed(pr["values"])
+    T, n_in, n_out, r, dt, at = pr["T"], pr["n_in"], pr["n_out"], pr["r"], pr["dtype"], pr["adapter_dtype"]
+    return dict(
+        x=make_matrix(T, n_in, dt, pr["x_layout"], g),
+        w=make_matrix(n_out, n_in, dt, "contiguous", g),
+        bias=make_matrix(1, n_out, dt, "contiguous", g)[0],
+        a=make_matrix(r, n_in, at, "contiguous", g),
+        b=make_matrix(n_out, r, at, "contiguous", g),
+        dy=make_matrix(T, n_out, dt, pr["dy_layout"], g),
+        dxa=make_matrix(T, r, reference.accumulation_dtype(dt), "contiguous", g),
+        seed=torch.tensor([pr["seed"]]),
+    )
+
+
+def _acc(dtype):
+    return reference.accumulation_dtype(dtype)
+
+
+@SETTINGS
+@given(problems())
+def test_lora_down(pr):
+    t = _tensors(pr)
+    with using_isa(pr["isa"]):
+        got = ops.lora_down(t["x"], t["a"], pr["p"], t["seed"])
+    want = reference.lora_down(t["x"].double(), t["a"].double(), pr["p"], t["seed"])
+    assert got.dtype == pr["dtype"]
+    assert_matches(got, want, pr["dtype"], "lora_down")
+
+
+@SETTINGS
+@given(problems())
+def test_lora_forward_and_up(pr):
+    t = _tensors(pr)
+    with using_isa(pr["isa"]):
+        y, xa = ops.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], pr["scale"], pr["p"], t["seed"])
+        up = ops.lora_up(t["dy"], xa, t["b"], pr["scale"])
+    d = lambda v: v.double()  # noqa: E731
+    base = torch.nn.functional.linear(d(t["x"]), d(t["w"]), d(t["bias"]))
+    assert_matches(xa, reference.lora_down(d(t["x"]), d(t["a"]), pr["p"], t["seed"]), pr["dtype"], "xa")
+    assert_matches(y, reference.lora_up(base, d(xa), d(t["b"]), pr["scale"]), pr["dtype"], "y")
+    assert_matches(up, reference.lora_up(d(t["dy"]), d(xa), d(t["b"]), pr["scale"]), pr["dtype"], "lora_up")
+
+
+@SETTINGS
+@given(problems())
+def test_lora_dy_products(pr):
+    t = _tensors(pr)
+    xa = t["x"][:, : pr["r"]]  # any T x r matrix in the activation dtype, strided like x
+    with using_isa(pr["isa"]):
+        dxa, d_b = ops.lora_dy_products(t["dy"], xa, t["b"], pr["scale"])
+    dxa_ref, d_b_ref = reference.lora_dy_products(t["dy"].double(), xa.double(), t["b"].double(), pr["scale"])
+    assert dxa.dtype == _acc(pr["dtype"]) and d_b.dtype == pr["adapter_dtype"]
+    assert_matches(dxa, dxa_ref, _acc(pr["dtype"]), "dxa")
+    assert_matches(d_b, d_b_ref, _acc(pr["dtype"]), "dB")
+
+
+@SETTINGS
+@given(problems())
+def test_lora_grad_A(pr):
+    t = _tensors(pr)
+    with using_isa(pr["isa"]):
+        got = ops.lora_grad_A(t["x"], t["dxa"], pr["p"], t["seed"], pr["adapter_dtype"])
+    want = reference.lora_grad_A(t["x"].double(), t["dxa"].double(), pr["p"], t["seed"], torch.float64)
+    assert got.dtype == pr["adapter_dtype"]
+    assert_matches(got, want, _acc(pr["dtype"]), "dA")
+
+
+@SETTINGS
+@given(problems())
+def test_lora_grad_x(pr):
+    t = _tensors(pr)
+    with using_isa(pr["isa"]):
+        got = ops.lora_grad_x(t["dy"], t["w"], t["dxa"], t["a"], pr["p"], t["seed"])
+    d = lambda v: v.double()  # noqa: E731
+    want = reference.lora_grad_x(d(t["dy"]), d(t["w"]), d(t["dxa"]), d(t["a"]), pr["p"], t["seed"])
+    assert got.dtype == pr["dtype"]
+    assert_matches(got, want, pr["dtype"], "dx")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 50), st.integers(0, 50), st.floats(0.0, 0.99), st.integers(-(2**63), 2**63 - 1))
+def test_dropout_mask(rows, cols, p, seed):
+    s = torch.tensor([seed])
+    assert torch.equal(ops.dropout_mask(s, rows, cols, p), reference.dropout_mask(s, rows, cols, p))
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(dy_layouts=("contiguous",)), st.lists(st.integers(1, 3), min_size=0, max_size=2))
+def test_layer_end_to_end(pr, lead):
+    """lora_linear forward and all gradients, with extra leading dimensions, vs the reference."""
+    t = _tensors(pr)
+    n_in, dt = pr["n_in"], pr["dtype"]
+    rows = pr["T"] * int(torch.tensor(lead, dtype=torch.int64).prod())
+    g = torch.Generator().manual_seed(pr["values"] + 1)
+    x = make_matrix(rows, n_in, dt, pr["x_layout"], g).reshape(*lead, pr["T"], n_in).requires_grad_(True)
+    a, b = t["a"].clone().requires_grad_(True), t["b"].clone().requires_grad_(True)
+    with using_isa(pr["isa"]):
+        y = fastlora.lora_linear(x, t["w"], t["bias"], a, b, pr["scale"], pr["p"], t["seed"])
+        g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dt)
+        got = torch.autograd.grad(y, (x, a, b), g, allow_unused=True)
+    x64, a64, b64 = (v.detach().double().requires_grad_(True) for v in (x, a, b))
+    y64 = reference.lora_linear(x64.reshape(-1, n_in), t["w"].double(), t["bias"].double(), a64, b64,
+                                pr["scale"], pr["p"], t["seed"]).reshape(y.shape)
+    want = torch.autograd.grad(y64, (x64, a64, b64), g.double())
+    assert_matches(y, y64, dt, "y")
+    for name, u, v in zip(("dx", "dA", "dB"), got, want):
+        u = torch.zeros_like(v) if u is None else u
+        # Gradients go through rounded intermediates (xa in the activation dtype).
+        scale = v.abs().max().item() if v.numel() else 0.0
+        err = (u.double() - v).abs().max().item() if v.numel() else 0.0
+        assert err <= 3 * max(RTOL[dt], RTOL[u.dtype]) * max(scale, 1e-30), f"{name}: {err:.3g} vs {scale:.3g}"
+
+
+def test_isas_found():
+    # This machine (x86-64 with AVX-512) must exercise all three builds.
+    if fastlora.extension_available() and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert ISAS == ["baseline", "avx2", "avx512"]
+    else:
+        pytest.skip("not an AVX-512 machine")
