@@ -57,13 +57,13 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(8, (int64_t{1} << 16)
 at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p,
                 const std::optional<at::Tensor>& seed) {
   const int64_t r = lora_A.size(0);
-  const auto a = prepare(lora_A, acc_type(x.scalar_type()));
+  const auto at = prepare(lora_A.t(), acc_type(x.scalar_type()));
   auto xa = at::empty({x.size(0), r}, x.options());
   const ConstMat xm = mat(x);
   const DropoutParams d = dropout_params(p, seed);
   const auto& k = cpu::kernels();
   at::parallel_for(0, x.size(0), row_grain(x.size(1)), [&](int64_t b, int64_t e) {
-    k.down(xm, a.data_ptr(), a.stride(0), r, d, xa.data_ptr(), b, e);
+    k.down(xm, at.data_ptr(), at.stride(0), r, d, xa.data_ptr(), b, e);
   });
   return xa;
 }
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
               lora_B.size(0), " output features but dy has ", dy.size(1));
   const int64_t T = dy.size(0), out = dy.size(1), r = lora_B.size(1);
   const auto acc = acc_type(dy.scalar_type());
-  const auto bt = prepare(lora_B.t(), acc);
+  const auto bm = prepare(lora_B, acc);
   const auto xa_c = xa.contiguous();
   auto dxa = at::empty({T, r}, dy.options().dtype(acc));
   // Per-chunk partial sums of dB^T, reduced afterwards in a fixed order (deterministic).
@@ -150,14 +150,14 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
   const int64_t chunks =
       std::clamp<int64_t>((T + grain - 1) / grain, 1, std::max(1, at::get_num_threads()));
   const int64_t per_chunk = (T + chunks - 1) / chunks;
-  const int64_t ld = bt.size(1);
+  const int64_t ld = cpu::round_up(out, cpu::kPad);
   auto partial = at::zeros({chunks, r, ld}, dy.options().dtype(acc));
   const ConstMat dym = mat(dy);
   const auto& k = cpu::kernels();
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t t0 = std::min(T, c * per_chunk), t1 = std::min(T, t0 + per_chunk);
-      k.dy_products(dym, xa_c.data_ptr(), bt.data_ptr(), ld, r, scale, dxa.data_ptr(),
+      k.dy_products(dym, xa_c.data_ptr(), bm.data_ptr(), bm.stride(0), r, scale, dxa.data_ptr(),
                     partial[c].data_ptr(), ld, t0, t1);
     }
   });

@@ -33,9 +33,9 @@ struct ConstMat {
 struct KernelTable {
   const char* isa;
 
-  // xa[t, j] = sum_k drop(x)[t, k] * a[j, k] for t in [t0, t1).
-  // xa: x.rows x r, contiguous, x's dtype. a: prepared, r rows, row stride lda.
-  void (*down)(const ConstMat& x, const void* a, int64_t lda, int64_t r,
+  // xa[t, j] = sum_k drop(x)[t, k] * at[k, j] for t in [t0, t1).
+  // xa: x.rows x r, contiguous, x's dtype. at = A^T: prepared, x.cols rows, row stride ldat.
+  void (*down)(const ConstMat& x, const void* at, int64_t ldat, int64_t r,
                const DropoutParams& drop, void* xa, int64_t t0, int64_t t1);
 
   // out[t, k] = base[t, k] + drop_k(sum_j u[t, j] * w[j, k]) + bias[k] for t in [t0, t1),
@@ -47,12 +47,12 @@ struct KernelTable {
                  const ConstMat* base, const DropoutParams& drop, DType out_dtype, void* out,
                  int64_t n, int64_t t0, int64_t t1);
 
-  // One pass over dy rows [t0, t1): dxa[t, j] = scale * sum_o dy[t, o] * bt[j, o] (Acc,
+  // One pass over dy rows [t0, t1): dxa[t, j] = scale * sum_o dy[t, o] * b[o, j] (Acc,
   // contiguous T x r) and dbt[j, o] += scale * sum_t xa[t, j] * dy[t, o] (Acc, r rows with row
   // stride lddbt >= round_up(dy.cols, kPad); callers reduce per-thread partials).
-  void (*dy_products)(const ConstMat& dy, const void* xa, const void* bt, int64_t ldbt,
-                      int64_t r, double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0,
-                      int64_t t1);
+  // b: prepared, dy.cols rows, row stride ldb. xa: T x r contiguous, dy's dtype.
+  void (*dy_products)(const ConstMat& dy, const void* xa, const void* b, int64_t ldb, int64_t r,
+                      double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1);
 
   // out[j, k] = sum_t u[t, j] * drop(x)[t, k] over all rows, for columns [k0, k1).
   // u: Acc, x.rows x r contiguous. out: Acc, r x x.cols contiguous.

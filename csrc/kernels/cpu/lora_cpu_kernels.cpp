@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "lora_cpu.h"
 
@@ -25,24 +26,28 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-constexpr int kDotJB = 4;
+constexpr int kNNTB = 8;  // tokens per NN tile (32 registers)
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
-constexpr int kDotJB = 2;
+constexpr int kNNTB = 4;  // 16 registers
 #else
 constexpr int kVecBytes = 16;
-constexpr int kDotJB = 2;
+constexpr int kNNTB = 4;
 #endif
-constexpr int kDotTB = 4;          // tokens per dot tile
-constexpr int64_t kTokBlock = 8;   // tokens per panel in down / dy_products / expand
-constexpr int kUpdJB = 8;          // ranks per rank-update tile
-constexpr int64_t kColBlock = 256; // columns per panel in expand
+constexpr int kNNNV = 2;             // vectors of ranks per NN tile
+constexpr int64_t kRowBlock = 32;    // tokens per panel in down / dy_products
+constexpr int64_t kChunk = 128;      // columns per panel in down / dy_products
+constexpr int64_t kTokBlock = 8;     // tokens per expand tile
+constexpr int kUpdJB = 8;            // ranks per rank-update tile
+constexpr int64_t kColBlock = 256;   // columns per panel in expand
 constexpr int64_t kUpdCols = kRankUpdateCols;
-constexpr int64_t kUpdRows = 64;   // tokens per panel in rank_update
+constexpr int64_t kUpdRows = 64;     // tokens per panel in rank_update
 
 static_assert(kPad * 4 % kVecBytes == 0 && kPad * 8 % kVecBytes == 0,
               "column padding must hold whole vectors of float and double");
-static_assert(kColBlock % kPad == 0 && kUpdCols % kPad == 0, "panel widths must be padded");
+static_assert(kColBlock % kPad == 0 && kUpdCols % kPad == 0 && kChunk % kPad == 0,
+              "panel widths must be padded");
+static_assert(kRowBlock % kNNTB == 0, "row blocks hold whole NN tiles");
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -201,40 +206,42 @@ void load_small_rows(const ConstMat& u, int64_t t0, int64_t nt, int64_t nt_pad, 
 
 // ---- micro-kernels on Acc panels --------------------------------------------------------
 
-template <class V, class Acc>
-inline Acc hsum(V v) {
-  Acc s = 0;
-  for (int64_t i = 0; i < VecOf<Acc>::N; ++i) s += v[i];
-  return s;
-}
-
-// out[t * ldo + j] = sum_k X[t, k] * W[j, k] for t < TB, j < JB; kpad a multiple of kPad.
-template <class Acc, int TB, int JB>
-inline void dot_tile(const Acc* X, int64_t ldx, const Acc* W, int64_t ldw, int64_t kpad, Acc* out,
-                     int64_t ldo) {
+// C[t, v] += sum_{k < kc} X[t, k] * M[k, v] for t < TB and NV vectors of columns v: the
+// rank dimension is the vector dimension, so no horizontal sums are needed.
+template <class Acc, int TB, int NV>
+inline void nn_tile(const Acc* X, int64_t ldx, const Acc* M, int64_t ldm, int64_t kc, Acc* C,
+                    int64_t ldc) {
   using V = typename VecOf<Acc>::type;
   constexpr int64_t N = VecOf<Acc>::N;
-  V acc[TB][JB] = {};
-  for (int64_t k = 0; k < kpad; k += N) {
-    V w[JB];
-    for (int j = 0; j < JB; ++j) w[j] = loadv<V>(W + j * ldw + k);
+  V acc[TB][NV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = loadv<V>(C + t * ldc + v * N);
+  for (int64_t k = 0; k < kc; ++k) {
+    V m[NV];
+    for (int v = 0; v < NV; ++v) m[v] = loadv<V>(M + k * ldm + v * N);
     for (int t = 0; t < TB; ++t) {
-      const V x = loadv<V>(X + t * ldx + k);
-      for (int j = 0; j < JB; ++j) acc[t][j] += x * w[j];
+      const Acc xb = X[t * ldx + k];
+      for (int v = 0; v < NV; ++v) acc[t][v] += xb * m[v];
     }
   }
   for (int t = 0; t < TB; ++t)
-    for (int j = 0; j < JB; ++j) out[t * ldo + j] = hsum<V, Acc>(acc[t][j]);
+    for (int v = 0; v < NV; ++v) storev(C + t * ldc + v * N, acc[t][v]);
 }
 
-// out[t, j] = sum_k X[t, k] * W[j, k] for t < kDotTB, j < r.
+// C[t, 0:r_pad] += X[t, 0:kc] M[0:kc, 0:r_pad] for t < nt (a multiple of kNNTB); r_pad is a
+// multiple of the vector width, C has row stride ldc.
 template <class Acc>
-void dot_rows(const Acc* X, int64_t ldx, const Acc* W, int64_t ldw, int64_t r, int64_t kpad,
-              Acc* out) {
-  int64_t j = 0;
-  for (; j + kDotJB <= r; j += kDotJB)
-    dot_tile<Acc, kDotTB, kDotJB>(X, ldx, W + j * ldw, ldw, kpad, out + j, r);
-  for (; j < r; ++j) dot_tile<Acc, kDotTB, 1>(X, ldx, W + j * ldw, ldw, kpad, out + j, r);
+void nn_rows(const Acc* X, int64_t ldx, int64_t nt, const Acc* M, int64_t ldm, int64_t kc,
+             int64_t r_pad, Acc* C, int64_t ldc) {
+  constexpr int64_t N = VecOf<Acc>::N;
+  for (int64_t t = 0; t < nt; t += kNNTB) {
+    const Acc* x = X + t * ldx;
+    Acc* c = C + t * ldc;
+    int64_t v = 0;
+    for (; v + kNNNV * N <= r_pad; v += kNNNV * N)
+      nn_tile<Acc, kNNTB, kNNNV>(x, ldx, M + v, ldm, kc, c + v, ldc);
+    for (; v < r_pad; v += N) nn_tile<Acc, kNNTB, 1>(x, ldx, M + v, ldm, kc, c + v, ldc);
+  }
 }
 
 // Y[t, k] = sum_j U[t, j] * W[j, k] for t < TB, k < kpad.
@@ -282,20 +289,45 @@ void update_rows(const Acc* U, int64_t r, int64_t nt, const Acc* X, int64_t ldx,
 
 // ---- kernels ----------------------------------------------------------------------------
 
+// A panel of rows [t0, t0 + nt) and columns [k0, k0 + kc) of m in Acc: m itself when its
+// elements already are Acc, unit-stride, undropped, and the panel needs no padding; else a
+// converted, dropout-masked, zero-padded copy in `buf` (row stride kc_stride).
+template <class Acc>
+struct Panel {
+  const Acc* data;
+  int64_t ld;
+};
+
+template <class T, class Acc>
+Panel<Acc> panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0, int64_t kc,
+                    const DropoutParams& d, Acc* buf, int64_t kc_stride) {
+  constexpr int64_t N = VecOf<Acc>::N;
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (m.s1 == 1 && !d.enabled && nt == nt_pad && kc % N == 0)
+      return {static_cast<const Acc*>(m.data) + t0 * m.s0 + k0, m.s0};
+  }
+  load_panel<T, Acc>(m, t0, nt, nt_pad, k0, kc, d, buf, kc_stride);
+  return {buf, kc_stride};
+}
+
 template <class T>
-void down_impl(const ConstMat& x, const void* a_, int64_t lda, int64_t r, const DropoutParams& d,
+void down_impl(const ConstMat& x, const void* at_, int64_t ldat, int64_t r, const DropoutParams& d,
                void* xa_, int64_t t0, int64_t t1) {
   using Acc = typename AccOf<T>::type;
-  const Acc* a = static_cast<const Acc*>(a_);
+  const Acc* at = static_cast<const Acc*>(at_);
   T* xa = static_cast<T*>(xa_);
-  const int64_t n_pad = round_up(x.cols, kPad);
-  Scratch<Acc> panel(kTokBlock * n_pad), sums(kTokBlock * r);
-  for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
-    const int64_t nt = imin(kTokBlock, t1 - tb);
-    load_panel<T, Acc>(x, tb, nt, kTokBlock, 0, x.cols, d, panel.get(), n_pad);
-    for (int64_t s = 0; s < nt; s += kDotTB)
-      dot_rows(panel.get() + s * n_pad, n_pad, a, lda, r, n_pad, sums.get() + s * r);
-    for (int64_t i = 0; i < nt * r; ++i) xa[tb * r + i] = from_acc<T>(sums.get()[i]);
+  const int64_t r_pad = round_up(r, VecOf<Acc>::N);
+  Scratch<Acc> buf(kRowBlock * kChunk), sums(kRowBlock * r_pad);
+  for (int64_t tb = t0; tb < t1; tb += kRowBlock) {
+    const int64_t nt = imin(kRowBlock, t1 - tb), nt_pad = round_up(nt, kNNTB);
+    fill_zero(sums.get(), sums.get() + nt_pad * r_pad);
+    for (int64_t k0 = 0; k0 < x.cols; k0 += kChunk) {
+      const int64_t kc = imin(kChunk, x.cols - k0);
+      const auto p = panel<T, Acc>(x, tb, nt, nt_pad, k0, kc, d, buf.get(), kChunk);
+      nn_rows(p.data, p.ld, nt_pad, at + k0 * ldat, ldat, kc, r_pad, sums.get(), r_pad);
+    }
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = 0; j < r; ++j) xa[(tb + i) * r + j] = from_acc<T>(sums.get()[i * r_pad + j]);
   }
 }
 
@@ -339,28 +371,30 @@ void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bia
 }
 
 template <class T>
-void dy_products_impl(const ConstMat& dy, const void* xa_, const void* bt_, int64_t ldbt,
-                      int64_t r, double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0,
-                      int64_t t1) {
+void dy_products_impl(const ConstMat& dy, const void* xa_, const void* b_, int64_t ldb, int64_t r,
+                      double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0, int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const T* xa = static_cast<const T*>(xa_);
-  const Acc* bt = static_cast<const Acc*>(bt_);
+  const Acc* b = static_cast<const Acc*>(b_);
   Acc* dxa = static_cast<Acc*>(dxa_);
   Acc* dbt = static_cast<Acc*>(dbt_);
   const Acc s = static_cast<Acc>(scale);
-  const int64_t n_pad = round_up(dy.cols, kPad);
-  Scratch<Acc> panel(kTokBlock * n_pad), sums(kTokBlock * r), sxa(kTokBlock * r);
+  const int64_t r_pad = round_up(r, VecOf<Acc>::N);
+  Scratch<Acc> buf(kRowBlock * kChunk), sums(kRowBlock * r_pad), sxa(kRowBlock * r);
   const DropoutParams no_dropout;
-  for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
-    const int64_t nt = imin(kTokBlock, t1 - tb);
-    load_panel<T, Acc>(dy, tb, nt, kTokBlock, 0, dy.cols, no_dropout, panel.get(), n_pad);
-    for (int64_t s0 = 0; s0 < nt; s0 += kDotTB)
-      dot_rows(panel.get() + s0 * n_pad, n_pad, bt, ldbt, r, n_pad, sums.get() + s0 * r);
-    for (int64_t i = 0; i < nt * r; ++i) {
-      dxa[tb * r + i] = s * sums.get()[i];
-      sxa.get()[i] = s * to_acc<Acc>(xa[tb * r + i]);
+  for (int64_t tb = t0; tb < t1; tb += kRowBlock) {
+    const int64_t nt = imin(kRowBlock, t1 - tb), nt_pad = round_up(nt, kNNTB);
+    fill_zero(sums.get(), sums.get() + nt_pad * r_pad);
+    for (int64_t i = 0; i < nt * r; ++i) sxa.get()[i] = s * to_acc<Acc>(xa[tb * r + i]);
+    // Each panel of dy feeds both products while it is in cache: one pass over dy.
+    for (int64_t k0 = 0; k0 < dy.cols; k0 += kChunk) {
+      const int64_t kc = imin(kChunk, dy.cols - k0);
+      const auto p = panel<T, Acc>(dy, tb, nt, nt_pad, k0, kc, no_dropout, buf.get(), kChunk);
+      nn_rows(p.data, p.ld, nt_pad, b + k0 * ldb, ldb, kc, r_pad, sums.get(), r_pad);
+      update_rows(sxa.get(), r, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), dbt + k0, lddbt);
     }
-    update_rows(sxa.get(), r, nt, panel.get(), n_pad, n_pad, dbt, lddbt);
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = 0; j < r; ++j) dxa[(tb + i) * r + j] = s * sums.get()[i * r_pad + j];
   }
 }
 
@@ -370,15 +404,15 @@ void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_,
   using Acc = typename AccOf<T>::type;
   const Acc* u = static_cast<const Acc*>(u_);
   Acc* out = static_cast<Acc*>(out_);
-  Scratch<Acc> panel(kUpdRows * kUpdCols), acc(r * kUpdCols);
+  Scratch<Acc> buf(kUpdRows * kUpdCols), acc(r * kUpdCols);
   for (int64_t kb = k0; kb < k1; kb += kUpdCols) {
     const int64_t kc = imin(kUpdCols, k1 - kb);
-    const int64_t kc_pad = round_up(kc, kPad);
     fill_zero(acc.get(), acc.get() + r * kUpdCols);
     for (int64_t tb = 0; tb < x.rows; tb += kUpdRows) {
       const int64_t nt = imin(kUpdRows, x.rows - tb);
-      load_panel<T, Acc>(x, tb, nt, nt, kb, kc, d, panel.get(), kUpdCols);
-      update_rows(u + tb * r, r, nt, panel.get(), kUpdCols, kc_pad, acc.get(), kUpdCols);
+      const auto p = panel<T, Acc>(x, tb, nt, nt, kb, kc, d, buf.get(), kUpdCols);
+      update_rows(u + tb * r, r, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), acc.get(),
+                  kUpdCols);
     }
     for (int64_t j = 0; j < r; ++j)
       std::memcpy(out + j * x.cols + kb, acc.get() + j * kUpdCols, kc * sizeof(Acc));
@@ -387,9 +421,9 @@ void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_,
 
 // ---- type-dispatching entry points ------------------------------------------------------
 
-void down(const ConstMat& x, const void* a, int64_t lda, int64_t r, const DropoutParams& d,
+void down(const ConstMat& x, const void* at, int64_t ldat, int64_t r, const DropoutParams& d,
           void* xa, int64_t t0, int64_t t1) {
-  with_type(x.dtype, [&](auto tag) { down_impl<decltype(tag)>(x, a, lda, r, d, xa, t0, t1); });
+  with_type(x.dtype, [&](auto tag) { down_impl<decltype(tag)>(x, at, ldat, r, d, xa, t0, t1); });
 }
 
 void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, const ConstMat* base,
@@ -400,10 +434,10 @@ void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, con
   });
 }
 
-void dy_products(const ConstMat& dy, const void* xa, const void* bt, int64_t ldbt, int64_t r,
+void dy_products(const ConstMat& dy, const void* xa, const void* b, int64_t ldb, int64_t r,
                  double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1) {
   with_type(dy.dtype, [&](auto tag) {
-    dy_products_impl<decltype(tag)>(dy, xa, bt, ldbt, r, scale, dxa, dbt, lddbt, t0, t1);
+    dy_products_impl<decltype(tag)>(dy, xa, b, ldb, r, scale, dxa, dbt, lddbt, t0, t1);
   });
 }
 
