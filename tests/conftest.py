@@ -23,16 +23,32 @@ RTOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.bfloat16: 1.6e-2, torch
 LAYOUTS = ("contiguous", "transposed", "strided")
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """actual is within rtol * max|expected| of the float64 ``expected``, rtol being that of the
-    compute dtype or of actual's own dtype, whichever is coarser."""
+def assert_matches(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "", magnitude: float = 0.0
+) -> None:
+    """actual is within rtol * max(max|expected|, magnitude) of the float64 ``expected``, rtol
+    being that of the compute dtype or of actual's own dtype, whichever is coarser. ``magnitude``
+    bounds the size of the summed terms where results may cancel (see :func:`magnitude`)."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
     a, e = actual.double(), expected.double()
-    scale = e.abs().max().item() if e.numel() else 0.0
+    scale = max(e.abs().max().item() if e.numel() else 0.0, magnitude)
     tol = max(RTOL[dtype], RTOL[actual.dtype]) * max(scale, 1e-30)
     err = (a - e).abs().max().item() if e.numel() else 0.0
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g} (dtype {dtype}, max|ref| {scale:.3g})"
+
+
+def magnitude(fn, *args) -> float:
+    """max |result| of ``fn`` on the absolute values of its tensor and float arguments: the size
+    of the terms a sum of products adds up, a floor for tolerances when the result cancels."""
+    def absolute(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.double().abs()
+        return abs(a) if isinstance(a, float) else a
+
+    out = fn(*(absolute(a) for a in args))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.abs().max().item() if out.numel() else 0.0
 
 
 def make_matrix(

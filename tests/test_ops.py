@@ -184,3 +184,19 @@ def test_poison_is_active():
     # Guards the poisoned-output checks above against a torch that stops filling memory.
     with poisoned_allocations():
         assert torch.isnan(torch.empty(64)).all()
+
+
+def test_indices_beyond_2_to_the_31():
+    # 2^31 + 3 * 2^16 elements without the memory: every row of x is the same storage.
+    n_in, T = 1 << 16, (1 << 15) + 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n_in, generator=g).expand(T, n_in)
+    a = torch.randn(1, n_in, generator=g)
+    seed, p = seed_tensor(5), 0.5
+    xa = ops.lora_down(x, a, p, seed)
+    last = 3
+    mask = reference.dropout_mask(seed, last, n_in, p, first_row=T - last)
+    want = reference.dropout(x[-last:].double(), p, None, mask) @ a.double().t()
+    assert_matches(xa[-last:], want, torch.float32, "xa of the last rows")
+    # Every row sees a different mask, so the rows differ.
+    assert xa[0].item() != xa[-1].item()

@@ -54,6 +54,26 @@ at::Tensor prepare(const at::Tensor& m, at::ScalarType acc, double scale = 1.0) 
 // Rows per task so that a task touches at least ~64K elements.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(8, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
 
+// Sums over tokens without atomics: token ranges run in parallel, each accumulating into its
+// own zeroed (rows x ld) partial, and the partials are added in a fixed order (deterministic
+// for a given thread count). body(t0, t1, partial) does one range.
+template <class Body>
+at::Tensor token_parallel_sum(int64_t tokens, int64_t cols, int64_t rows, int64_t ld,
+                              const at::TensorOptions& options, const Body& body) {
+  const int64_t grain = row_grain(cols);
+  const int64_t chunks =
+      std::clamp<int64_t>((tokens + grain - 1) / grain, 1, std::max(1, at::get_num_threads()));
+  const int64_t per_chunk = (tokens + chunks - 1) / chunks;
+  auto partial = at::zeros({chunks, rows, ld}, options);
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t t0 = std::min(tokens, c * per_chunk);
+      body(t0, std::min(tokens, t0 + per_chunk), partial[c].data_ptr());
+    }
+  });
+  return chunks == 1 ? partial[0] : partial.sum(0);
+}
+
 at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p,
                 const std::optional<at::Tensor>& seed) {
   const int64_t r = lora_A.size(0);
@@ -145,23 +165,15 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
   const auto bm = prepare(lora_B, acc);
   const auto xa_c = xa.contiguous();
   auto dxa = at::empty({T, r}, dy.options().dtype(acc));
-  // Per-chunk partial sums of dB^T, reduced afterwards in a fixed order (deterministic).
-  const int64_t grain = row_grain(out);
-  const int64_t chunks =
-      std::clamp<int64_t>((T + grain - 1) / grain, 1, std::max(1, at::get_num_threads()));
-  const int64_t per_chunk = (T + chunks - 1) / chunks;
   const int64_t ld = cpu::round_up(out, cpu::kPad);
-  auto partial = at::zeros({chunks, r, ld}, dy.options().dtype(acc));
   const ConstMat dym = mat(dy);
   const auto& k = cpu::kernels();
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t t0 = std::min(T, c * per_chunk), t1 = std::min(T, t0 + per_chunk);
-      k.dy_products(dym, xa_c.data_ptr(), bm.data_ptr(), bm.stride(0), r, scale, dxa.data_ptr(),
-                    partial[c].data_ptr(), ld, t0, t1);
-    }
-  });
-  const auto dbt = chunks == 1 ? partial[0] : partial.sum(0);
+  const auto dbt = token_parallel_sum(T, out, r, ld, dy.options().dtype(acc),
+                                      [&](int64_t t0, int64_t t1, void* partial) {
+                                        k.dy_products(dym, xa_c.data_ptr(), bm.data_ptr(),
+                                                      bm.stride(0), r, scale, dxa.data_ptr(),
+                                                      partial, ld, t0, t1);
+                                      });
   auto dB = at::empty({out, r}, lora_B.options());
   dB.copy_(dbt.narrow(1, 0, out).t());
   return {dxa, dB};
@@ -177,19 +189,16 @@ at::Tensor lora_grad_A_cpu(const at::Tensor& x, const at::Tensor& dxa, double p,
   check_dropout(p, seed, x, op);
   TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
   const int64_t r = dxa.size(1), n = x.size(1);
-  auto out = at::empty({r, n}, x.options().dtype(acc_type(x.scalar_type())));
+  const int64_t ld = cpu::round_up(n, cpu::kPad);
   const auto dxa_c = dxa.contiguous();
   const ConstMat xm = mat(x);
   const DropoutParams d = dropout_params(p, seed);
   const auto& k = cpu::kernels();
-  const int64_t blocks = (n + cpu::kRankUpdateCols - 1) / cpu::kRankUpdateCols;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(
-                                                 x.size(0) * cpu::kRankUpdateCols, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
-    k.rank_update(xm, d, dxa_c.data_ptr(), r, out.data_ptr(), b * cpu::kRankUpdateCols,
-                  std::min(n, e * cpu::kRankUpdateCols));
-  });
-  return out.to(dtype);
+  const auto out = token_parallel_sum(x.size(0), n, r, ld, x.options().dtype(acc_type(x.scalar_type())),
+                                      [&](int64_t t0, int64_t t1, void* partial) {
+                                        k.rank_update(xm, d, dxa_c.data_ptr(), r, partial, ld, t0, t1);
+                                      });
+  return out.narrow(1, 0, n).to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 at::Tensor lora_grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,

@@ -61,13 +61,14 @@ def dropout_threshold(p: float) -> int:
     return int(t + 0.5)
 
 
-def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
+def dropout_mask(seed: Tensor, rows: int, cols: int, p: float, first_row: int = 0) -> Tensor:
     """The keep-mask (bool, rows x cols) of dropout with this seed: a pure function of
-    (seed, row * cols + col), identical to the kernels' (csrc/kernels/common/dropout_rng.h)."""
+    (seed, row * cols + col), identical to the kernels' (csrc/kernels/common/dropout_rng.h).
+    ``first_row`` gives rows [first_row, first_row + rows) of a taller matrix."""
     if p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=seed.device)
     key = _mix64(seed.reshape(()).to(torch.int64) + _signed(_GAMMA))
-    index = torch.arange(rows * cols, dtype=torch.int64, device=seed.device)
+    index = torch.arange(rows * cols, dtype=torch.int64, device=seed.device) + first_row * cols
     bits = _mix64(key + (index >> 1) * _signed(_GAMMA))
     draw = torch.where((index & 1).bool(), _shr(bits, 32), bits & 0xFFFFFFFF)
     return (draw >= dropout_threshold(p)).reshape(rows, cols)

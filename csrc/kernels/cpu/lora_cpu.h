@@ -16,8 +16,7 @@ namespace fastlora::cpu {
 
 enum class DType : int { f64 = 0, f32 = 1, bf16 = 2, f16 = 3 };
 
-constexpr int64_t kPad = 16;             // column padding of prepared small operands
-constexpr int64_t kRankUpdateCols = 128;  // columns per panel of rank_update; split work on it
+constexpr int64_t kPad = 16;  // column padding of prepared small operands
 
 static constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -54,10 +53,11 @@ struct KernelTable {
   void (*dy_products)(const ConstMat& dy, const void* xa, const void* b, int64_t ldb, int64_t r,
                       double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1);
 
-  // out[j, k] = sum_t u[t, j] * drop(x)[t, k] over all rows, for columns [k0, k1).
-  // u: Acc, x.rows x r contiguous. out: Acc, r x x.cols contiguous.
+  // out[j, k] += sum_t u[t, j] * drop(x)[t, k] over rows t in [t0, t1).
+  // u: Acc, x.rows x r contiguous. out: Acc, r rows with row stride ldo >= round_up(x.cols,
+  // kPad) (callers reduce per-thread partials).
   void (*rank_update)(const ConstMat& x, const DropoutParams& drop, const void* u, int64_t r,
-                      void* out, int64_t k0, int64_t k1);
+                      void* out, int64_t ldo, int64_t t0, int64_t t1);
 };
 
 // mask[i] = keep(flat index i) for i in [begin, end); all true when dropout is disabled.

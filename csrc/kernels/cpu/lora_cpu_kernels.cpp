@@ -35,17 +35,15 @@ constexpr int kVecBytes = 16;
 constexpr int kNNTB = 4;
 #endif
 constexpr int kNNNV = 2;             // vectors of ranks per NN tile
-constexpr int64_t kRowBlock = 32;    // tokens per panel in down / dy_products
-constexpr int64_t kChunk = 128;      // columns per panel in down / dy_products
+constexpr int64_t kRowBlock = 32;    // tokens per panel in down / dy_products / rank_update
+constexpr int64_t kChunk = 128;      // columns per panel in down / dy_products / rank_update
 constexpr int64_t kTokBlock = 8;     // tokens per expand tile
 constexpr int kUpdJB = 8;            // ranks per rank-update tile
 constexpr int64_t kColBlock = 256;   // columns per panel in expand
-constexpr int64_t kUpdCols = kRankUpdateCols;
-constexpr int64_t kUpdRows = 64;     // tokens per panel in rank_update
 
 static_assert(kPad * 4 % kVecBytes == 0 && kPad * 8 % kVecBytes == 0,
               "column padding must hold whole vectors of float and double");
-static_assert(kColBlock % kPad == 0 && kUpdCols % kPad == 0 && kChunk % kPad == 0,
+static_assert(kColBlock % kPad == 0 && kChunk % kPad == 0,
               "panel widths must be padded");
 static_assert(kRowBlock % kNNTB == 0, "row blocks hold whole NN tiles");
 
@@ -400,22 +398,19 @@ void dy_products_impl(const ConstMat& dy, const void* xa_, const void* b_, int64
 
 template <class T>
 void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_, int64_t r,
-                      void* out_, int64_t k0, int64_t k1) {
+                      void* out_, int64_t ldo, int64_t t0, int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const Acc* u = static_cast<const Acc*>(u_);
   Acc* out = static_cast<Acc*>(out_);
-  Scratch<Acc> buf(kUpdRows * kUpdCols), acc(r * kUpdCols);
-  for (int64_t kb = k0; kb < k1; kb += kUpdCols) {
-    const int64_t kc = imin(kUpdCols, k1 - kb);
-    fill_zero(acc.get(), acc.get() + r * kUpdCols);
-    for (int64_t tb = 0; tb < x.rows; tb += kUpdRows) {
-      const int64_t nt = imin(kUpdRows, x.rows - tb);
-      const auto p = panel<T, Acc>(x, tb, nt, nt, kb, kc, d, buf.get(), kUpdCols);
-      update_rows(u + tb * r, r, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), acc.get(),
-                  kUpdCols);
+  Scratch<Acc> buf(kRowBlock * kChunk);
+  // Row blocks stream x in order (prefetch friendly); each panel updates all r rows of out.
+  for (int64_t tb = t0; tb < t1; tb += kRowBlock) {
+    const int64_t nt = imin(kRowBlock, t1 - tb);
+    for (int64_t k0 = 0; k0 < x.cols; k0 += kChunk) {
+      const int64_t kc = imin(kChunk, x.cols - k0);
+      const auto p = panel<T, Acc>(x, tb, nt, nt, k0, kc, d, buf.get(), kChunk);
+      update_rows(u + tb * r, r, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), out + k0, ldo);
     }
-    for (int64_t j = 0; j < r; ++j)
-      std::memcpy(out + j * x.cols + kb, acc.get() + j * kUpdCols, kc * sizeof(Acc));
   }
 }
 
@@ -442,9 +437,9 @@ void dy_products(const ConstMat& dy, const void* xa, const void* b, int64_t ldb,
 }
 
 void rank_update(const ConstMat& x, const DropoutParams& d, const void* u, int64_t r, void* out,
-                 int64_t k0, int64_t k1) {
+                 int64_t ldo, int64_t t0, int64_t t1) {
   with_type(x.dtype,
-            [&](auto tag) { rank_update_impl<decltype(tag)>(x, d, u, r, out, k0, k1); });
+            [&](auto tag) { rank_update_impl<decltype(tag)>(x, d, u, r, out, ldo, t0, t1); });
 }
 
 #define FASTLORA_STR2(x) #x
