@@ -120,7 +120,7 @@ def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, s
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = [str(r[label_key]) for r in rows]
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(labels) * len(series)), 5))
+    fig, ax = plt.subplots(figsize=(min(18, 3 + 0.8 * len(labels)), 5.5))
     for i, name in enumerate(series):
         xs = [j + i * width for j in range(len(labels))]
         ax.bar(xs, [r.get(name, float("nan")) for r in rows], width, label=name)

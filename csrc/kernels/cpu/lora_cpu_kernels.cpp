@@ -24,21 +24,26 @@
 namespace fastlora::cpu::FASTLORA_ISA {
 namespace {
 
+// Tile sizes keep the accumulators, operands and a broadcast in registers (32 with AVX-512,
+// 16 otherwise).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-constexpr int kNNTB = 8;  // tokens per NN tile (32 registers)
+constexpr int kNNTB = 8;     // tokens per NN tile
+constexpr int kUpdJB = 8;    // ranks per rank-update tile
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
-constexpr int kNNTB = 4;  // 16 registers
+constexpr int kNNTB = 4;
+constexpr int kUpdJB = 4;
 #else
 constexpr int kVecBytes = 16;
 constexpr int kNNTB = 4;
+constexpr int kUpdJB = 4;
 #endif
+constexpr int kKV = 2;  // column vectors per expand / rank-update tile
 constexpr int kNNNV = 2;             // vectors of ranks per NN tile
 constexpr int64_t kRowBlock = 32;    // tokens per panel in down / dy_products / rank_update
 constexpr int64_t kChunk = 128;      // columns per panel in down / dy_products / rank_update
-constexpr int64_t kTokBlock = 8;     // tokens per expand tile
-constexpr int kUpdJB = 8;            // ranks per rank-update tile
+constexpr int64_t kTokBlock = kNNTB; // tokens per expand tile
 constexpr int64_t kColBlock = 256;   // columns per panel in expand
 
 static_assert(kPad * 4 % kVecBytes == 0 && kPad * 8 % kVecBytes == 0,
@@ -242,37 +247,65 @@ void nn_rows(const Acc* X, int64_t ldx, int64_t nt, const Acc* M, int64_t ldm, i
   }
 }
 
-// Y[t, k] = sum_j U[t, j] * W[j, k] for t < TB, k < kpad.
-template <class Acc, int TB>
-inline void expand_tile(const Acc* U, int64_t r, const Acc* W, int64_t ldw, int64_t kpad, Acc* Y,
+// Y[t, k] = sum_j U[t, j] * W[j, k] for t < TB and KV vectors of columns from k0.
+template <class Acc, int TB, int KV>
+inline void expand_tile(const Acc* U, int64_t r, const Acc* W, int64_t ldw, int64_t k0, Acc* Y,
                         int64_t ldy) {
   using V = typename VecOf<Acc>::type;
   constexpr int64_t N = VecOf<Acc>::N;
-  for (int64_t k = 0; k < kpad; k += N) {
-    V acc[TB] = {};
-    for (int64_t j = 0; j < r; ++j) {
-      const V w = loadv<V>(W + j * ldw + k);
-      for (int t = 0; t < TB; ++t) acc[t] += U[t * r + j] * w;
+  V acc[TB][KV] = {};
+  for (int64_t j = 0; j < r; ++j) {
+    V w[KV];
+    for (int v = 0; v < KV; ++v) w[v] = loadv<V>(W + j * ldw + k0 + v * N);
+    for (int t = 0; t < TB; ++t) {
+      const Acc u = U[t * r + j];
+      for (int v = 0; v < KV; ++v) acc[t][v] += u * w[v];
     }
-    for (int t = 0; t < TB; ++t) storev(Y + t * ldy + k, acc[t]);
   }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < KV; ++v) storev(Y + t * ldy + k0 + v * N, acc[t][v]);
 }
 
-// O[i, k] += sum_t U[t, i] * X[t, k] for i < JB, t < nt, k < kpad (U has row stride ldu).
-template <class Acc, int JB>
+// Y[t, k] = sum_j U[t, j] * W[j, k] for t < kTokBlock, k < kpad (a multiple of the vector).
+template <class Acc>
+void expand_rows(const Acc* U, int64_t r, const Acc* W, int64_t ldw, int64_t kpad, Acc* Y,
+                 int64_t ldy) {
+  constexpr int64_t N = VecOf<Acc>::N;
+  int64_t k = 0;
+  for (; k + kKV * N <= kpad; k += kKV * N) expand_tile<Acc, kTokBlock, kKV>(U, r, W, ldw, k, Y, ldy);
+  for (; k < kpad; k += N) expand_tile<Acc, kTokBlock, 1>(U, r, W, ldw, k, Y, ldy);
+}
+
+// O[i, k] += sum_t U[t, i] * X[t, k] for i < JB, t < nt, and KV vectors of columns from k0
+// (U has row stride ldu).
+template <class Acc, int JB, int KV>
 inline void update_tile(const Acc* U, int64_t ldu, int64_t nt, const Acc* X, int64_t ldx,
-                        int64_t kpad, Acc* O, int64_t ldo) {
+                        int64_t k0, Acc* O, int64_t ldo) {
   using V = typename VecOf<Acc>::type;
   constexpr int64_t N = VecOf<Acc>::N;
-  for (int64_t k = 0; k < kpad; k += N) {
-    V acc[JB];
-    for (int i = 0; i < JB; ++i) acc[i] = loadv<V>(O + i * ldo + k);
-    for (int64_t t = 0; t < nt; ++t) {
-      const V x = loadv<V>(X + t * ldx + k);
-      for (int i = 0; i < JB; ++i) acc[i] += U[t * ldu + i] * x;
+  V acc[JB][KV];
+  for (int i = 0; i < JB; ++i)
+    for (int v = 0; v < KV; ++v) acc[i][v] = loadv<V>(O + i * ldo + k0 + v * N);
+  for (int64_t t = 0; t < nt; ++t) {
+    V x[KV];
+    for (int v = 0; v < KV; ++v) x[v] = loadv<V>(X + t * ldx + k0 + v * N);
+    for (int i = 0; i < JB; ++i) {
+      const Acc u = U[t * ldu + i];
+      for (int v = 0; v < KV; ++v) acc[i][v] += u * x[v];
     }
-    for (int i = 0; i < JB; ++i) storev(O + i * ldo + k, acc[i]);
   }
+  for (int i = 0; i < JB; ++i)
+    for (int v = 0; v < KV; ++v) storev(O + i * ldo + k0 + v * N, acc[i][v]);
+}
+
+// O[i, k] += sum_t U[t, i] * X[t, k] for i < JB, t < nt, k < kpad.
+template <class Acc, int JB>
+void update_cols(const Acc* U, int64_t ldu, int64_t nt, const Acc* X, int64_t ldx, int64_t kpad,
+                 Acc* O, int64_t ldo) {
+  constexpr int64_t N = VecOf<Acc>::N;
+  int64_t k = 0;
+  for (; k + kKV * N <= kpad; k += kKV * N) update_tile<Acc, JB, kKV>(U, ldu, nt, X, ldx, k, O, ldo);
+  for (; k < kpad; k += N) update_tile<Acc, JB, 1>(U, ldu, nt, X, ldx, k, O, ldo);
 }
 
 // O[j, k] += sum_t U[t, j] * X[t, k] for all j < r.
@@ -281,8 +314,8 @@ void update_rows(const Acc* U, int64_t r, int64_t nt, const Acc* X, int64_t ldx,
                  Acc* O, int64_t ldo) {
   int64_t j = 0;
   for (; j + kUpdJB <= r; j += kUpdJB)
-    update_tile<Acc, kUpdJB>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
-  for (; j < r; ++j) update_tile<Acc, 1>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
+    update_cols<Acc, kUpdJB>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
+  for (; j < r; ++j) update_cols<Acc, 1>(U + j, r, nt, X, ldx, kpad, O + j * ldo, ldo);
 }
 
 // ---- kernels ----------------------------------------------------------------------------
@@ -345,8 +378,7 @@ void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bia
     load_small_rows(u, tb, nt, kTokBlock, urows.get());
     for (int64_t k0 = 0; k0 < n; k0 += kColBlock) {
       const int64_t kc = imin(kColBlock, n - k0);
-      expand_tile<Acc, kTokBlock>(urows.get(), r, w + k0, ldw, round_up(kc, kPad), panel.get(),
-                                  kColBlock);
+      expand_rows(urows.get(), r, w + k0, ldw, round_up(kc, VecOf<Acc>::N), panel.get(), kColBlock);
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = tb + i;
         Acc* y = panel.get() + i * kColBlock;
