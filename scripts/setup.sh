@@ -9,11 +9,14 @@ venv="${FASTLORA_VENV:-$root/.venv}"
 python3 -m venv "$venv"
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
-python -m pip install -q --upgrade pip
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "${FASTLORA_TORCH:-torch==2.13.0}"
+quiet_pip() {  # pip without this machine's harmless "find-links location ignored" warnings
+  python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+quiet_pip install -q --upgrade pip
+if ! python -c "import torch" >/dev/null 2>&1; then
+  quiet_pip install -q "${FASTLORA_TORCH:-torch==2.13.0}" numpy
 fi
-python -m pip install -q "scikit-build-core>=0.10" ninja
+quiet_pip install -q "scikit-build-core>=0.10" ninja
 log="$venv/fastlora-build.log"
 echo "building fastlora against torch $(python -c 'import torch; print(torch.__version__)') (log: $log)"
 if ! python -m pip install -v --no-build-isolation "$root[test,bench]" >"$log" 2>&1; then

@@ -6,10 +6,11 @@
 // avoided on purpose: their out-of-line copies are shared between the builds at link time, so
 // one compiled for AVX-512 could end up in the baseline path.
 //
-// Structure: strided big operands (x, dy) are converted (and dropout-masked) into small
-// zero-padded panels of the accumulation type, and three register-tiled micro-kernels work on
-// those panels: a dot tile (reductions over the long dimension), an expand tile (rank-r
-// combinations along the long dimension) and a rank-update tile (sums over tokens).
+// Structure: strided big operands (x, dy) are read in panels of the accumulation type (the
+// operand itself when it already is one, else a converted, dropout-masked, zero-padded copy),
+// and three register-tiled micro-kernels work on them: an NN tile (x A^T, dy B: the rank is
+// the vector dimension), an expand tile (xa B^T, dxa A: rank-r combinations along the long
+// dimension) and a rank-update tile (dy^T xa, dxa^T x: sums over tokens).
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -39,17 +40,16 @@ constexpr int kVecBytes = 16;
 constexpr int kNNTB = 4;
 constexpr int kUpdJB = 4;
 #endif
-constexpr int kKV = 2;  // column vectors per expand / rank-update tile
-constexpr int kNNNV = 2;             // vectors of ranks per NN tile
-constexpr int64_t kRowBlock = 32;    // tokens per panel in down / dy_products / rank_update
-constexpr int64_t kChunk = 128;      // columns per panel in down / dy_products / rank_update
-constexpr int64_t kTokBlock = kNNTB; // tokens per expand tile
-constexpr int64_t kColBlock = 256;   // columns per panel in expand
+constexpr int kKV = 2;                // column vectors per expand / rank-update tile
+constexpr int kNNNV = 2;              // vectors of ranks per NN tile
+constexpr int64_t kRowBlock = 32;     // tokens per panel in down / dy_products / rank_update
+constexpr int64_t kChunk = 128;       // columns per panel in down / dy_products / rank_update
+constexpr int64_t kTokBlock = kNNTB;  // tokens per expand tile
+constexpr int64_t kColBlock = 256;    // columns per panel in expand
 
 static_assert(kPad * 4 % kVecBytes == 0 && kPad * 8 % kVecBytes == 0,
               "column padding must hold whole vectors of float and double");
-static_assert(kColBlock % kPad == 0 && kChunk % kPad == 0,
-              "panel widths must be padded");
+static_assert(kColBlock % kPad == 0 && kChunk % kPad == 0, "panel widths must be padded");
 static_assert(kRowBlock % kNNTB == 0, "row blocks hold whole NN tiles");
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -330,8 +330,8 @@ struct Panel {
 };
 
 template <class T, class Acc>
-Panel<Acc> panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0, int64_t kc,
-                    const DropoutParams& d, Acc* buf, int64_t kc_stride) {
+Panel<Acc> panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
+                 int64_t kc, const DropoutParams& d, Acc* buf, int64_t kc_stride) {
   constexpr int64_t N = VecOf<Acc>::N;
   if constexpr (std::is_same_v<T, Acc>) {
     if (m.s1 == 1 && !d.enabled && nt == nt_pad && kc % N == 0)
@@ -372,16 +372,16 @@ void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bia
   T* out = static_cast<T*>(out_);
   const T* base_data = base ? static_cast<const T*>(base->data) : nullptr;
   const int64_t r = u.cols;
-  Scratch<Acc> urows(kTokBlock * r), panel(kTokBlock * kColBlock);
+  Scratch<Acc> urows(kTokBlock * r), ybuf(kTokBlock * kColBlock);
   for (int64_t tb = t0; tb < t1; tb += kTokBlock) {
     const int64_t nt = imin(kTokBlock, t1 - tb);
     load_small_rows(u, tb, nt, kTokBlock, urows.get());
     for (int64_t k0 = 0; k0 < n; k0 += kColBlock) {
       const int64_t kc = imin(kColBlock, n - k0);
-      expand_rows(urows.get(), r, w + k0, ldw, round_up(kc, VecOf<Acc>::N), panel.get(), kColBlock);
+      expand_rows(urows.get(), r, w + k0, ldw, round_up(kc, VecOf<Acc>::N), ybuf.get(), kColBlock);
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = tb + i;
-        Acc* y = panel.get() + i * kColBlock;
+        Acc* y = ybuf.get() + i * kColBlock;
         if (d.enabled) apply_dropout(y, kc, d, static_cast<uint64_t>(t * n + k0));
         if (bias)
           for (int64_t c = 0; c < kc; ++c) y[c] += to_acc<Acc>(bias[k0 + c]);
