@@ -12,6 +12,7 @@ from conftest import (
     DTYPES,
     LAYOUTS,
     assert_matches,
+    magnitude,
     make_matrix,
     poisoned_allocations,
     requires_extension,
@@ -147,6 +148,9 @@ def _opcheck_samples():
         ("lora_down", (grad(x), grad(a), 0.2, seed)),
         ("lora_up", (grad(dy), grad(xa), grad(b), 1.5)),
         ("lora_dy_products", (dy, xa, b, 1.5)),
+        ("lora_dy_products", (dy, xa, torch.randn(11, 5), 1.5)),  # xa and B of different widths
+        ("accumulate_outer", (torch.randn(11, 13), dy, x, 0.5)),
+        ("accumulate_outer", (torch.randn(11, 13), dy.bfloat16(), x.bfloat16(), 0.5)),
         ("lora_grad_A", (x, dxa, 0.2, seed, torch.float32)),
         ("lora_grad_x", (dy, w, dxa, a, 0.2, seed)),
         ("dropout_mask", (seed, 4, 6, 0.3)),
@@ -200,3 +204,21 @@ def test_indices_beyond_2_to_the_31():
     assert_matches(xa[-last:], want, torch.float32, "xa of the last rows")
     # Every row sees a different mask, so the rows differ.
     assert xa[0].item() != xa[-1].item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ("contiguous", "transposed", "broadcast"))
+def test_accumulate_outer(dtype, layout):
+    g = torch.Generator().manual_seed(3)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = make_matrix(9, 14, acc_dtype, "contiguous", g)
+    dy, x = make_matrix(300, 9, dtype, layout, g), make_matrix(300, 14, dtype, "strided", g)
+    want = acc.double() + 0.25 * dy.double().t() @ x.double()
+    before = acc.data_ptr()
+    ops.accumulate_outer(acc, dy, x, 0.25)
+    assert acc.data_ptr() == before and acc.dtype == acc_dtype
+    assert_matches(acc, want, acc_dtype, "acc", magnitude(lambda a, d, v: a + 0.25 * d.t() @ v, acc, dy, x))
+    with pytest.raises(RuntimeError, match="acc must be a 2-D float32 or float64"):
+        ops.accumulate_outer(acc.half(), dy, x, 1.0)
+    with pytest.raises(RuntimeError, match="acc has shape"):
+        ops.accumulate_outer(acc.t().contiguous(), dy, x, 1.0)

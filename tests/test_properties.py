@@ -39,6 +39,7 @@ def problems(draw, dy_layouts=("contiguous", "transposed", "strided", "broadcast
         n_in=n_in,
         n_out=n_out,
         r=draw(st.integers(1, min(n_in, n_out, 24))),
+        r2=draw(st.integers(1, 24)),  # a second width: lora_dy_products takes xa and B of any widths
         dtype=dtype,
         adapter_dtype=draw(st.sampled_from(sorted({torch.float32, dtype}, key=str))),
         p=draw(st.one_of(st.just(0.0), st.floats(0.01, 0.95))),
@@ -60,6 +61,7 @@ def _tensors(pr):
         bias=make_matrix(1, n_out, dt, "contiguous", g)[0],
         a=make_matrix(r, n_in, at, "contiguous", g),
         b=make_matrix(n_out, r, at, "contiguous", g),
+        b2=make_matrix(n_out, pr["r2"], at, "contiguous", g),
         dy=make_matrix(T, n_out, dt, pr["dy_layout"], g),
         dxa=make_matrix(T, r, reference.accumulation_dtype(dt), "contiguous", g),
         seed=torch.tensor([pr["seed"]]),
@@ -106,11 +108,12 @@ def test_lora_dy_products(pr):
     t = _tensors(pr)
     xa = t["x"][:, : pr["r"]]  # any T x r matrix in the activation dtype, strided like x
     with using_isa(pr["isa"]):
-        dxa, d_b = ops.lora_dy_products(t["dy"], xa, t["b"], pr["scale"])
-    dxa_ref, d_b_ref = reference.lora_dy_products(t["dy"].double(), xa.double(), t["b"].double(), pr["scale"])
+        dxa, d_b = ops.lora_dy_products(t["dy"], xa, t["b2"], pr["scale"])
+    dxa_ref, d_b_ref = reference.lora_dy_products(t["dy"].double(), xa.double(), t["b2"].double(), pr["scale"])
     assert dxa.dtype == _acc(pr["dtype"]) and d_b.dtype == pr["adapter_dtype"]
+    assert dxa.shape == (pr["T"], pr["r2"]) and d_b.shape == (pr["n_out"], pr["r"])
     mag_dxa, mag_db = (
-        magnitude(lambda *a: reference.lora_dy_products(*a)[i], t["dy"], xa, t["b"], pr["scale"]) for i in (0, 1)
+        magnitude(lambda *a: reference.lora_dy_products(*a)[i], t["dy"], xa, t["b2"], pr["scale"]) for i in (0, 1)
     )
     assert_matches(dxa, dxa_ref, _acc(pr["dtype"]), "dxa", mag_dxa)
     assert_matches(d_b, d_b_ref, _acc(pr["dtype"]), "dB", mag_db)

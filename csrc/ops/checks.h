@@ -76,6 +76,24 @@ inline void check_up(const at::Tensor& xa, const at::Tensor& lora_B, at::ScalarT
               lora_B.size(1), " but xa has ", xa.size(1), " columns");
 }
 
+// dy (T, out), xa (T, rx) in dy's dtype, lora_B (out, rb); rx and rb may differ (the gradient
+// engine's sketches use one pass over dy for two products of different widths).
+inline void check_dy_products(const at::Tensor& dy, const at::Tensor& xa, const at::Tensor& lora_B) {
+  const char* op = "lora_dy_products";
+  check_matrix(xa, op, "xa");
+  check_matrix(lora_B, op, "lora_B");
+  check_same_device(xa, dy, op, "xa");
+  check_same_device(lora_B, dy, op, "lora_B");
+  TORCH_CHECK(xa.scalar_type() == dy.scalar_type(), "fastlora.lora_dy_products: xa must have dy's dtype ",
+              dy.scalar_type(), ", got ", xa.scalar_type());
+  TORCH_CHECK(xa.size(0) == dy.size(0), "fastlora.lora_dy_products: xa has ", xa.size(0),
+              " rows but dy has ", dy.size(0));
+  TORCH_CHECK(lora_B.size(0) == dy.size(1), "fastlora.lora_dy_products: lora_B has ",
+              lora_B.size(0), " output features but dy has ", dy.size(1));
+  check_rank(lora_B.size(1), op);
+  check_rank(xa.size(1), op);
+}
+
 // weight (out, in) and optional bias (out) for activations x (T, in).
 inline void check_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& x, int64_t out_features, const char* op) {
@@ -103,6 +121,23 @@ inline void check_dxa(const at::Tensor& dxa, const at::Tensor& act, int64_t r, c
               acc_type(act.scalar_type()), " for ", act.scalar_type(), " activations, got ",
               dxa.scalar_type());
   check_same_device(dxa, act, op, "dxa");
+}
+
+// acc (out, in) float32/float64 += dy^T (T, out) x (T, in).
+inline void check_accumulate_outer(const at::Tensor& acc, const at::Tensor& dy, const at::Tensor& x) {
+  const char* op = "accumulate_outer";
+  check_matrix(dy, op, "dy");
+  check_matrix(x, op, "x");
+  TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble),
+              "fastlora.accumulate_outer: acc must be a 2-D float32 or float64 tensor, got ",
+              acc.scalar_type(), " of shape ", acc.sizes());
+  TORCH_CHECK(dy.size(0) == x.size(0), "fastlora.accumulate_outer: dy has ", dy.size(0),
+              " rows but x has ", x.size(0));
+  TORCH_CHECK(acc.size(0) == dy.size(1) && acc.size(1) == x.size(1),
+              "fastlora.accumulate_outer: acc has shape ", acc.sizes(), ", expected [", dy.size(1),
+              ", ", x.size(1), "]");
+  check_same_device(dy, x, op, "dy");
+  check_same_device(acc, x, op, "acc");
 }
 
 }  // namespace fastlora::ops

@@ -155,26 +155,23 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
   const char* op = "lora_dy_products";
   check_matrix(dy, op, "dy");
   check_cpu(dy, op);
-  check_up(xa, lora_B, dy.scalar_type(), dy.size(0), op);
-  check_same_device(xa, dy, op, "xa");
+  check_dy_products(dy, xa, lora_B);
   check_scale(scale, op);
-  TORCH_CHECK(lora_B.size(0) == dy.size(1), "fastlora.lora_dy_products: lora_B has ",
-              lora_B.size(0), " output features but dy has ", dy.size(1));
-  const int64_t T = dy.size(0), out = dy.size(1), r = lora_B.size(1);
+  const int64_t T = dy.size(0), out = dy.size(1), rb = lora_B.size(1), rx = xa.size(1);
   const auto acc = acc_type(dy.scalar_type());
   const auto bm = prepare(lora_B, acc);
   const auto xa_c = xa.contiguous();
-  auto dxa = at::empty({T, r}, dy.options().dtype(acc));
+  auto dxa = at::empty({T, rb}, dy.options().dtype(acc));
   const int64_t ld = cpu::round_up(out, cpu::kPad);
   const ConstMat dym = mat(dy);
   const auto& k = cpu::kernels();
-  const auto dbt = token_parallel_sum(T, out, r, ld, dy.options().dtype(acc),
+  const auto dbt = token_parallel_sum(T, out, rx, ld, dy.options().dtype(acc),
                                       [&](int64_t t0, int64_t t1, void* partial) {
-                                        k.dy_products(dym, xa_c.data_ptr(), bm.data_ptr(),
-                                                      bm.stride(0), r, scale, dxa.data_ptr(),
+                                        k.dy_products(dym, xa_c.data_ptr(), rx, bm.data_ptr(),
+                                                      bm.stride(0), rb, scale, dxa.data_ptr(),
                                                       partial, ld, t0, t1);
                                       });
-  auto dB = at::empty({out, r}, lora_B.options());
+  auto dB = at::empty({out, rx}, lora_B.options());
   dB.copy_(dbt.narrow(1, 0, out).t());
   return {dxa, dB};
 }
@@ -227,6 +224,25 @@ at::Tensor lora_grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const
   return dx;
 }
 
+void accumulate_outer_cpu(at::Tensor& acc, const at::Tensor& dy, const at::Tensor& x,
+                          double alpha) {
+  check_accumulate_outer(acc, dy, x);
+  check_cpu(x, "accumulate_outer");
+  const auto dtype = acc.scalar_type();
+  if (dy.scalar_type() == dtype && x.scalar_type() == dtype) {
+    acc.addmm_(dy.t(), x, 1.0, alpha);
+    return;
+  }
+  // Lower-precision inputs: widen a slab of tokens at a time (~16 MiB), so the copies stay
+  // small, and accumulate with a beta = 1 GEMM in the accumulator's precision.
+  const int64_t tokens = x.size(0);
+  const int64_t slab = std::max<int64_t>(1, (int64_t{1} << 22) / (dy.size(1) + x.size(1)));
+  for (int64_t t0 = 0; t0 < tokens; t0 += slab) {
+    const int64_t n = std::min(slab, tokens - t0);
+    acc.addmm_(dy.narrow(0, t0, n).to(dtype).t(), x.narrow(0, t0, n).to(dtype), 1.0, alpha);
+  }
+}
+
 at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
   check_cpu(seed, "dropout_mask");
@@ -251,5 +267,6 @@ TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
   m.impl("lora_dy_products", &lora_dy_products_cpu);
   m.impl("lora_grad_A", &lora_grad_A_cpu);
   m.impl("lora_grad_x", &lora_grad_x_cpu);
+  m.impl("accumulate_outer", &accumulate_outer_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
 }

@@ -33,7 +33,8 @@ TORCH_LIBRARY(fastlora, m) {
       "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   // (dxa, dB) from one pass over dy: dxa = scale * dy B (float32, or float64 for float64
-  // activations), dB = scale * dy^T xa in lora_B's dtype.
+  // activations), dB = scale * dy^T xa in lora_B's dtype. For the layer xa and B have the same
+  // rank; they may differ (dB then has xa's width).
   m.def("lora_dy_products(Tensor dy, Tensor xa, Tensor lora_B, float scale) -> (Tensor, Tensor)");
   // dA = dxa^T drop(x) with the forward's mask regenerated, in `dtype`.
   m.def(
@@ -43,6 +44,9 @@ TORCH_LIBRARY(fastlora, m) {
   m.def(
       "lora_grad_x(Tensor dy, Tensor weight, Tensor dxa, Tensor lora_A, float dropout_p, "
       "Tensor? seed) -> Tensor");
+  // Gradient engine: acc += alpha * dy^T x with acc float32 (or float64) and dy, x in any float
+  // dtype: the frozen weight's gradient streamed into an accumulator, never materialised.
+  m.def("accumulate_outer(Tensor(a!) acc, Tensor dy, Tensor x, float alpha) -> ()");
   // The keep mask (bool, rows x cols) that dropout with this seed and p applies.
   m.def("dropout_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
   m.def("_cpu_isa(str name) -> str", &cpu_isa);

@@ -77,7 +77,16 @@ def extension_error() -> str | None:
     return _load_error
 
 
-_OPS = ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "dropout_mask")
+_OPS = (
+    "lora_down",
+    "lora_up",
+    "lora_forward",
+    "lora_dy_products",
+    "lora_grad_A",
+    "lora_grad_x",
+    "accumulate_outer",
+    "dropout_mask",
+)
 
 
 def _kernel_table() -> dict[tuple[str, str], bool]:
@@ -95,6 +104,11 @@ _kernels = _kernel_table()
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``torch.ops.fastlora.<op>`` has a kernel for ``device_type`` ("cpu", "cuda")."""
     return _kernels.get((op, device_type), False)
+
+
+def note_python_kernel(op: str, device_type: str) -> None:
+    """Records a kernel registered from Python (after the table was built)."""
+    _kernels[(op, device_type)] = True
 
 
 def get_backend() -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .layer import INITS, LoRALinear, validate_lora_config
+from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 
 __all__ = [
     "inject",
@@ -21,52 +21,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fastlora")
-
-# Leaf names of output heads that "all-linear" leaves alone (besides get_output_embeddings()).
-_HEAD_NAMES = ("lm_head", "score", "classifier")
-
-Targets = str | Iterable[str]
-
-
-def _name_matches(name: str, targets: Targets) -> bool:
-    """PEFT's rule: a string is a regex that must match the whole name; a list matches a name
-    equal to an entry or ending in "." + entry."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _pattern_value(name: str, patterns: Mapping[str, float] | None, default):
-    """Value for ``name`` from a rank/alpha pattern dict (exact name first, then the first key
-    that matches the end of the name as a regex, as PEFT does), else ``default``."""
-    if not patterns:
-        return default
-    if name in patterns:
-        return patterns[name]
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
-            return value
-    return default
-
-
-def _output_heads(model: nn.Module) -> set[str]:
-    heads = set()
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    for name, module in model.named_modules():
-        if (head is not None and module is head) or name.rsplit(".", 1)[-1] in _HEAD_NAMES:
-            heads.add(name)
-    return heads
-
-
-def _check_targets(targets, what: str) -> None:
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise ValueError(f"{what}={targets!r} is not a valid regular expression: {exc}") from None
-    elif not isinstance(targets, Iterable) or not all(isinstance(t, str) for t in targets):
-        raise TypeError(f"{what} must be a regex string, 'all-linear' or a list of module names, got {targets!r}")
 
 
 def inject(
@@ -109,40 +63,15 @@ def inject(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-    all_linear = target_modules == "all-linear"
-    if not all_linear:
-        _check_targets(target_modules, "target_modules")
     for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules)):
         if value is not None:
-            _check_targets(value, what)
-    excluded = _output_heads(model) if all_linear else set()
-
+            check_targets(value, what)
     plan: list[tuple[str, nn.Linear, int, float]] = []
-    for name, module in model.named_modules():
-        if not name or name in excluded or isinstance(module, LoRALinear) or name.endswith(".base_layer"):
-            continue
-        if exclude_modules is not None and _name_matches(name, exclude_modules):
-            continue
-        if all_linear:
-            if not isinstance(module, nn.Linear):
-                continue
-        elif not _name_matches(name, target_modules):
-            continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"module {name!r} ({type(module).__name__}) matches target_modules={target_modules!r}, "
-                "but fastlora adapts nn.Linear layers only; name the linear layers themselves"
-            )
-        layer_r = _pattern_value(name, rank_pattern, r)
-        layer_alpha = _pattern_value(name, alpha_pattern, lora_alpha)
+    for name, module in find_linear_targets(model, target_modules, exclude_modules):
+        layer_r = pattern_value(name, rank_pattern, r)
+        layer_alpha = pattern_value(name, alpha_pattern, lora_alpha)
         validate_lora_config(layer_r, layer_alpha, lora_dropout, module.in_features, module.out_features, where=name)
         plan.append((name, module, layer_r, layer_alpha))
-
-    if not plan:
-        adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(".base_layer")]
-        hint = "they already have adapters" if adapted and not linear else f"linear layers: {linear[:8]}"
-        raise ValueError(f"no module matched target_modules={target_modules!r} ({hint})")
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -162,7 +91,7 @@ def inject(
         setattr(parent, child, lora)
     if trainable_modules is not None:
         for name, module in model.named_modules():
-            if name and _name_matches(name, trainable_modules):
+            if name and name_matches(name, trainable_modules):
                 for param in module.parameters():
                     param.requires_grad_(True)
     ranks = sorted({p[2] for p in plan})

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_available
+from ._extension import extension_available, note_python_kernel
 
 __all__ = ["lora_forward", "dropout_mask"]
 
@@ -60,7 +60,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastlora::lora_dy_products")
     def _lora_dy_products(dy, xa, lora_B, scale):
         dxa = dy.new_empty(dy.shape[0], lora_B.shape[1], dtype=acc(dy.dtype))
-        return dxa, lora_B.new_empty(lora_B.shape)
+        return dxa, lora_B.new_empty(dy.shape[1], xa.shape[1])
 
     @torch.library.register_fake("fastlora::lora_grad_A")
     def _lora_grad_A(x, dxa, dropout_p, seed, dtype):
@@ -69,6 +69,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastlora::lora_grad_x")
     def _lora_grad_x(dy, weight, dxa, lora_A, dropout_p, seed):
         return dy.new_empty(dy.shape[0], weight.shape[1])
+
+    @torch.library.register_fake("fastlora::accumulate_outer")
+    def _accumulate_outer(acc, dy, x, alpha):
+        return None
 
     @torch.library.register_fake("fastlora::dropout_mask")
     def _dropout_mask(seed, rows, cols, dropout_p):
@@ -139,6 +143,24 @@ def _register_autograd() -> None:
     reg("fastlora::lora_up", _up_backward, setup_context=_up_setup)
 
 
+def _accumulate_outer_cuda(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:
+    # cuBLAS does the mixed-precision GEMM itself: bf16/fp16 inputs, fp32 output, beta = 1.
+    if dy.dtype == acc.dtype and x.dtype == acc.dtype:
+        acc.addmm_(dy.t(), x, alpha=alpha)
+    elif hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.ops.aten.addmm.dtype_out(acc, dy.t(), x, acc.dtype, beta=1, alpha=alpha, out=acc)
+    else:  # torch without mixed-dtype GEMMs: widen slabs of tokens
+        slab = max(1, (1 << 22) // (dy.shape[1] + x.shape[1]))
+        for t0 in range(0, x.shape[0], slab):
+            acc.addmm_(dy[t0 : t0 + slab].to(acc.dtype).t(), x[t0 : t0 + slab].to(acc.dtype), alpha=alpha)
+
+
+def _register_python_kernels() -> None:
+    torch.library.register_kernel("fastlora::accumulate_outer", "cuda", _accumulate_outer_cuda)
+    note_python_kernel("accumulate_outer", "cuda")
+
+
 if extension_available():
     _register_fakes()
     _register_autograd()
+    _register_python_kernels()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "accumulate_outer",
     "accumulation_dtype",
     "dropout",
     "dropout_mask",
@@ -154,3 +155,8 @@ def lora_linear(
     """The whole layer on a 2-D x through ordinary autograd (gradients for every input that
     requires them, the frozen weight included). The adapter branch runs in x's dtype."""
     return lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, mask)[0]
+
+
+def accumulate_outer(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:
+    """acc += alpha * dy^T x in acc's dtype (the gradient of a frozen weight, accumulated)."""
+    acc.add_(dy.to(acc.dtype).t() @ x.to(acc.dtype), alpha=alpha)

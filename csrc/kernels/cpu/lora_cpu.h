@@ -46,12 +46,13 @@ struct KernelTable {
                  const ConstMat* base, const DropoutParams& drop, DType out_dtype, void* out,
                  int64_t n, int64_t t0, int64_t t1);
 
-  // One pass over dy rows [t0, t1): dxa[t, j] = scale * sum_o dy[t, o] * b[o, j] (Acc,
-  // contiguous T x r) and dbt[j, o] += scale * sum_t xa[t, j] * dy[t, o] (Acc, r rows with row
-  // stride lddbt >= round_up(dy.cols, kPad); callers reduce per-thread partials).
-  // b: prepared, dy.cols rows, row stride ldb. xa: T x r contiguous, dy's dtype.
-  void (*dy_products)(const ConstMat& dy, const void* xa, const void* b, int64_t ldb, int64_t r,
-                      double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1);
+  // One pass over dy rows [t0, t1): dxa[t, j] = scale * sum_o dy[t, o] * b[o, j] for j < rb
+  // (Acc, contiguous T x rb) and dbt[j, o] += scale * sum_t xa[t, j] * dy[t, o] for j < rx (Acc,
+  // rx rows with row stride lddbt >= round_up(dy.cols, kPad); callers reduce per-thread
+  // partials). xa: T x rx contiguous, dy's dtype. b: prepared, dy.cols rows, row stride ldb.
+  void (*dy_products)(const ConstMat& dy, const void* xa, int64_t rx, const void* b, int64_t ldb,
+                      int64_t rb, double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0,
+                      int64_t t1);
 
   // out[j, k] += sum_t u[t, j] * drop(x)[t, k] over rows t in [t0, t1).
   // u: Acc, x.rows x r contiguous. out: Acc, r rows with row stride ldo >= round_up(x.cols,

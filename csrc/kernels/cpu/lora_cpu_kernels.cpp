@@ -401,30 +401,31 @@ void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bia
 }
 
 template <class T>
-void dy_products_impl(const ConstMat& dy, const void* xa_, const void* b_, int64_t ldb, int64_t r,
-                      double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0, int64_t t1) {
+void dy_products_impl(const ConstMat& dy, const void* xa_, int64_t rx, const void* b_, int64_t ldb,
+                      int64_t rb, double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0,
+                      int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const T* xa = static_cast<const T*>(xa_);
   const Acc* b = static_cast<const Acc*>(b_);
   Acc* dxa = static_cast<Acc*>(dxa_);
   Acc* dbt = static_cast<Acc*>(dbt_);
   const Acc s = static_cast<Acc>(scale);
-  const int64_t r_pad = round_up(r, VecOf<Acc>::N);
-  Scratch<Acc> buf(kRowBlock * kChunk), sums(kRowBlock * r_pad), sxa(kRowBlock * r);
+  const int64_t rb_pad = round_up(rb, VecOf<Acc>::N);
+  Scratch<Acc> buf(kRowBlock * kChunk), sums(kRowBlock * rb_pad), sxa(kRowBlock * rx);
   const DropoutParams no_dropout;
   for (int64_t tb = t0; tb < t1; tb += kRowBlock) {
     const int64_t nt = imin(kRowBlock, t1 - tb), nt_pad = round_up(nt, kNNTB);
-    fill_zero(sums.get(), sums.get() + nt_pad * r_pad);
-    for (int64_t i = 0; i < nt * r; ++i) sxa.get()[i] = s * to_acc<Acc>(xa[tb * r + i]);
+    fill_zero(sums.get(), sums.get() + nt_pad * rb_pad);
+    for (int64_t i = 0; i < nt * rx; ++i) sxa.get()[i] = s * to_acc<Acc>(xa[tb * rx + i]);
     // Each panel of dy feeds both products while it is in cache: one pass over dy.
     for (int64_t k0 = 0; k0 < dy.cols; k0 += kChunk) {
       const int64_t kc = imin(kChunk, dy.cols - k0);
       const auto p = panel<T, Acc>(dy, tb, nt, nt_pad, k0, kc, no_dropout, buf.get(), kChunk);
-      nn_rows(p.data, p.ld, nt_pad, b + k0 * ldb, ldb, kc, r_pad, sums.get(), r_pad);
-      update_rows(sxa.get(), r, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), dbt + k0, lddbt);
+      nn_rows(p.data, p.ld, nt_pad, b + k0 * ldb, ldb, kc, rb_pad, sums.get(), rb_pad);
+      update_rows(sxa.get(), rx, nt, p.data, p.ld, round_up(kc, VecOf<Acc>::N), dbt + k0, lddbt);
     }
     for (int64_t i = 0; i < nt; ++i)
-      for (int64_t j = 0; j < r; ++j) dxa[(tb + i) * r + j] = s * sums.get()[i * r_pad + j];
+      for (int64_t j = 0; j < rb; ++j) dxa[(tb + i) * rb + j] = s * sums.get()[i * rb_pad + j];
   }
 }
 
@@ -461,10 +462,11 @@ void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, con
   });
 }
 
-void dy_products(const ConstMat& dy, const void* xa, const void* b, int64_t ldb, int64_t r,
-                 double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0, int64_t t1) {
+void dy_products(const ConstMat& dy, const void* xa, int64_t rx, const void* b, int64_t ldb,
+                 int64_t rb, double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0,
+                 int64_t t1) {
   with_type(dy.dtype, [&](auto tag) {
-    dy_products_impl<decltype(tag)>(dy, xa, b, ldb, r, scale, dxa, dbt, lddbt, t0, t1);
+    dy_products_impl<decltype(tag)>(dy, xa, rx, b, ldb, rb, scale, dxa, dbt, lddbt, t0, t1);
   });
 }
 
