@@ -21,14 +21,19 @@ from ._extension import (
     use_backend,
 )
 from .functional import lora_linear
+from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
 from .inject import adapter_state_dict, inject, lora_layers, merge, trainable_parameters, unmerge
 from .layer import LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradientSketch",
+    "GradientStats",
+    "LayerGradient",
     "LoRALinear",
     "adapter_state_dict",
+    "collect_gradients",
     "cpu_isa",
     "extension_available",
     "extension_error",

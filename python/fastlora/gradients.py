@@ -1,0 +1,729 @@
+"""The gradient engine: mean gradients of frozen weights over calibration batches.
+
+LoRA-GA and GoRA start from ``Ḡ_i``, the mean over ``N`` batches of the gradient of the loss with
+respect to each target layer's frozen weight. :func:`collect_gradients` gets it without giving any
+parameter a ``.grad``: each target layer is tapped with a forward hook whose autograd node sees the
+layer's input ``x`` and output gradient ``dy`` in backward and streams ``dy^T x`` into a float32
+accumulator (exact mode), or only random projections of it (sketch mode). See
+``docs/gradient_engine.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._extension import has_kernel
+from .layer import LoRALinear
+from .targets import Targets, find_linear_targets
+
+__all__ = ["GradientSketch", "GradientStats", "LayerGradient", "collect_gradients"]
+
+logger = logging.getLogger("fastlora")
+
+MODES = ("exact", "sketch")
+OFFLOADS = ("auto", "device", "cpu", "passes")
+NONFINITE = ("skip", "error")
+
+
+def _op(name: str, device: torch.device) -> Callable:
+    """The compiled op where the device has a kernel, else the reference (same signature)."""
+    return getattr(torch.ops.fastlora, name) if has_kernel(name, device.type) else getattr(reference, name)
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class GradientSketch:
+    """Random projections of a layer's mean gradient ``Ḡ`` (out x in).
+
+    ``range = Ḡ Ω`` (out x k) and ``corange = Ψ Ḡ`` (l x in) for Gaussian ``Ω`` (in x k) and
+    ``Ψ`` (l x out); after a second pass also an orthonormal ``basis`` Q of the range and
+    ``projection = Q^T Ḡ`` (k x in).
+    """
+
+    omega: Tensor
+    psi: Tensor
+    range: Tensor
+    corange: Tensor
+    basis: Tensor | None = None
+    projection: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.omega.shape[1]
+
+    def low_rank(self, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U, S, Vh)`` of a rank-``rank`` approximation of ``Ḡ``: from ``Q`` and ``Q^T Ḡ`` after a
+        second pass, else the single-pass reconstruction of Tropp, Yurtsever, Udell and Cevher
+        (2017): ``Ḡ ≈ Q (Ψ Q)^+ Z`` with ``Q = orth(Y)``."""
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"rank must be between 1 and the sketch rank {self.rank}, got {rank}")
+        if self.projection is not None:
+            u, s, vh = torch.linalg.svd(self.projection, full_matrices=False)
+            u = self.basis @ u
+        else:
+            q = torch.linalg.qr(self.range).Q
+            core = torch.linalg.lstsq(self.psi @ q, self.corange).solution
+            u, s, vh = torch.linalg.svd(core, full_matrices=False)
+            u = q @ u
+        return u[:, :rank], s[:rank], vh[:rank]
+
+
+@dataclass
+class LayerGradient:
+    """What the engine learned about one target layer's mean gradient ``Ḡ`` (out x in).
+
+    ``mean`` is ``Ḡ`` itself in float32 (exact mode), ``sketch`` its projections (sketch mode),
+    ``products[name]`` the streamed ``Ḡ M`` for each requested ``M``. ``count`` is the number of
+    batches that contributed (the divisor of the mean), ``skipped`` those rejected for a
+    non-finite gradient.
+    """
+
+    name: str
+    out_features: int
+    in_features: int
+    count: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    mean: Tensor | None = None
+    sketch: GradientSketch | None = None
+    products: dict[str, Tensor] = field(default_factory=dict)
+
+    def svd(self, rank: int, method: str = "auto", niter: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U, S, Vh)``: the top ``rank`` singular triplets of ``Ḡ``.
+
+        ``method``: "exact" (full SVD of the mean), "randomized" (``torch.svd_lowrank`` with
+        ``q = min(4 rank, out, in)`` and ``niter``, seeded), "sketch" (from the sketch), or "auto"
+        (randomized with a mean, else sketch).
+        """
+        if method == "auto":
+            method = "randomized" if self.mean is not None else "sketch"
+        if method == "sketch":
+            if self.sketch is None:
+                raise ValueError(f"{self.name}: no sketch was collected; use mode='sketch'")
+            return self.sketch.low_rank(rank)
+        if self.mean is None:
+            raise ValueError(f"{self.name}: method={method!r} needs the exact mean; collect with mode='exact'")
+        if not 1 <= rank <= min(self.out_features, self.in_features):
+            raise ValueError(f"{self.name}: rank must be in [1, {min(self.out_features, self.in_features)}], got {rank}")
+        if method == "exact":
+            u, s, vh = torch.linalg.svd(self.mean, full_matrices=False)
+            return u[:, :rank], s[:rank], vh[:rank]
+        if method == "randomized":
+            q = min(4 * rank, self.out_features, self.in_features)
+            devices = [self.mean.device] if self.mean.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                u, s, v = torch.svd_lowrank(self.mean, q=q, niter=niter)
+            return u[:, :rank], s[:rank], v[:, :rank].mT
+        raise ValueError(f"unknown method {method!r}; choose auto, exact, randomized or sketch")
+
+
+class GradientStats(Mapping[str, LayerGradient]):
+    """The result of :func:`collect_gradients`: a mapping from target module name to its
+    :class:`LayerGradient`, plus ``mode`` and a ``summary`` dict (layers, batches, tokens, time,
+    peak memory, accumulator bytes and where they lived, mean loss)."""
+
+    def __init__(self, layers: dict[str, LayerGradient], mode: str, summary: dict[str, Any]) -> None:
+        self._layers = layers
+        self.mode = mode
+        self.summary = summary
+
+    def __getitem__(self, name: str) -> LayerGradient:
+        return self._layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"GradientStats(mode={self.mode!r}, layers={len(self)}, batches={s.get('batches')}, "
+            f"tokens={s.get('tokens')}, accumulator_bytes={s.get('accumulator_bytes')})"
+        )
+
+
+# ---- accumulators -------------------------------------------------------------------------------
+
+
+class _StagingPool:
+    """Two device buffers shared by all host accumulators: a layer's rows of ``dy^T x`` are formed
+    in one while the other's copy to host memory is in flight (asynchronous on CUDA)."""
+
+    def __init__(self, device: torch.device, elements: int) -> None:
+        self.device, self.elements = device, max(int(elements), 1)
+        self._slots: list[dict] = []
+        self._turn = 0
+
+    def slot(self) -> dict:
+        if not self._slots:
+            pin = self.device.type == "cuda"
+            for _ in range(2):
+                self._slots.append({
+                    "dev": torch.empty(self.elements, dtype=torch.float32, device=self.device),
+                    "host": torch.empty(self.elements, dtype=torch.float32, pin_memory=pin),
+                    "pending": None,
+                })
+        slot = self._slots[self._turn]
+        self._turn ^= 1
+        self.drain(slot)
+        return slot
+
+    @staticmethod
+    def drain(slot: dict) -> None:
+        if slot["pending"] is None:
+            return
+        target, event, n = slot["pending"]
+        if event is not None:
+            event.synchronize()
+        target.add_(slot["host"][:n].view_as(target))
+        slot["pending"] = None
+
+    def flush(self) -> None:
+        for slot in self._slots:
+            self.drain(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.elements * 4 if self._slots else 0
+
+
+class _ExactUpdate:
+    """acc += dy^T x, with acc on the layer's device or in (pinned) host memory."""
+
+    def __init__(self, out_f: int, in_f: int, device: torch.device, pool: _StagingPool | None) -> None:
+        self.pool = pool
+        self.device = device
+        pin = pool is not None and device.type == "cuda"
+        acc_device = "cpu" if pool is not None else device
+        self.acc = torch.zeros(out_f, in_f, dtype=torch.float32, device=acc_device, pin_memory=pin)
+        self._accumulate = _op("accumulate_outer", device)
+
+    def __call__(self, dy: Tensor, x: Tensor) -> None:
+        if self.pool is None:
+            self._accumulate(self.acc, dy, x, 1.0)
+            return
+        out_f, in_f = self.acc.shape
+        rows = max(1, min(out_f, self.pool.elements // in_f))
+        for r0 in range(0, out_f, rows):
+            n = min(rows, out_f - r0)
+            slot = self.pool.slot()
+            stage = slot["dev"][: n * in_f].view(n, in_f).zero_()
+            self._accumulate(stage, dy[:, r0 : r0 + n], x, 1.0)
+            slot["host"][: n * in_f].copy_(stage.view(-1), non_blocking=True)
+            event = None
+            if stage.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            slot["pending"] = (self.acc[r0 : r0 + n], event, n * in_f)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.acc]
+
+
+class _SketchUpdate:
+    """Y += dy^T (x Ω), Z += (Ψ dy^T) x and P_i += dy^T (x M_i), from one pass over dy and two
+    over x; the products of ``x`` with Ω and every M_i share one pass."""
+
+    def __init__(self, out_f: int, in_f: int, k: int, device: torch.device, gen: torch.Generator,
+                 products: dict[str, Tensor]) -> None:
+        # Ω^T and the M_i^T stacked: one lora_down forms all of x [Ω | M_1 | ...].
+        omega = torch.randn(in_f, k, generator=gen, device=gen.device, dtype=torch.float32).to(device)
+        psi = torch.randn(2 * k, out_f, generator=gen, device=gen.device, dtype=torch.float32).to(device)
+        self.k, self.device = k, device
+        self.names = list(products)
+        self.widths = [m.shape[1] for m in products.values()]
+        lhs = [omega] + [m.to(device=device, dtype=torch.float32) for m in products.values()]
+        self.lhs_t = torch.cat(lhs, dim=1).t().contiguous()
+        self.psi, self.psi_t = psi, psi.t().contiguous()
+        self.omega = omega
+        self.right = torch.zeros(out_f, self.lhs_t.shape[0], dtype=torch.float32, device=device)
+        self.corange = torch.zeros(2 * k, in_f, dtype=torch.float32, device=device)
+        self.basis: Tensor | None = None  # set for the second pass
+        self.projection: Tensor | None = None
+        self._down = _op("lora_down", device)
+        self._dy_products = _op("lora_dy_products", device)
+        self._grad_a = _op("lora_grad_A", device)
+
+    def __call__(self, dy: Tensor, x: Tensor) -> None:
+        if self.basis is not None:  # second pass: Q^T Ḡ = mean (dy Q)^T x
+            dyq = self._down(dy, self.basis_t, 0.0, None).to(torch.float32)
+            self.projection += self._grad_a(x, dyq, 0.0, None, torch.float32)
+            return
+        xl = self._down(x, self.lhs_t, 0.0, None)
+        dy_psi, right = self._dy_products(dy, xl, self.psi_t, 1.0)
+        self.right += right
+        self.corange += self._grad_a(x, dy_psi, 0.0, None, torch.float32)
+
+    def start_second_pass(self) -> None:
+        self.basis = torch.linalg.qr(self.right[:, : self.k]).Q.contiguous()
+        self.basis_t = self.basis.t().contiguous()
+        self.projection = torch.zeros(self.k, self.corange.shape[1], dtype=torch.float32, device=self.device)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.projection] if self.basis is not None else [self.right, self.corange]
+
+
+# ---- taps ---------------------------------------------------------------------------------------
+
+
+class _Attach(torch.autograd.Function):
+    """A copy of a layer output that needs no gradient (its input came from frozen layers), made
+    part of the graph through the engine's anchor so that its gradient is still computed. The
+    backward passes nothing on: no wasted dx, no .grad on the anchor."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:  # noqa: ARG004
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[None, None]:  # noqa: ARG004
+        return None, None
+
+
+class _Probe:
+    """Hooks one target layer: a tensor hook on its output receives ``dy`` in backward, with the
+    layer's input ``x`` kept from forward. Outputs are not copied (in-place use stays legal),
+    except where only the anchor gives them a gradient."""
+
+    def __init__(self, record: LayerGradient, update, engine: _Engine) -> None:
+        self.record, self.update, self.engine = record, update, engine
+        self.batch = -1  # last batch this layer contributed to
+        self.rejected = -1  # last batch it was rejected in
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor) or not torch.is_grad_enabled():
+            return None
+        x = args[0] if args else kwargs["input"]
+        replaced = None
+        if not output.requires_grad:
+            output = replaced = _Attach.apply(output, self.engine.anchor)
+        output.register_hook(lambda dy: self.backward(dy, x))
+        return replaced
+
+    def backward(self, dy: Tensor, x: Tensor) -> None:
+        rec, batch = self.record, self.engine.batch
+        dy = dy.reshape(-1, rec.out_features)
+        x = x.reshape(-1, rec.in_features)
+        if self.engine.check_finite and not bool(torch.isfinite(dy).all()):
+            if self.engine.nonfinite == "error":
+                raise FloatingPointError(f"non-finite gradient at layer {rec.name} in batch {batch}")
+            if self.rejected != batch:
+                warnings.warn(f"fastlora: non-finite gradient at layer {rec.name} in batch {batch}; "
+                              "that batch is left out of this layer's mean", RuntimeWarning, stacklevel=2)
+                self.rejected = batch
+                rec.skipped += 1
+            return
+        self.update(dy, x)
+        if self.batch != batch:
+            self.batch = batch
+            rec.count += 1
+        rec.tokens += x.shape[0]
+
+
+class _Engine:
+    """State shared by the probes of one collection."""
+
+    def __init__(self, nonfinite: str) -> None:
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.batch = 0
+        self.nonfinite = nonfinite
+        self.check_finite = True
+
+
+# ---- the collection -----------------------------------------------------------------------------
+
+
+def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Tensor) and out.dim() == 0:
+        loss = out
+    if loss is None:
+        raise ValueError("the model's output has no .loss: pass loss_fn=lambda model, batch: <scalar loss>")
+    return loss
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()}) if not hasattr(batch, "to") else batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+@contextlib.contextmanager
+def _frozen_and_restored(model: nn.Module, train_mode: bool) -> Iterator[None]:
+    """No parameter requires grad and the model is in eval (or train) mode inside; the flags and
+    modes come back afterwards, also after an exception."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.train(train_mode)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _weight(module: nn.Module) -> Tensor:
+    return module.base_layer.weight if isinstance(module, LoRALinear) else module.weight
+
+
+def _parse_budget(budget: int | float | str | None, device: torch.device) -> float:
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return 0.5 * free
+        return math.inf
+    if isinstance(budget, str):
+        units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+        text = budget.strip().lower().removesuffix("ib").removesuffix("b")
+        factor = units.get(text[-1:], 1)
+        try:
+            budget = float(text[:-1] if text[-1:] in units else text) * factor
+        except ValueError:
+            raise ValueError(f"memory_budget={budget!r} is not a size like 8e9, '12GB' or '512MiB'") from None
+    if not budget >= 0:
+        raise ValueError(f"memory_budget must be a non-negative number of bytes, got {budget!r}")
+    return float(budget)
+
+
+def _plan_groups(sizes: list[int], budget: float) -> list[list[int]]:
+    """Consecutive layers grouped so each group's accumulators fit the budget (one layer at least)."""
+    groups, current, used = [], [], 0
+    for i, size in enumerate(sizes):
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _all_reduce_sum(tensors: list[Tensor]) -> None:
+    """Sums tensors over all ranks in place: big ones alone, small ones in flat buckets."""
+    import torch.distributed as dist
+
+    nccl = dist.get_backend() == "nccl"
+    bucket_limit = 32 * 2**20
+    small: list[Tensor] = []
+
+    def reduce(t: Tensor) -> None:
+        if nccl and not t.is_cuda:  # NCCL reduces device tensors: go through the current device
+            for chunk in t.view(-1).split(bucket_limit // t.element_size()):
+                staged = chunk.cuda()
+                dist.all_reduce(staged)
+                chunk.copy_(staged)
+        else:
+            dist.all_reduce(t)
+
+    def flush() -> None:
+        if small:
+            flat = torch.cat([t.reshape(-1) for t in small])
+            reduce(flat)
+            offset = 0
+            for t in small:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+            small.clear()
+
+    for t in tensors:
+        if t.numel() * t.element_size() >= bucket_limit:
+            reduce(t)
+        else:
+            if small and (small[0].device != t.device or small[0].dtype != t.dtype):
+                flush()
+            small.append(t)
+            if sum(s.numel() * s.element_size() for s in small) >= bucket_limit:
+                flush()
+    flush()
+
+
+def _peak_memory(device: torch.device) -> dict[str, int | None]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_device_memory_bytes": dev, "peak_host_rss_bytes": rss}
+
+
+def collect_gradients(
+    model: nn.Module,
+    batches: Iterable,
+    targets: Targets = "all-linear",
+    *,
+    num_batches: int | None = None,
+    mode: str = "exact",
+    sketch_rank: int = 64,
+    passes: int = 1,
+    products: Mapping[str, Tensor] | None = None,
+    memory_budget: int | float | str | None = None,
+    offload: str = "auto",
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    exclude_modules: Targets | None = None,
+    nonfinite: str = "skip",
+    train_mode: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> GradientStats:
+    """Mean gradients of the target layers' frozen weights over calibration batches.
+
+    For each batch the loss (``loss_fn(model, batch)``, default ``model(**batch).loss``) is
+    back-propagated once; the target layers' weight gradients ``dy^T x`` are accumulated in
+    float32 as they are produced, never as a ``.grad``. No parameter gets a gradient; the
+    ``requires_grad`` flags and train/eval modes are restored afterwards, also after an error.
+
+    Args:
+        model: the model (its target layers may be ``nn.Linear`` or already ``LoRALinear``).
+        batches: an iterable of batches (Mappings, tuples or tensors; tensors are moved to the
+            model's device). ``offload="passes"`` and ``passes=2`` need a re-iterable one.
+        targets: which layers, as in :func:`fastlora.inject` (default "all-linear").
+        num_batches: use at most this many batches (default: all).
+        mode: "exact" (the float32 mean gradient per layer) or "sketch" (random projections
+            ``Ḡ Ω`` and ``Ψ Ḡ`` with ``sketch_rank`` columns / ``2 sketch_rank`` rows).
+        passes: sketch mode only: 2 re-runs the batches once to get ``Q^T Ḡ`` exactly for the
+            range basis ``Q`` (the two-pass randomized SVD: a more accurate reconstruction).
+        products: ``{layer name: M}`` with M of shape (in_features, k): also return ``Ḡ M``,
+            streamed in sketch mode and exact in exact mode (GoRA's ``Ḡ A^T``).
+        memory_budget: bytes (or "12GB") the exact-mode accumulators may take on the device
+            (default: half the free GPU memory; unlimited on a CPU).
+        offload: where exact-mode accumulators live: "device", "cpu" (pinned host memory filled
+            through a small staging buffer with asynchronous copies), "passes" (layer groups that
+            fit the budget, each in its own pass over the batches), or "auto" (device if they
+            fit, else cpu on a GPU and passes on a CPU).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; per-batch losses are averaged over batches.
+        exclude_modules: layers never to target.
+        nonfinite: "skip" leaves a batch out of a layer's mean when that layer's gradient is not
+            finite (warning naming the layer; a batch with a non-finite loss is skipped whole),
+            "error" raises FloatingPointError.
+        train_mode: run the model in train mode (dropout on); default eval.
+        progress: show a tqdm bar (only on rank 0 and a terminal).
+        seed: seeds the sketch matrices (identical on all ranks).
+
+    Returns:
+        :class:`GradientStats`. Under ``torch.distributed`` every rank accumulates its own batches
+        and the results are averaged over all ranks (identical everywhere).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    if mode == "sketch" and (not isinstance(sketch_rank, int) or sketch_rank < 1):
+        raise ValueError(f"sketch_rank must be a positive int, got {sketch_rank!r}")
+    if passes not in (1, 2) or (passes == 2 and mode != "sketch"):
+        raise ValueError("passes must be 1, or 2 in sketch mode")
+    found = find_linear_targets(model, targets, exclude_modules, include_adapted=True)
+    products = dict(products or {})
+    names = {name for name, _ in found}
+    for name, m in products.items():
+        if name not in names:
+            raise ValueError(f"products has a matrix for {name!r}, which is not a target layer")
+        in_f = _weight(dict(found)[name]).shape[1]
+        if not isinstance(m, Tensor) or m.dim() != 2 or m.shape[0] != in_f:
+            raise ValueError(f"products[{name!r}] must be a tensor of shape ({in_f}, k), got "
+                             f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
+    if mode == "sketch":
+        for name, module in found:
+            if sketch_rank > min(_weight(module).shape):
+                raise ValueError(f"sketch_rank={sketch_rank} exceeds min(out, in) of layer {name}")
+    reiterable = iter(batches) is not batches
+    device = _weight(found[0][1]).device
+    budget = _parse_budget(memory_budget, device)
+
+    records = {name: LayerGradient(name, *_weight(m).shape) for name, m in found}
+    sizes = [4 * r.out_features * r.in_features for r in records.values()]
+    pool = None
+    groups = [list(range(len(found)))]
+    placement = "device"
+    if mode == "exact":
+        if offload == "auto":
+            offload = "device" if sum(sizes) <= budget else ("cpu" if device.type == "cuda" else "passes")
+        placement = offload
+        if offload == "cpu":
+            # Two staging slots of at most a quarter of the largest layer each (and 16 MiB): the
+            # engine's device memory stays below half a layer's float32 gradient.
+            largest = max(sizes) // 4
+            widest = max(r.in_features for r in records.values())
+            pool = _StagingPool(device, max(widest, min(largest // 4, 4 * 2**20)))
+        elif offload == "passes":
+            groups = _plan_groups(sizes, budget)
+    if (len(groups) > 1 or passes == 2) and not reiterable:
+        raise ValueError("this collection runs over the batches more than once: pass a re-iterable "
+                         "collection (a list or a DataLoader), not an iterator")
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    updates: dict[str, Any] = {}
+    for name, module in found:
+        w = _weight(module)
+        if mode == "exact":
+            updates[name] = _ExactUpdate(w.shape[0], w.shape[1], w.device, pool)
+        else:
+            layer_products = {name: products[name]} if name in products else {}
+            updates[name] = _SketchUpdate(w.shape[0], w.shape[1], sketch_rank, w.device, gen, layer_products)
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    engine = _Engine(nonfinite)
+    loss_fn = loss_fn or _default_loss
+    losses: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    run_list = [(g, 1) for g in groups] + ([(groups[0], 2)] if passes == 2 else [])
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+
+    with _frozen_and_restored(model, train_mode), torch.enable_grad():
+        for run_index, (group, pass_no) in enumerate(run_list):
+            if pass_no == 2:
+                for upd in updates.values():
+                    upd.start_second_pass()
+            probes = []
+            handles = []
+            try:
+                for i in group:
+                    name, module = found[i]
+                    probe = _Probe(records[name], updates[name], engine)
+                    # A second pass must not count again.
+                    if pass_no == 2:
+                        records[name].count = records[name].tokens = 0
+                    probes.append(probe)
+                    handles.append(module.register_forward_hook(probe.hook, with_kwargs=True))
+                total = num_batches
+                if total is None and hasattr(batches, "__len__"):
+                    total = len(batches)
+                bar = None
+                if tqdm is not None and progress and rank == 0:
+                    desc = f"gradients ({mode}" + (f", pass {run_index + 1}/{len(run_list)}" if len(run_list) > 1 else "") + ")"
+                    bar = tqdm(total=total, desc=desc, disable=None, leave=False)
+                seen = 0
+                for batch in batches:
+                    if num_batches is not None and seen >= num_batches:
+                        break
+                    engine.batch = seen
+                    seen += 1
+                    loss = loss_fn(model, _to_device(batch, device))
+                    if not isinstance(loss, Tensor) or loss.dim() != 0:
+                        raise ValueError("loss_fn must return a scalar tensor")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        if nonfinite == "error":
+                            raise FloatingPointError(f"non-finite loss {value} in batch {engine.batch}")
+                        warnings.warn(f"fastlora: non-finite loss in batch {engine.batch}; batch skipped",
+                                      RuntimeWarning, stacklevel=2)
+                        for rec in records.values():
+                            rec.skipped += 1
+                        continue
+                    if not loss.requires_grad:
+                        raise ValueError("the loss does not depend on any target layer: check targets "
+                                         "and that the loss is computed from the model's output")
+                    loss.backward()
+                    if pool is not None:
+                        pool.flush()
+                    if run_index == 0:
+                        losses.append(value)
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    bar.close()
+                if num_batches is not None and seen < num_batches:
+                    warnings.warn(f"fastlora: only {seen} batches were available (num_batches={num_batches})",
+                                  RuntimeWarning, stacklevel=2)
+                if seen == 0:
+                    raise ValueError("no batches: `batches` is empty")
+            finally:
+                for h in handles:
+                    h.remove()
+
+    # Sums over ranks, then means.
+    if distributed:
+        counts = torch.tensor([[r.count, r.tokens, r.skipped] for r in records.values()], dtype=torch.float64)
+        stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
+        _all_reduce_sum([counts, stats])
+        for rec, (c, t, s) in zip(records.values(), counts.tolist()):
+            rec.count, rec.tokens, rec.skipped = int(c), int(t), int(s)
+        loss_sum, loss_n = stats.tolist()
+    else:
+        loss_sum, loss_n = sum(losses), len(losses)
+
+    empty = []
+    for name, rec in records.items():
+        upd = updates[name]
+        scale = 1.0 / rec.count if rec.count else 0.0
+        if rec.count == 0:
+            empty.append(name)
+        if mode == "exact":
+            rec.mean = upd.acc.mul_(scale)
+            if name in products:
+                rec.products[name] = rec.mean @ products[name].to(device=rec.mean.device, dtype=torch.float32)
+        else:
+            k = upd.k
+            right = upd.right.mul_(scale)
+            rec.sketch = GradientSketch(upd.omega, upd.psi, right[:, :k], upd.corange.mul_(scale),
+                                        upd.basis, upd.projection.mul_(scale) if upd.projection is not None else None)
+            offset = k
+            for pname, width in zip(upd.names, upd.widths):
+                rec.products[pname] = right[:, offset : offset + width]
+                offset += width
+        if mode == "exact" and rec.count and not bool(rec.mean.any()):
+            empty.append(name)
+    if empty:
+        warnings.warn(f"fastlora: no (or an all-zero) gradient for {len(empty)} target layers: {empty[:6]}",
+                      RuntimeWarning, stacklevel=2)
+
+    acc_bytes = sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
+    summary = {
+        "mode": mode,
+        "layers": len(records),
+        "batches": int(loss_n),
+        "skipped_batches": max((r.skipped for r in records.values()), default=0),
+        "tokens": max((r.tokens for r in records.values()), default=0),
+        "mean_loss": loss_sum / loss_n if loss_n else float("nan"),
+        "time_s": time.perf_counter() - start,
+        "accumulator_bytes": acc_bytes,
+        "staging_bytes": pool.nbytes if pool is not None else 0,
+        "accumulators_on": placement if mode == "exact" else "device",
+        "passes": len(run_list),
+        **_peak_memory(device),
+    }
+    logger.info("fastlora: gradients of %d layers over %d batches (%d tokens) in %.2f s, %s mode, "
+                "accumulators %.1f MiB on %s", summary["layers"], summary["batches"], summary["tokens"],
+                summary["time_s"], mode, acc_bytes / 2**20, summary["accumulators_on"])
+    return GradientStats(records, mode, summary)
