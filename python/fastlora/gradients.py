@@ -243,16 +243,17 @@ class _SketchUpdate:
 
     def __init__(self, out_f: int, in_f: int, k: int, device: torch.device, gen: torch.Generator,
                  products: dict[str, Tensor]) -> None:
-        # Ω^T and the M_i^T stacked: one lora_down forms all of x [Ω | M_1 | ...].
-        omega = torch.randn(in_f, k, generator=gen, device=gen.device, dtype=torch.float32).to(device)
-        psi = torch.randn(2 * k, out_f, generator=gen, device=gen.device, dtype=torch.float32).to(device)
+        # Ω^T and the M_i^T stacked: one lora_down forms all of x [Ω | M_1 | ...]. Ω and Ψ are
+        # kept once, in the layout the kernels read; the sketch exposes transposed views.
+        omega = torch.randn(in_f, k, generator=gen, dtype=torch.float32)
+        psi = torch.randn(2 * k, out_f, generator=gen, dtype=torch.float32)
         self.k, self.device = k, device
         self.names = list(products)
         self.widths = [m.shape[1] for m in products.values()]
-        lhs = [omega] + [m.to(device=device, dtype=torch.float32) for m in products.values()]
+        lhs = [omega.to(device)] + [m.to(device=device, dtype=torch.float32) for m in products.values()]
         self.lhs_t = torch.cat(lhs, dim=1).t().contiguous()
-        self.psi, self.psi_t = psi, psi.t().contiguous()
-        self.omega = omega
+        self.psi_t = psi.t().contiguous().to(device)
+        self.omega, self.psi = self.lhs_t[:k].t(), self.psi_t.t()
         self.right = torch.zeros(out_f, self.lhs_t.shape[0], dtype=torch.float32, device=device)
         self.corange = torch.zeros(2 * k, in_f, dtype=torch.float32, device=device)
         self.basis: Tensor | None = None  # set for the second pass
@@ -321,7 +322,9 @@ class _Probe:
         rec, batch = self.record, self.engine.batch
         dy = dy.reshape(-1, rec.out_features)
         x = x.reshape(-1, rec.in_features)
-        if self.engine.check_finite and not bool(torch.isfinite(dy).all()):
+        # One read of dy: its float32 sum is non-finite iff an element is (barring sums past
+        # 3e38, which only already-diverged gradients reach).
+        if not math.isfinite(float(dy.sum(dtype=torch.float32))):
             if self.engine.nonfinite == "error":
                 raise FloatingPointError(f"non-finite gradient at layer {rec.name} in batch {batch}")
             if self.rejected != batch:
@@ -344,7 +347,6 @@ class _Engine:
         self.anchor = torch.zeros((), requires_grad=True)
         self.batch = 0
         self.nonfinite = nonfinite
-        self.check_finite = True
 
 
 # ---- the collection -----------------------------------------------------------------------------
