@@ -10,7 +10,8 @@ Compared in one process, on the same batches:
   exact-cpu    the same with offload="cpu" (pinned host accumulators, staging buffer)
   sketch       fastlora.collect_gradients(mode="sketch", sketch_rank=--sketch-rank)
 Reported per variant: seconds per batch, peak device memory (GPU) or peak host RSS (CPU), and
-the ratios the spec targets (exact vs full-ft, sketch vs frozen).
+the ratios the spec targets (exact vs full-ft, sketch vs frozen). Sketch quality on a real
+pretrained model is measured by benchmarks/sketch_quality.py.
 
     python benchmarks/gradients.py            # CPU: a small model; GPU: ~1B parameters
     python benchmarks/gradients.py --quick
