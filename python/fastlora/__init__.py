@@ -11,7 +11,7 @@ See docs/quickstart.md and docs/api.md.
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import ops, reference
+from . import init, ops, optim, reference
 from ._extension import (
     cpu_isa,
     extension_available,
@@ -23,11 +23,14 @@ from ._extension import (
 from .functional import lora_linear
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
 from .inject import adapter_state_dict, inject, lora_layers, merge, trainable_parameters, unmerge
+from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
+from .optim import param_groups
 from .layer import LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFormatError",
     "GradientSketch",
     "GradientStats",
     "LayerGradient",
@@ -36,14 +39,21 @@ __all__ = [
     "collect_gradients",
     "cpu_isa",
     "extension_available",
+    "export_peft",
     "extension_error",
+    "import_peft",
+    "init",
     "get_backend",
     "inject",
     "lora_layers",
+    "load_adapter",
     "lora_linear",
     "merge",
     "ops",
+    "optim",
+    "param_groups",
     "reference",
+    "save_adapter",
     "set_backend",
     "trainable_parameters",
     "unmerge",

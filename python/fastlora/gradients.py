@@ -102,12 +102,15 @@ class LayerGradient:
     sketch: GradientSketch | None = None
     products: dict[str, Tensor] = field(default_factory=dict)
 
-    def svd(self, rank: int, method: str = "auto", niter: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def svd(
+        self, rank: int, method: str = "auto", niter: int = 4, seed: int = 0, q: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(U, S, Vh)``: the top ``rank`` singular triplets of ``Ḡ``.
 
-        ``method``: "exact" (full SVD of the mean), "randomized" (``torch.svd_lowrank`` with
-        ``q = min(4 rank, out, in)`` and ``niter``, seeded), "sketch" (from the sketch), or "auto"
-        (randomized with a mean, else sketch).
+        ``method``: "exact" (full SVD of the mean), "randomized" (``torch.svd_lowrank`` with ``q``
+        columns, default ``min(2 rank, out, in)``, and ``niter`` power iterations, seeded; CPU and
+        CUDA generators alike), "sketch" (from the sketch), or "auto" (randomized with a mean,
+        else sketch).
         """
         if method == "auto":
             method = "randomized" if self.mean is not None else "sketch"
@@ -123,7 +126,9 @@ class LayerGradient:
             u, s, vh = torch.linalg.svd(self.mean, full_matrices=False)
             return u[:, :rank], s[:rank], vh[:rank]
         if method == "randomized":
-            q = min(4 * rank, self.out_features, self.in_features)
+            q = min(q or 2 * rank, self.out_features, self.in_features)
+            if q < rank:
+                raise ValueError(f"{self.name}: q={q} is smaller than rank={rank}")
             devices = [self.mean.device] if self.mean.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
@@ -166,8 +171,8 @@ class _StagingPool:
     """Two device buffers shared by all host accumulators: a layer's rows of ``dy^T x`` are formed
     in one while the other's copy to host memory is in flight (asynchronous on CUDA)."""
 
-    def __init__(self, device: torch.device, elements: int) -> None:
-        self.device, self.elements = device, max(int(elements), 1)
+    def __init__(self, device: torch.device, elements: int, dtype: torch.dtype) -> None:
+        self.device, self.elements, self.dtype = device, max(int(elements), 1), dtype
         self._slots: list[dict] = []
         self._turn = 0
 
@@ -176,8 +181,8 @@ class _StagingPool:
             pin = self.device.type == "cuda"
             for _ in range(2):
                 self._slots.append({
-                    "dev": torch.empty(self.elements, dtype=torch.float32, device=self.device),
-                    "host": torch.empty(self.elements, dtype=torch.float32, pin_memory=pin),
+                    "dev": torch.empty(self.elements, dtype=self.dtype, device=self.device),
+                    "host": torch.empty(self.elements, dtype=self.dtype, pin_memory=pin),
                     "pending": None,
                 })
         slot = self._slots[self._turn]
@@ -201,18 +206,21 @@ class _StagingPool:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.elements * 4 if self._slots else 0
+        return 2 * self.elements * self.dtype.itemsize if self._slots else 0
 
 
 class _ExactUpdate:
-    """acc += dy^T x, with acc on the layer's device or in (pinned) host memory."""
+    """acc += dy^T x, with acc on the layer's device or in (pinned) host memory; float32 (float64
+    for a float64 layer)."""
 
-    def __init__(self, out_f: int, in_f: int, device: torch.device, pool: _StagingPool | None) -> None:
+    def __init__(self, weight: Tensor, pool: _StagingPool | None) -> None:
+        out_f, in_f = weight.shape
         self.pool = pool
-        self.device = device
+        self.device = device = weight.device
         pin = pool is not None and device.type == "cuda"
         acc_device = "cpu" if pool is not None else device
-        self.acc = torch.zeros(out_f, in_f, dtype=torch.float32, device=acc_device, pin_memory=pin)
+        dtype = reference.accumulation_dtype(weight.dtype)
+        self.acc = torch.zeros(out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
         self._accumulate = _op("accumulate_outer", device)
 
     def __call__(self, dy: Tensor, x: Tensor) -> None:
@@ -241,21 +249,23 @@ class _SketchUpdate:
     """Y += dy^T (x Ω), Z += (Ψ dy^T) x and P_i += dy^T (x M_i), from one pass over dy and two
     over x; the products of ``x`` with Ω and every M_i share one pass."""
 
-    def __init__(self, out_f: int, in_f: int, k: int, device: torch.device, gen: torch.Generator,
-                 products: dict[str, Tensor]) -> None:
+    def __init__(self, weight: Tensor, k: int, gen: torch.Generator, products: dict[str, Tensor]) -> None:
         # Ω^T and the M_i^T stacked: one lora_down forms all of x [Ω | M_1 | ...]. Ω and Ψ are
         # kept once, in the layout the kernels read; the sketch exposes transposed views.
-        omega = torch.randn(in_f, k, generator=gen, dtype=torch.float32)
-        psi = torch.randn(2 * k, out_f, generator=gen, dtype=torch.float32)
-        self.k, self.device = k, device
+        out_f, in_f = weight.shape
+        self.device = device = weight.device
+        self.dtype = dtype = reference.accumulation_dtype(weight.dtype)
+        omega = torch.randn(in_f, k, generator=gen, dtype=torch.float32).to(device, dtype)
+        psi = torch.randn(2 * k, out_f, generator=gen, dtype=torch.float32).to(device, dtype)
+        self.k = k
         self.names = list(products)
         self.widths = [m.shape[1] for m in products.values()]
-        lhs = [omega.to(device)] + [m.to(device=device, dtype=torch.float32) for m in products.values()]
+        lhs = [omega] + [m.to(device=device, dtype=dtype) for m in products.values()]
         self.lhs_t = torch.cat(lhs, dim=1).t().contiguous()
-        self.psi_t = psi.t().contiguous().to(device)
+        self.psi_t = psi.t().contiguous()
         self.omega, self.psi = self.lhs_t[:k].t(), self.psi_t.t()
-        self.right = torch.zeros(out_f, self.lhs_t.shape[0], dtype=torch.float32, device=device)
-        self.corange = torch.zeros(2 * k, in_f, dtype=torch.float32, device=device)
+        self.right = torch.zeros(out_f, self.lhs_t.shape[0], dtype=dtype, device=device)
+        self.corange = torch.zeros(2 * k, in_f, dtype=dtype, device=device)
         self.basis: Tensor | None = None  # set for the second pass
         self.projection: Tensor | None = None
         self._down = _op("lora_down", device)
@@ -264,18 +274,18 @@ class _SketchUpdate:
 
     def __call__(self, dy: Tensor, x: Tensor) -> None:
         if self.basis is not None:  # second pass: Q^T Ḡ = mean (dy Q)^T x
-            dyq = self._down(dy, self.basis_t, 0.0, None).to(torch.float32)
-            self.projection += self._grad_a(x, dyq, 0.0, None, torch.float32)
+            dyq = self._down(dy, self.basis_t, 0.0, None).to(self.dtype)
+            self.projection += self._grad_a(x, dyq, 0.0, None, self.dtype)
             return
         xl = self._down(x, self.lhs_t, 0.0, None)
         dy_psi, right = self._dy_products(dy, xl, self.psi_t, 1.0)
         self.right += right
-        self.corange += self._grad_a(x, dy_psi, 0.0, None, torch.float32)
+        self.corange += self._grad_a(x, dy_psi, 0.0, None, self.dtype)
 
     def start_second_pass(self) -> None:
         self.basis = torch.linalg.qr(self.right[:, : self.k]).Q.contiguous()
         self.basis_t = self.basis.t().contiguous()
-        self.projection = torch.zeros(self.k, self.corange.shape[1], dtype=torch.float32, device=self.device)
+        self.projection = torch.zeros(self.k, self.corange.shape[1], dtype=self.dtype, device=self.device)
 
     def tensors(self) -> list[Tensor]:
         return [self.projection] if self.basis is not None else [self.right, self.corange]
@@ -352,13 +362,17 @@ class _Engine:
 # ---- the collection -----------------------------------------------------------------------------
 
 
-def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)``, ``model(*batch)`` or ``model(batch)`` by the batch's type."""
     if isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        out = model(*batch)
-    else:
-        out = model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+    out = call_model(model, batch)
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, Tensor) and out.dim() == 0:
         loss = out
@@ -367,13 +381,16 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with its tensors (also inside Mappings, tuples and lists) on ``device``."""
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()}) if not hasattr(batch, "to") else batch.to(device)
+        if hasattr(batch, "to"):  # transformers' BatchEncoding
+            return batch.to(device)
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -395,7 +412,8 @@ def _frozen_and_restored(model: nn.Module, train_mode: bool) -> Iterator[None]:
             m.training = mode
 
 
-def _weight(module: nn.Module) -> Tensor:
+def frozen_weight(module: nn.Module) -> Tensor:
+    """The weight a target layer's gradient is taken for (a LoRA layer's base weight)."""
     return module.base_layer.weight if isinstance(module, LoRALinear) else module.weight
 
 
@@ -554,19 +572,19 @@ def collect_gradients(
     for name, m in products.items():
         if name not in names:
             raise ValueError(f"products has a matrix for {name!r}, which is not a target layer")
-        in_f = _weight(dict(found)[name]).shape[1]
+        in_f = frozen_weight(dict(found)[name]).shape[1]
         if not isinstance(m, Tensor) or m.dim() != 2 or m.shape[0] != in_f:
             raise ValueError(f"products[{name!r}] must be a tensor of shape ({in_f}, k), got "
                              f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
     if mode == "sketch":
         for name, module in found:
-            if sketch_rank > min(_weight(module).shape):
+            if sketch_rank > min(frozen_weight(module).shape):
                 raise ValueError(f"sketch_rank={sketch_rank} exceeds min(out, in) of layer {name}")
     reiterable = iter(batches) is not batches
-    device = _weight(found[0][1]).device
+    device = frozen_weight(found[0][1]).device
     budget = _parse_budget(memory_budget, device)
 
-    records = {name: LayerGradient(name, *_weight(m).shape) for name, m in found}
+    records = {name: LayerGradient(name, *frozen_weight(m).shape) for name, m in found}
     sizes = [4 * r.out_features * r.in_features for r in records.values()]
     pool = None
     groups = [list(range(len(found)))]
@@ -580,7 +598,9 @@ def collect_gradients(
             # engine's device memory stays below half a layer's float32 gradient.
             largest = max(sizes) // 4
             widest = max(r.in_features for r in records.values())
-            pool = _StagingPool(device, max(widest, min(largest // 4, 4 * 2**20)))
+            all_f64 = all(frozen_weight(m).dtype == torch.float64 for _, m in found)
+            pool = _StagingPool(device, max(widest, min(largest // 4, 4 * 2**20)),
+                                torch.float64 if all_f64 else torch.float32)
         elif offload == "passes":
             groups = _plan_groups(sizes, budget)
     if (len(groups) > 1 or passes == 2) and not reiterable:
@@ -590,12 +610,12 @@ def collect_gradients(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     updates: dict[str, Any] = {}
     for name, module in found:
-        w = _weight(module)
+        w = frozen_weight(module)
         if mode == "exact":
-            updates[name] = _ExactUpdate(w.shape[0], w.shape[1], w.device, pool)
+            updates[name] = _ExactUpdate(w, pool)
         else:
             layer_products = {name: products[name]} if name in products else {}
-            updates[name] = _SketchUpdate(w.shape[0], w.shape[1], sketch_rank, w.device, gen, layer_products)
+            updates[name] = _SketchUpdate(w, sketch_rank, gen, layer_products)
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -640,7 +660,7 @@ def collect_gradients(
                         break
                     engine.batch = seen
                     seen += 1
-                    loss = loss_fn(model, _to_device(batch, device))
+                    loss = loss_fn(model, to_device(batch, device))
                     if not isinstance(loss, Tensor) or loss.dim() != 0:
                         raise ValueError("loss_fn must return a scalar tensor")
                     value = float(loss.detach())
@@ -694,7 +714,7 @@ def collect_gradients(
         if mode == "exact":
             rec.mean = upd.acc.mul_(scale)
             if name in products:
-                rec.products[name] = rec.mean @ products[name].to(device=rec.mean.device, dtype=torch.float32)
+                rec.products[name] = rec.mean @ products[name].to(device=rec.mean.device, dtype=rec.mean.dtype)
         else:
             k = upd.k
             right = upd.right.mul_(scale)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,12 @@ __all__ = [
     "adapter_state_dict",
 ]
 
+if TYPE_CHECKING:
+    from .gradients import GradientStats
+
 logger = logging.getLogger("fastlora")
+
+GRADIENT_INITS = ("lora_ga", "gora")
 
 
 def inject(
@@ -31,12 +37,14 @@ def inject(
     lora_dropout: float = 0.0,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
-    use_rslora: bool = False,
+    use_rslora: bool | None = None,
     adapter_dtype: torch.dtype = torch.float32,
     init: str = "lora",
     exclude_modules: Targets | None = None,
     trainable_modules: Targets | None = None,
     generator: torch.Generator | None = None,
+    gradients: GradientStats | None = None,
+    init_config: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Replaces the matching ``nn.Linear`` modules of ``model`` by :class:`LoRALinear` in place,
     freezes every other parameter, and returns the model.
@@ -47,7 +55,14 @@ def inject(
             ``get_output_embeddings()`` and layers named lm_head/score/classifier), a regex
             that must match a module's full name, or a list of names / name suffixes
             (``["q_proj", "v_proj"]`` matches ``model.layers.0.self_attn.q_proj``).
-        r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, init: see :class:`LoRALinear`.
+        r, lora_alpha, lora_dropout, adapter_dtype: see :class:`LoRALinear`.
+        use_rslora: scale ``lora_alpha / sqrt(r)``; default False, True for LoRA-GA and GoRA.
+        init: "lora", "gaussian" (see :class:`LoRALinear`), "lora_ga" or "gora" (from
+            ``gradients``, see :mod:`fastlora.init`; for GoRA ``r`` is the reference rank and each
+            layer's rank is allocated).
+        gradients: :func:`fastlora.collect_gradients` result covering the targets (LoRA-GA, GoRA).
+        init_config: settings of the gradient init (fields of :class:`fastlora.init.LoraGAConfig`
+            or :class:`fastlora.init.GoRAConfig`).
         rank_pattern, alpha_pattern: per-module overrides of r / lora_alpha, keyed by a name or
             a regex matched against the end of the module name (as PEFT).
         exclude_modules: names, suffixes or a regex of modules never to adapt.
@@ -56,13 +71,22 @@ def inject(
         generator: RNG for the adapters' initial values.
 
     Raises:
-        ValueError: nothing matched, a matched module is not an ``nn.Linear``, or a layer's
-            settings are invalid (checked for all layers before anything is changed).
+        ValueError: nothing matched, a matched module is not an ``nn.Linear``, a layer's
+            settings are invalid, or the gradients do not cover the targets (all checked before
+            anything is changed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    gradient_init = init in GRADIENT_INITS
+    if init not in INITS and not gradient_init:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS}")
+    if gradient_init and gradients is None:
+        raise ValueError(f"init={init!r} needs gradients: stats = fastlora.collect_gradients(model, batches, "
+                         "targets), then inject(..., gradients=stats)")
+    if not gradient_init and (gradients is not None or init_config is not None):
+        raise ValueError("gradients and init_config apply to init='lora_ga' or init='gora' only")
+    if use_rslora is None:
+        use_rslora = gradient_init
     for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules)):
         if value is not None:
             check_targets(value, what)
@@ -72,6 +96,8 @@ def inject(
         layer_alpha = pattern_value(name, alpha_pattern, lora_alpha)
         validate_lora_config(layer_r, layer_alpha, lora_dropout, module.in_features, module.out_features, where=name)
         plan.append((name, module, layer_r, layer_alpha))
+
+    init_fn = _gradient_init(init, plan, gradients, init_config, r) if gradient_init else None
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -85,7 +111,7 @@ def inject(
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
-            init=init,
+            init="lora" if gradient_init else init,
             generator=generator,
         )
         setattr(parent, child, lora)
@@ -94,9 +120,40 @@ def inject(
             if name and name_matches(name, trainable_modules):
                 for param in module.parameters():
                     param.requires_grad_(True)
-    ranks = sorted({p[2] for p in plan})
-    logger.info("fastlora: added adapters to %d linear layers (ranks %s)", len(plan), ranks)
+    if init_fn is not None:
+        init_fn(model)
+    ranks = sorted({layer.r for layer in lora_layers(model).values()})
+    logger.info("fastlora: added adapters to %d linear layers (init %s, ranks %s)", len(plan), init, ranks)
     return model
+
+
+def _gradient_init(init: str, plan: list, gradients, init_config, r: int) -> Callable[[nn.Module], Any]:
+    """Checks a LoRA-GA / GoRA init against the planned layers before the model changes, and
+    returns the function that applies it once the layers exist."""
+    from .gradients import GradientStats
+    from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
+
+    if not isinstance(gradients, GradientStats):
+        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
+    names = [name for name, *_ in plan]
+    missing = [n for n in names if n not in gradients]
+    if missing:
+        raise ValueError(f"gradients has no entry for target layers {missing[:4]}: collect them with the same targets")
+    options = dict(init_config or {})
+    if init == "lora_ga":
+        cfg = LoraGAConfig(**options)
+        cfg.validate()
+        if cfg.fallback == "error":
+            for name, module, layer_r, _ in plan:
+                if 2 * layer_r > min(module.in_features, module.out_features):
+                    raise ValueError(f"LoRA-GA needs 2r <= min(in, out): layer {name} has r={layer_r} and shape "
+                                     f"{module.out_features}x{module.in_features}; lower its rank (rank_pattern) or "
+                                     "pass init_config={'fallback': 'lora'}")
+        return lambda model: lora_ga(model, gradients, cfg, layers=names)
+    options.setdefault("r_ref", r)
+    cfg = GoRAConfig(**options)
+    cfg.validate()
+    return lambda model: gora(model, gradients, cfg, layers=names)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

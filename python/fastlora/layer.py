@@ -89,6 +89,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
         self.merged = False
+        self.init_method = init  # recorded with saved adapters; LoRA-GA and GoRA overwrite it
         self.reset_lora_parameters(init, generator)
 
     @classmethod
@@ -117,6 +118,17 @@ class LoRALinear(nn.Module):
         """The scale s applied to the adapter branch."""
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def set_rank(self, r: int) -> None:
+        """Replaces the adapters by zero ones of rank ``r`` (same dtype and device); the caller
+        initialises them. Used by rank-allocating initialisers such as GoRA."""
+        validate_lora_config(r, self.lora_alpha, self.lora_dropout, self.in_features, self.out_features)
+        if self.merged:
+            raise RuntimeError("unmerge() this layer before changing its rank")
+        kw = dict(dtype=self.lora_A.dtype, device=self.lora_A.device)
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        self.r = r
+
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "lora", generator: torch.Generator | None = None) -> None:
         """Re-draws A and zeroes B (see the class docstring for ``init``)."""
@@ -136,10 +148,14 @@ class LoRALinear(nn.Module):
         return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """s * B A in float32 (float64 for a float64 base): what merging adds to the weight."""
-        dtype = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+    def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None) -> Tensor:
+        """s * B A in float32 (float64 for a float64 base): what merging adds to the weight. Other
+        factors of the layer's shapes may be given (LoRA-GA's base offset uses its A0, B0)."""
+        a = self.lora_A if lora_A is None else lora_A
+        b = self.lora_B if lora_B is None else lora_B
+        w = self.base_layer.weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return (b.to(w.device, dtype) @ a.to(w.device, dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:

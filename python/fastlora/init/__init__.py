@@ -1,0 +1,14 @@
+"""Adapter initialisation from the gradient engine's mean gradients: LoRA-GA and GoRA.
+
+Either through :func:`fastlora.inject` (``init="lora_ga"`` / ``init="gora"`` with
+``gradients=stats``) or on an already-injected model::
+
+    stats = fastlora.collect_gradients(model, batches)
+    fastlora.inject(model, "all-linear", r=8, lora_alpha=16)
+    fastlora.init.lora_ga(model, stats)          # or fastlora.init.gora(model, stats)
+"""
+
+from .gora import Allocation, GoRAConfig, allocate_ranks, gora, gora_a_max
+from .lora_ga import LoraGAConfig, lora_ga
+
+__all__ = ["Allocation", "GoRAConfig", "LoraGAConfig", "allocate_ranks", "gora", "gora_a_max", "lora_ga"]

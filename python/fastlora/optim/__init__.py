@@ -1,0 +1,5 @@
+"""Optimizers and optimizer helpers for LoRA training."""
+
+from .groups import param_groups
+
+__all__ = ["param_groups"]
