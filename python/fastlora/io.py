@@ -135,10 +135,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters outside the adapters by their names in the model without adapters (a LoRA
+    layer's ``<name>.base_layer.weight`` is ``<name>.weight``), so names survive (un)injection."""
+    layers = lora_layers(model)
+    adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    out = {}
+    for name, p in model.named_parameters():
+        if id(p) in adapters:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer") or owner == "base_layer":
+            layer_name = owner.removesuffix("base_layer").removesuffix(".")
+            if layer_name in layers:
+                name = f"{layer_name}.{leaf}" if layer_name else leaf
+        out[name] = p
+    return out
+
+
 def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters outside the adapters (a classification head, say), by full name."""
-    adapters = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters}
+    """Trainable parameters outside the adapters (a classification head, say)."""
+    return {n: p for n, p in _plain_parameters(model).items() if p.requires_grad}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -239,7 +256,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
             if t is None or tuple(t.shape) != shape:
                 problems.append(f"{name}.{key}: expected shape {shape}, found "
                                 f"{None if t is None else tuple(t.shape)}")
-    params = dict(model.named_parameters())
+    params = _plain_parameters(model)  # the same Parameter objects after any injection below
     for name in config.get("trainable", []):
         t, p = tensors.get(f"trainable.{name}"), params.get(name)
         if t is None or p is None or t.shape != p.shape:
@@ -410,7 +427,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             factors.setdefault(parsed[0], {})[parsed[1]] = t
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    params = _plain_parameters(model)
     existing = lora_layers(model)
     problems, ranks, alphas = [], {}, {}
     for name, pair in factors.items():
