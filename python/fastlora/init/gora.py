@@ -257,6 +257,5 @@ def gora(
     ranks = sorted(alloc.ranks.values())
     logger.info("GoRA: budget %d adapter parameters, allocated %d (%.1f%%), ranks min %d / median %d / max %d",
                 alloc.budget, alloc.used, 100.0 * alloc.used / alloc.budget, ranks[0], ranks[len(ranks) // 2], ranks[-1])
-    for name, info in report.items():
-        logger.debug("GoRA: %s rank %d importance %.3g", name, info["rank"], info["importance"])
+    logger.info("GoRA: ranks %s", {name: info["rank"] for name, info in report.items()})
     return {"allocation": alloc, "layers": report}
