@@ -1,0 +1,1 @@
+"""End-to-end examples (the README's main job lives in :mod:`fastlora.examples.sentiment`)."""
