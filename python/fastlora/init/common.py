@@ -6,12 +6,16 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..gradients import GradientStats
 from ..inject import lora_layers
 from ..layer import LoRALinear
 
 
-def select_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LoRALinear]:
-    """The model's LoRA layers (all, or those named), unmerged; clear errors otherwise."""
+def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: GradientStats) -> dict[str, LoRALinear]:
+    """The model's LoRA layers (all, or those named), unmerged and covered by ``gradients``;
+    clear errors otherwise."""
+    if not isinstance(gradients, GradientStats):
+        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
@@ -24,4 +28,7 @@ def select_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, Lo
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
+    missing = [n for n in layers if n not in gradients]
+    if missing:
+        raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them")
     return layers

@@ -197,12 +197,7 @@ def gora(
     """
     cfg = config if isinstance(config, GoRAConfig) else GoRAConfig(**(config or {}))
     cfg.validate()
-    if not isinstance(gradients, GradientStats):
-        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
-    layers = select_layers(model, layers)
-    missing = [n for n in layers if n not in gradients]
-    if missing:
-        raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them")
+    layers = select_layers(model, layers, gradients)
     r_min, r_max = cfg.bounds()
     if cfg.a_max is not None:
         bad = [n for n in layers if n not in cfg.a_max or cfg.a_max[n].shape != (r_max, layers[n].in_features)]

@@ -123,12 +123,7 @@ def lora_ga(
     """
     cfg = config if isinstance(config, LoraGAConfig) else LoraGAConfig(**(config or {}))
     cfg.validate()
-    if not isinstance(gradients, GradientStats):
-        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
-    layers = select_layers(model, layers)
-    missing = [n for n in layers if n not in gradients]
-    if missing:
-        raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them")
+    layers = select_layers(model, layers, gradients)
     again = [n for n, layer in layers.items() if hasattr(layer, "lora_A0")]
     if again:
         raise RuntimeError(f"layers {again[:4]} were already initialised with LoRA-GA (their base weights carry "
