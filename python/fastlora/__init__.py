@@ -5,13 +5,14 @@ Quick start::
     import fastlora
     model = fastlora.inject(model, target_modules=["q_proj", "v_proj"], r=16, lora_alpha=32)
     optimizer = torch.optim.AdamW(fastlora.trainable_parameters(model), lr=2e-4)
+    # or LoRA-Pro: optimizer = fastlora.optim.LoRAPro(model, lr=2e-5)
 
 See docs/quickstart.md and docs/api.md.
 """
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import ops, reference
+from . import ops, optim, reference
 from ._extension import (
     cpu_isa,
     extension_available,
@@ -38,6 +39,7 @@ __all__ = [
     "lora_linear",
     "merge",
     "ops",
+    "optim",
     "reference",
     "set_backend",
     "trainable_parameters",

@@ -77,7 +77,16 @@ def extension_error() -> str | None:
     return _load_error
 
 
-_OPS = ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "dropout_mask")
+_OPS = (
+    "lora_down",
+    "lora_up",
+    "lora_forward",
+    "lora_dy_products",
+    "lora_grad_A",
+    "lora_grad_x",
+    "dropout_mask",
+    "lora_pro_moments",
+)
 
 
 def _kernel_table() -> dict[tuple[str, str], bool]:

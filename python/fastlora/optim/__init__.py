@@ -1,0 +1,15 @@
+"""Optimizers for LoRA adapters: LoRA-Pro (:class:`LoRAPro`, :class:`LoRAProSGD`) and the
+closed form they use (:mod:`fastlora.optim.closed_form`)."""
+
+from .closed_form import equivalent_gradient, lora_pro_gradients, solve_sylvester
+from .lora_pro import MODES, MOMENT_DTYPES, LoRAPro, LoRAProSGD
+
+__all__ = [
+    "MODES",
+    "MOMENT_DTYPES",
+    "LoRAPro",
+    "LoRAProSGD",
+    "equivalent_gradient",
+    "lora_pro_gradients",
+    "solve_sylvester",
+]
