@@ -93,7 +93,7 @@ class GramProjector:
         self.b_pinv = list(pinv[:k].split(self.sizes))
         self.a_pinv = list(pinv[k:].split(self.sizes))
         self.a_gram = list(grams[k:].split(self.sizes))
-        self.inv_s2 = [(1.0 / s.square()).view(-1, 1, 1) for s in scales]
+        self.inv_s2 = [(1.0 / s.square()).reshape(-1, 1, 1) for s in scales]
 
     def base(self, i: int, grad_A: Tensor, grad_B: Tensor) -> tuple[Tensor, Tensor]:
         """The X-free part of the closed form for group ``i``:

@@ -195,7 +195,7 @@ class _LoRAProBase(torch.optim.Optimizer):
                     if p.grad is None:
                         raise ValueError(
                             f"layer {layer.name!r}: {pname}.grad is None but the other adapter has a gradient; "
-                            "LoRA-Pro needs both (zero them with zero_grad(set_to_none=False) if intended)"
+                            "LoRA-Pro needs both (set it to zeros if that is what you mean)"
                         )
                     if p.grad.is_sparse:
                         raise ValueError(f"layer {layer.name!r}: {pname} has a sparse gradient, which LoRA-Pro does not support")
@@ -259,11 +259,11 @@ class _LoRAProBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        blocks = self._lora_work()
-        plain = self._plain_work()
         for group in self.param_groups:
             if group["lr"] * group["weight_decay"] > 1.0:
                 raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 would flip the weights' sign")
+        blocks = self._lora_work()
+        plain = self._plain_work()
         if self.check_finite:
             self._raise_if_not_finite(blocks, plain)
         by_rank: dict[tuple, list[_Block]] = {}
