@@ -49,6 +49,15 @@ def _bounds(lora_a, lora_b):
     return s * d_max * lora_b.double().abs().sum(0).max().item(), s * d_max * lora_a.double().abs().sum(1).max().item()
 
 
+def _assert_moments_match(got_m, got_v, ref_m, ref_v, what=""):
+    """The updated moments: the same math rounded to their storage dtype (bfloat16: at most one
+    unit in the last place apart)."""
+    ulp = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[got_m.dtype]
+    for got, want, name in ((got_m, ref_m, "exp_avg"), (got_v, ref_v, "exp_avg_sq")):
+        err = ((got.cpu().double() - want).abs() - ulp * want.abs()).max().item()
+        assert err <= 1e-6 * want.abs().max().item(), f"{what} {name}: off by {err:.3g} beyond {ulp:g} relative"
+
+
 CASES = list(itertools.product(SHAPES, MOMENT_DTYPES, (torch.float32, torch.bfloat16)))
 
 
@@ -67,13 +76,8 @@ def test_kernel_matches_reference(shape, moment_dtype, factor_dtype):
         assert grad_a.dtype == compute and grad_b.dtype == compute
         assert_matches(grad_a, ref_a, compute, f"{isa} grad_A", magnitude=mag_a)
         assert_matches(grad_b, ref_b, compute, f"{isa} grad_B", magnitude=mag_b)
-        # The moments: the same float32 math rounded to the storage dtype (one unit in the last
-        # place of bfloat16 apart at most).
-        for got, want, name in ((exp_avg, ref_m, "exp_avg"), (exp_avg_sq, ref_v, "exp_avg_sq")):
-            assert got.dtype == moment_dtype
-            ulp = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[moment_dtype]
-            err = ((got.double() - want).abs() - ulp * want.abs()).max().item()
-            assert err <= 1e-6 * want.abs().max().item(), f"{isa} {name}: off by {err:.3g} beyond {ulp:g} relative"
+        assert exp_avg.dtype == moment_dtype and exp_avg_sq.dtype == moment_dtype
+        _assert_moments_match(exp_avg, exp_avg_sq, ref_m, ref_v, isa)
 
 
 def test_fresh_moments_first_step_float64():

@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cuda(
   const auto acc = acc_type(exp_avg.scalar_type());
   const auto opts = exp_avg.options().dtype(acc);
   const int64_t out = exp_avg.size(0), in = exp_avg.size(1), r = lora_A.size(0);
-  const auto u = at::cat({lora_B.to(acc), grad_B0.to(acc)}, 1).mul_(scale);
+  const auto u = at::cat({lora_B.to(acc), grad_B0.to(acc)}, 1);
   const auto v = at::cat({grad_A0.to(acc), lora_A.to(acc)}, 0);
   auto grad_A = at::empty({r, in}, opts);
   auto grad_B = at::empty({out, r}, opts);

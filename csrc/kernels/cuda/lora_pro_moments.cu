@@ -5,7 +5,7 @@
 //     so a warp reads whole 32-byte sectors of each moment row), from 16-wide chunks of the
 //     rank-2r factors staged in shared memory;
 //  2. the moments are read, updated and written once, and D goes to shared memory;
-//  3. the pull-back products sb^T D (summed over the tile's rows) and D A^T (over its columns)
+//  3. the pull-back products B^T D (summed over the tile's rows) and D A^T (over its columns)
 //     accumulate in shared memory across the region's tiles.
 // The region's partial sums go to a workspace, and a second kernel adds them up in a fixed
 // order: no atomics, so the result is the same bits on every run (DDP ranks stay identical).
@@ -70,7 +70,7 @@ __device__ __forceinline__ void load4(const double* p, double out[4]) {
 
 template <class Acc>
 struct Coefficients {
-  Acc b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps;
+  Acc scale, b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps;
 };
 
 template <class Acc>
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   Acc* us = reinterpret_cast<Acc*>(smem_raw);
   Acc* vs = us + kUsSize;
   Acc* ds = vs + kVsSize;
-  Acc* ps = ds + kDsSize;  // rp x kTN: sb^T D of the current column tile
+  Acc* ps = ds + kDsSize;  // rp x kTN: B^T D of the current column tile
   Acc* qs = ps + rp * kTN;  // (rt * kTM) x rp: D A^T of the region's rows
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int lane64 = tid & 63, jg = (tid >> 6) * 4;  // step 3: a row or column, 4 ranks
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
           Acc d = Acc(0);
           if (row < rows && col < cols) {
             const int64_t idx = row * cols + col;
-            const Acc g = acc[i][b];
+            const Acc g = k.scale * acc[i][b];
             const Acc mt = k.b1 * load_moment(exp_avg + idx) + k.c1 * g;
             const Acc vt = k.b2 * load_moment(exp_avg_sq + idx) + k.c2 * (g * g);
             store_moment(exp_avg + idx, mt);
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
       // 3. Pull-back products, 16 ranks at a time.
       for (int jc = 0; jc < r; jc += kRC) {
         __syncthreads();  // ds is complete; the previous chunk's us / vs reads are done
-        Acc* sbs = us;    // kTM x kRC
+        Acc* sbs = us;    // B chunk, kTM x kRC
         Acc* as = vs;     // kTN x kAsLd
         for (int e = tid; e < kTM * kRC; e += kThreads) {
           const int i = e / kRC, jj = e % kRC;
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         __syncthreads();
         Acc pacc[4] = {}, qacc[4] = {};
-        for (int i = 0; i < kTM; ++i) {  // column lane64 of sb^T D
+        for (int i = 0; i < kTM; ++i) {  // column lane64 of B^T D
           Acc s4[4];
           load4(sbs + i * kRC + jg, s4);
           const Acc d = ds[i * kDsLd + lane64];
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_a = sum over region rows of pw, grad_b = scale * sum over region columns of qw, each
-// summed in index order.
+// grad_a = scale * sum over region rows of pw, grad_b = scale * sum over region columns of qw,
+// each summed in index order.
 template <class Acc>
 __global__ void reduce_kernel(const Acc* __restrict__ pw, int64_t n_pw, const Acc* __restrict__ qw,
                               int64_t n_qw, int64_t r, int64_t rows, int64_t cols, Acc scale,
@@ -225,7 +225,7 @@ __global__ void reduce_kernel(const Acc* __restrict__ pw, int64_t n_pw, const Ac
     Acc sum = Acc(0);
     if (e < na) {
       for (int64_t k = 0; k < n_pw; ++k) sum += pw[k * na + e];
-      grad_a[e] = sum;
+      grad_a[e] = scale * sum;
     } else {
       const int64_t f = e - na;
       for (int64_t k = 0; k < n_qw; ++k) sum += qw[k * nb + f];
@@ -276,6 +276,7 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   if (p.rt == 0 || p.grid_y > 65535) return cudaErrorInvalidValue;
   if (a.rows == 0 || a.cols == 0) return cudaSuccess;
   Coefficients<Acc> k;
+  k.scale = static_cast<Acc>(a.scale);
   k.b1 = static_cast<Acc>(a.beta1);
   k.c1 = static_cast<Acc>(1.0 - a.beta1);
   k.b2 = static_cast<Acc>(a.beta2);
