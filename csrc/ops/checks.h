@@ -106,6 +106,11 @@ inline void check_dxa(const at::Tensor& dxa, const at::Tensor& act, int64_t r, c
 }
 
 
+// Adam's bias correction 1 - beta^step (lora_pro_moments' kernels take it precomputed).
+inline double bias_correction(double beta, int64_t step) {
+  return 1.0 - std::pow(beta, static_cast<double>(step));
+}
+
 // lora_pro_moments: exp_avg and exp_avg_sq (out, in), contiguous, float64/float32/bfloat16,
 // distinct; lora_A and grad_A0 (r, in); lora_B and grad_B0 (out, r); Adam hyperparameters.
 inline void check_lora_pro_moments(const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,

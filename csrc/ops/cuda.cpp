@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 
@@ -69,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cuda(
   a.beta1 = beta1;
   a.beta2 = beta2;
   a.eps = eps;
-  a.bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  a.bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  a.bias_correction1 = bias_correction(beta1, step);
+  a.bias_correction2 = bias_correction(beta2, step);
   a.grad_a = grad_A.data_ptr();
   a.grad_b = grad_B.data_ptr();
   const int device = exp_avg.get_device();

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <tuple>
 
 #include "kernels/cpu/lora_cpu.h"
@@ -48,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cpu(
   p.beta1 = beta1;
   p.beta2 = beta2;
   p.eps = eps;
-  p.bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  p.bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  p.bias_correction1 = bias_correction(beta1, step);
+  p.bias_correction2 = bias_correction(beta2, step);
   p.grad_b = grad_B.data_ptr();
 
   const int64_t ld = cpu::round_up(in, cpu::kPad);
