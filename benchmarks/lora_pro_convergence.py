@@ -99,9 +99,9 @@ def _gradient_distance(layer: fastlora.LoRALinear, x: torch.Tensor, y: torch.Ten
     return ((g_eq - g_full).norm() / g_full.norm()).item()
 
 
-def run(p: Problem, tune_seed: int = 0, seeds: tuple[int, ...] = (1, 2, 3, 4, 5), methods=METHODS, lr_grid=LR_GRID) -> dict:
+def run(p: Problem, tune_seed: int = 0, seeds: tuple[int, ...] = (1, 2, 3, 4, 5), methods=METHODS) -> dict:
     """Tunes each method's learning rate on ``tune_seed``, then runs it on ``seeds``."""
-    best_lr = {m: min(lr_grid, key=lambda lr: train(m, lr, p, tune_seed)["final_loss"]) for m in methods}
+    best_lr = {m: min(LR_GRID, key=lambda lr: train(m, lr, p, tune_seed)["final_loss"]) for m in methods}
     results = {m: {seed: train(m, best_lr[m], p, seed) for seed in seeds} for m in methods}
     return {"best_lr": best_lr, "results": results}
 

@@ -78,7 +78,8 @@ def build(variant, shapes, r, dtype, device, generator):
 
 
 def state_mib(opt) -> float:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) / 2**20
+    tensors = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(v.numel() * v.element_size() for v in tensors) / 2**20
 
 
 def step_rows(shapes, r, dtype, device, repeat) -> list[dict]:
@@ -143,7 +144,6 @@ def bandwidth_rows(r, device, repeat) -> list[dict]:
                 "GB/s": moved / times["fused"] / 1e9, "copy GB/s": copy_bw / 1e9,
                 "x copy bw": moved / times["fused"] / copy_bw,
             })
-            del exp_avg, exp_avg_sq, args
     return rows
 
 

@@ -99,7 +99,8 @@ def test_matches_brute_force_least_squares(shape):
     s = 1.3
     g_a, g_b = _lora_grads(a, b, full, s)
     # Row-major vec: vec(B hA) = (B kron I_in) vec(hA), vec(hB A) = (I_out kron A^T) vec(hB).
-    m = s * torch.cat([torch.kron(b, torch.eye(n_in, dtype=F64)), torch.kron(torch.eye(out, dtype=F64), a.mT.flatten().reshape(n_in, r))], 1)
+    a_t = a.mT.flatten().reshape(n_in, r)  # kron needs standard strides
+    m = s * torch.cat([torch.kron(b, torch.eye(n_in, dtype=F64)), torch.kron(torch.eye(out, dtype=F64), a_t)], 1)
     solution = torch.linalg.lstsq(m, full.reshape(-1, 1), driver="gelsd").solution
     fitted = (m @ solution).reshape(out, n_in)
     null = _null_space(m)

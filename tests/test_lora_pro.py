@@ -215,7 +215,9 @@ def test_eigh_runs_once_per_rank_not_per_layer(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["full", "efficient", "sgd"])
-@pytest.mark.parametrize("moment_dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "moment_dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
 def test_state_dict_round_trip_resumes_bit_identically(mode, moment_dtype, adapter_dtype):
     def build():
         model = _model(dtype=torch.float32, adapter_dtype=adapter_dtype)

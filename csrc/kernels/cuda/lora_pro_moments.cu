@@ -260,7 +260,8 @@ Plan make_plan(const LoraProMomentsArgs& a, int device) {
   p.grid_x = ceil_div(a.cols, int64_t{ct} * kTN);
   p.grid_y = ceil_div(a.rows, int64_t{rt} * kTM);
   p.smem = smem_bytes<Acc>(a.r, rt);
-  p.workspace = sizeof(Acc) * static_cast<size_t>(p.grid_y * a.r * a.cols + p.grid_x * a.rows * a.r);
+  p.workspace =
+      sizeof(Acc) * static_cast<size_t>(p.grid_y * a.r * a.cols + p.grid_x * a.rows * a.r);
   return p;
 }
 
@@ -306,7 +307,8 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
 }  // namespace
 
 size_t lora_pro_moments_workspace(const LoraProMomentsArgs& a, int device) {
-  const Plan p = a.moments == MomentType::f64 ? plan_for<double>(a, device) : plan_for<float>(a, device);
+  const Plan p =
+      a.moments == MomentType::f64 ? plan_for<double>(a, device) : plan_for<float>(a, device);
   return p.rt == 0 ? SIZE_MAX : p.workspace;
 }
 

@@ -139,7 +139,9 @@ def _check_pair(lora_A: Tensor, lora_B: Tensor, grad_A: Tensor, grad_B: Tensor) 
             f"and {tuple(lora_B.shape)}"
         )
     if lora_B.shape[-1] != lora_A.shape[-2] or lora_B.shape[:-2] != lora_A.shape[:-2]:
-        raise ValueError(f"lora_B {tuple(lora_B.shape)} does not fit lora_A {tuple(lora_A.shape)} (B is out x r, A is r x in)")
+        raise ValueError(
+            f"lora_B {tuple(lora_B.shape)} does not fit lora_A {tuple(lora_A.shape)} (B is out x r, A is r x in)"
+        )
     for name, g, p in (("grad_A", grad_A, lora_A), ("grad_B", grad_B, lora_B)):
         if g.shape != p.shape:
             raise ValueError(f"{name} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")

@@ -71,7 +71,8 @@ class _Block:
 
     def per_layer(self, key: str) -> Tensor:
         """A hyperparameter of each layer's group as a (K, 1, 1) tensor."""
-        return torch.tensor([float(g[key]) for g in self.groups], dtype=self.A.dtype, device=self.A.device).view(-1, 1, 1)
+        values = [float(g[key]) for g in self.groups]
+        return torch.tensor(values, dtype=self.A.dtype, device=self.A.device).view(-1, 1, 1)
 
 
 def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
@@ -122,12 +123,17 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
 def _dtensor_type() -> tuple[type, ...]:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5, or built without distributed
-        return ()
+    except ImportError:
+        try:  # torch 2.4
+            from torch.distributed._tensor import DTensor
+        except ImportError:  # built without distributed
+            return ()
     return (DTensor,)
 
 
-def _check_hyperparameters(lr: float, weight_decay: float, betas: tuple[float, float] | None = None, eps: float | None = None) -> None:
+def _check_hyperparameters(
+    lr: float, weight_decay: float, betas: tuple[float, float] | None = None, eps: float | None = None
+) -> None:
     if not isinstance(lr, numbers.Real) or not lr >= 0.0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0:
@@ -153,10 +159,13 @@ class _LoRAProBase(torch.optim.Optimizer):
         self._layers = {id(layer.A): layer for layer in layers}
         self.check_finite = bool(check_finite)
         self._steps_taken = 0
-        groups: list[dict[str, Any]] = [{"params": [p for layer in layers for p in (layer.A, layer.B)], "lora_pro": True}]
+        adapters = [p for layer in layers for p in (layer.A, layer.B)]
+        groups: list[dict[str, Any]] = [{"params": adapters, "lora_pro": True}]
         if others:
             groups.append({"params": others})
+        self._building = True
         super().__init__(groups, {**defaults, "lora_pro": False})
+        self._building = False
         ranks = sorted({layer.module.r for layer in layers})
         logger.info(
             "fastlora: %s over %d LoRA layers (ranks %s) and %d other trainable parameters",
@@ -166,10 +175,9 @@ class _LoRAProBase(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group of ordinary parameters (they get plain AdamW / SGD). LoRA layers can only
         be given at construction, because the optimizer must know each layer's (A, B, s)."""
-        if param_group.get("lora_pro") and hasattr(self, "_constructed"):
+        if param_group.get("lora_pro") and not self._building:
             raise ValueError("LoRA layers can only be given when the optimizer is built; build a new one")
         super().add_param_group(param_group)
-        self._constructed = True
 
     # ---- gathering ------------------------------------------------------------------------
 
@@ -198,7 +206,7 @@ class _LoRAProBase(torch.optim.Optimizer):
                             "LoRA-Pro needs both (set it to zeros if that is what you mean)"
                         )
                     if p.grad.is_sparse:
-                        raise ValueError(f"layer {layer.name!r}: {pname} has a sparse gradient, which LoRA-Pro does not support")
+                        raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
                 key = (group["mode"], group["x_mode"], a.shape, b.shape, a.device, compute_dtype(a.dtype))
                 block = blocks.setdefault(key, _Block([], [], []))
                 block.layers.append(layer)
@@ -216,7 +224,7 @@ class _LoRAProBase(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has a sparse gradient, which is not supported")
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has a sparse gradient; use dense ones")
             if params:
                 work.append((group, params))
         return work
@@ -242,7 +250,8 @@ class _LoRAProBase(torch.optim.Optimizer):
             for p in params:
                 if not torch.isfinite(p.grad).all():
                     raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} has a gradient with NaN or Inf; the step was not applied"
+                        f"a parameter of shape {tuple(p.shape)} has a gradient with NaN or Inf; "
+                        "the step was not applied"
                     )
 
     # ---- the step --------------------------------------------------------------------------
@@ -261,7 +270,8 @@ class _LoRAProBase(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if group["lr"] * group["weight_decay"] > 1.0:
-                raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 would flip the weights' sign")
+                product = group["lr"] * group["weight_decay"]
+                raise ValueError(f"lr * weight_decay = {product:g} > 1 would flip the weights' sign")
         blocks = self._lora_work()
         plain = self._plain_work()
         if self.check_finite:
@@ -302,7 +312,9 @@ class _LoRAProBase(torch.optim.Optimizer):
             if level == logging.INFO else "",
         )
 
-    def _directions(self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str) -> list[tuple[Tensor, Tensor]]:
+    def _directions(
+        self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str
+    ) -> list[tuple[Tensor, Tensor]]:
         raise NotImplementedError
 
     def _plain_step(self, group: dict, params: list[Tensor]) -> None:
@@ -445,7 +457,9 @@ class LoRAPro(_LoRAProBase):
                 2 * elements * torch.tensor([], dtype=moment_dtype).element_size() / 2**30, moment_dtype,
             )
 
-    def _directions(self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str) -> list[tuple[Tensor, Tensor]]:
+    def _directions(
+        self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str
+    ) -> list[tuple[Tensor, Tensor]]:
         if mode == "efficient":
             adjusted = projector.adjust([b.grad_A for b in blocks], [b.grad_B for b in blocks], x_mode)
             return [self._adam_on_adapters(block, h_a, h_b) for block, (h_a, h_b) in zip(blocks, adjusted)]
@@ -551,7 +565,9 @@ class LoRAProSGD(_LoRAProBase):
         )
         super().__init__(model, defaults, check_finite)
 
-    def _directions(self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str) -> list[tuple[Tensor, Tensor]]:
+    def _directions(
+        self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str
+    ) -> list[tuple[Tensor, Tensor]]:
         return projector.adjust([b.grad_A for b in blocks], [b.grad_B for b in blocks], x_mode)
 
     def _plain_step(self, group: dict, params: list[Tensor]) -> None:
