@@ -29,8 +29,8 @@ extern "C" int run(int moments, void* m, void* v, int64_t rows, int64_t cols, in
   emu_sm_count = sms;
   fastlora::cuda::LoraProMomentsArgs a;
   a.exp_avg = m, a.exp_avg_sq = v, a.moments = static_cast<fastlora::cuda::MomentType>(moments);
-  a.rows = rows, a.cols = cols, a.r = r, a.u = u, a.v = factors, a.scale = scale;
-  a.beta1 = b1, a.beta2 = b2, a.eps = eps, a.bias_correction1 = bc1, a.bias_correction2 = bc2;
+  a.rows = rows, a.cols = cols, a.r = r, a.u = u, a.v = factors, a.s.scale = scale;
+  a.s.beta1 = b1, a.s.beta2 = b2, a.s.eps = eps, a.s.bias_correction1 = bc1, a.s.bias_correction2 = bc2;
   a.grad_a = grad_a, a.grad_b = grad_b;
   const size_t bytes = fastlora::cuda::lora_pro_moments_workspace(a, 0);
   if (bytes == SIZE_MAX) return -1;

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <optional>
 
+#include "kernels/common/lora_pro_scalars.h"
+
 namespace fastlora::ops {
 
 inline bool is_supported_float(at::ScalarType s) {
@@ -106,9 +108,17 @@ inline void check_dxa(const at::Tensor& dxa, const at::Tensor& act, int64_t r, c
 }
 
 
-// Adam's bias correction 1 - beta^step (lora_pro_moments' kernels take it precomputed).
-inline double bias_correction(double beta, int64_t step) {
-  return 1.0 - std::pow(beta, static_cast<double>(step));
+// The kernels' scalars for lora_pro_moments (bias corrections precomputed for `step`).
+inline LoraProScalars lora_pro_scalars(double scale, double beta1, double beta2, double eps,
+                                       int64_t step) {
+  LoraProScalars s;
+  s.scale = scale;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.eps = eps;
+  s.bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  s.bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  return s;
 }
 
 // lora_pro_moments: exp_avg and exp_avg_sq (out, in), contiguous, float64/float32/bfloat16,

@@ -64,12 +64,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cuda(
   a.r = r;
   a.u = u.data_ptr();
   a.v = v.data_ptr();
-  a.scale = scale;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.bias_correction1 = bias_correction(beta1, step);
-  a.bias_correction2 = bias_correction(beta2, step);
+  a.s = lora_pro_scalars(scale, beta1, beta2, eps, step);
   a.grad_a = grad_A.data_ptr();
   a.grad_b = grad_B.data_ptr();
   const int device = exp_avg.get_device();

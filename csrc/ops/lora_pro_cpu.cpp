@@ -43,12 +43,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cpu(
   p.sb = sb.data_ptr();
   p.at = at_.data_ptr();
   p.ldat = at_.stride(0);
-  p.scale = scale;
-  p.beta1 = beta1;
-  p.beta2 = beta2;
-  p.eps = eps;
-  p.bias_correction1 = bias_correction(beta1, step);
-  p.bias_correction2 = bias_correction(beta2, step);
+  p.s = lora_pro_scalars(scale, beta1, beta2, eps, step);
   p.grad_b = grad_B.data_ptr();
 
   const int64_t ld = cpu::round_up(in, cpu::kPad);

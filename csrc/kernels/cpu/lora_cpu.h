@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../common/dropout_rng.h"
+#include "../common/lora_pro_scalars.h"
 
 namespace fastlora::cpu {
 
@@ -34,7 +35,7 @@ struct ConstMat {
 //   exp_avg    <- beta1 exp_avg + (1 - beta1) g,   exp_avg_sq <- beta2 exp_avg_sq + (1 - beta2) g^2
 //   D           = (exp_avg / bc1) / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)  (before rounding to
 //                 the moments' dtype)
-//   grad_a[j, k] += sum_i sb[i, j] D[i, k]        grad_b[i, j] = scale * sum_k D[i, k] at[k, j]
+//   grad_a[j, k] += sum_i sb[i, j] D[i, k]        grad_b[i, j] = s.scale * sum_k D[i, k] at[k, j]
 // All small operands are prepared by the caller in Acc (double for float64 moments, else
 // float).
 struct LoraProMoments {
@@ -48,8 +49,7 @@ struct LoraProMoments {
   const void* sb;    // rows x r, contiguous: scale * B
   const void* at;    // cols rows, row stride ldat >= round_up(r, kPad), zero padded: A^T
   int64_t ldat = 0;
-  double scale = 1.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  double bias_correction1 = 1.0, bias_correction2 = 1.0;  // 1 - beta^t
+  LoraProScalars s;  // s.scale multiplies grad_b (u and sb include it already)
   void* grad_b;      // rows x r, contiguous (written for the rows a call covers)
 };
 

@@ -73,6 +73,31 @@ struct Coefficients {
   Acc scale, b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps;
 };
 
+// dst[i * si + jj * sj] = u[row0 + i, j0 + jj] for the tile's kTM rows and a kRC-wide chunk of
+// columns, zero beyond `rows` or column `limit` (u: rows x ld, row-major).
+template <class Acc>
+__device__ __forceinline__ void stage_rows(Acc* dst, int si, int sj, const Acc* __restrict__ u,
+                                           int64_t ld, int64_t row0, int64_t rows, int j0,
+                                           int limit) {
+  for (int e = threadIdx.x; e < kTM * kRC; e += kThreads) {
+    const int i = e / kRC, jj = e % kRC;
+    const int64_t row = row0 + i;
+    dst[i * si + jj * sj] = (row < rows && j0 + jj < limit) ? u[row * ld + j0 + jj] : Acc(0);
+  }
+}
+
+// dst[c * sc + jj * sj] = v[j0 + jj, col0 + c] for the tile's kTN columns and kRC rows of v,
+// zero beyond `cols` or row `limit` (v: row-major with `cols` columns).
+template <class Acc>
+__device__ __forceinline__ void stage_cols(Acc* dst, int sc, int sj, const Acc* __restrict__ v,
+                                           int64_t col0, int64_t cols, int j0, int limit) {
+  for (int e = threadIdx.x; e < kRC * kTN; e += kThreads) {
+    const int jj = e / kTN, c = e % kTN;
+    const int64_t col = col0 + c;
+    dst[c * sc + jj * sj] = (col < cols && j0 + jj < limit) ? v[(j0 + jj) * cols + col] : Acc(0);
+  }
+}
+
 template <class Acc>
 size_t smem_bytes(int64_t r, int rt) {
   const int64_t rp = rank_pad(r);
@@ -114,16 +139,8 @@ __global__ void __launch_bounds__(kThreads)
       Acc acc[4][4] = {};
       for (int jc = 0; jc < r2; jc += kRC) {
         __syncthreads();
-        for (int e = tid; e < kTM * kRC; e += kThreads) {
-          const int i = e / kRC, jj = e % kRC;
-          const int64_t row = row0 + i;
-          us[jj * kUsLd + i] = (row < rows && jc + jj < r2) ? u[row * r2 + jc + jj] : Acc(0);
-        }
-        for (int e = tid; e < kRC * kTN; e += kThreads) {
-          const int jj = e / kTN, c = e % kTN;
-          const int64_t col = col0 + c;
-          vs[jj * kTN + c] = (col < cols && jc + jj < r2) ? v[(jc + jj) * cols + col] : Acc(0);
-        }
+        stage_rows(us, 1, kUsLd, u, r2, row0, rows, jc, r2);  // transposed: kRC x kUsLd
+        stage_cols(vs, 1, kTN, v, col0, cols, jc, r2);        // kRC x kTN
         __syncthreads();
 #pragma unroll
         for (int jj = 0; jj < kRC; ++jj) {
@@ -162,18 +179,10 @@ __global__ void __launch_bounds__(kThreads)
       // 3. Pull-back products, 16 ranks at a time.
       for (int jc = 0; jc < r; jc += kRC) {
         __syncthreads();  // ds is complete; the previous chunk's us / vs reads are done
-        Acc* sbs = us;    // B chunk, kTM x kRC
-        Acc* as = vs;     // kTN x kAsLd
-        for (int e = tid; e < kTM * kRC; e += kThreads) {
-          const int i = e / kRC, jj = e % kRC;
-          const int64_t row = row0 + i;
-          sbs[i * kRC + jj] = (row < rows && jc + jj < r) ? u[row * r2 + jc + jj] : Acc(0);
-        }
-        for (int e = tid; e < kRC * kTN; e += kThreads) {
-          const int jj = e / kTN, c = e % kTN;
-          const int64_t col = col0 + c;
-          as[c * kAsLd + jj] = (col < cols && jc + jj < r) ? v[(r + jc + jj) * cols + col] : Acc(0);
-        }
+        Acc* sbs = us;  // B chunk (u's first r columns), kTM x kRC
+        Acc* as = vs;   // A chunk (v's last r rows), transposed: kTN x kAsLd
+        stage_rows(sbs, kRC, 1, u, r2, row0, rows, jc, r);
+        stage_cols(as, kAsLd, 1, v + r * cols, col0, cols, jc, r);
         __syncthreads();
         Acc pacc[4] = {}, qacc[4] = {};
         for (int i = 0; i < kTM; ++i) {  // column lane64 of B^T D
@@ -276,15 +285,16 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   const Plan p = plan_for<Acc>(a, device);
   if (p.rt == 0 || p.grid_y > 65535) return cudaErrorInvalidValue;
   if (a.rows == 0 || a.cols == 0) return cudaSuccess;
+  const LoraProScalars& s = a.s;
   Coefficients<Acc> k;
-  k.scale = static_cast<Acc>(a.scale);
-  k.b1 = static_cast<Acc>(a.beta1);
-  k.c1 = static_cast<Acc>(1.0 - a.beta1);
-  k.b2 = static_cast<Acc>(a.beta2);
-  k.c2 = static_cast<Acc>(1.0 - a.beta2);
-  k.inv_bc1 = static_cast<Acc>(1.0 / a.bias_correction1);
-  k.inv_sqrt_bc2 = static_cast<Acc>(1.0 / __builtin_sqrt(a.bias_correction2));
-  k.eps = static_cast<Acc>(a.eps);
+  k.scale = static_cast<Acc>(s.scale);
+  k.b1 = static_cast<Acc>(s.beta1);
+  k.c1 = static_cast<Acc>(1.0 - s.beta1);
+  k.b2 = static_cast<Acc>(s.beta2);
+  k.c2 = static_cast<Acc>(1.0 - s.beta2);
+  k.inv_bc1 = static_cast<Acc>(1.0 / s.bias_correction1);
+  k.inv_sqrt_bc2 = static_cast<Acc>(1.0 / __builtin_sqrt(s.bias_correction2));
+  k.eps = static_cast<Acc>(s.eps);
   Acc* pw = static_cast<Acc*>(workspace);
   Acc* qw = pw + p.grid_y * a.r * a.cols;
   cudaError_t err = cudaFuncSetAttribute(moments_kernel<M, Acc>,
@@ -299,7 +309,7 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   const int64_t blocks = ceil_div(outputs, kThreads);
   reduce_kernel<Acc><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kThreads, 0,
                        stream>>>(pw, p.grid_y, qw, p.grid_x, a.r, a.rows, a.cols,
-                                 static_cast<Acc>(a.scale), static_cast<Acc*>(a.grad_a),
+                                 static_cast<Acc>(s.scale), static_cast<Acc*>(a.grad_a),
                                  static_cast<Acc*>(a.grad_b));
   return cudaGetLastError();
 }

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/lora_pro_scalars.h"
+
 namespace fastlora::cuda {
 
 enum class MomentType : int { f64 = 0, f32 = 1, bf16 = 2 };
@@ -24,8 +26,7 @@ struct LoraProMomentsArgs {
   int64_t rows = 0, cols = 0, r = 0;
   const void* u = nullptr;  // rows x 2r, Acc, contiguous: [B | gB0]
   const void* v = nullptr;  // 2r x cols, Acc, contiguous: [gA0; A]
-  double scale = 1.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // g = scale * u v
-  double bias_correction1 = 1.0, bias_correction2 = 1.0;  // 1 - beta^t
+  LoraProScalars s;  // g = s.scale * u v
   void* grad_a = nullptr;  // r x cols, Acc, contiguous: scale * B^T D
   void* grad_b = nullptr;  // rows x r, Acc, contiguous: scale * D A^T
 };
