@@ -25,7 +25,7 @@ step build python3 -m pip install -v --no-build-isolation --no-deps --no-index .
 step gpu-tests python3 -m pytest -q -p no:cacheprovider tests/cuda
 step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x tests/cuda
 step cpu-tests python3 -m pytest -q -p no:cacheprovider tests -x --ignore=tests/cuda
-for bench in benchmarks/layer.py benchmarks/gradients.py; do
+for bench in benchmarks/layer.py benchmarks/gradients.py benchmarks/optim.py; do
   [ -f "$bench" ] && step "$(basename "$bench" .py)" python3 "$bench" --out "$out"
 done
 

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <optional>
 
+#include "kernels/common/lora_pro_scalars.h"
+
 namespace fastlora::ops {
 
 inline bool is_supported_float(at::ScalarType s) {
@@ -138,6 +140,62 @@ inline void check_accumulate_outer(const at::Tensor& acc, const at::Tensor& dy, 
               ", ", x.size(1), "]");
   check_same_device(dy, x, op, "dy");
   check_same_device(acc, x, op, "acc");
+}
+
+// The kernels' scalars for lora_pro_moments (bias corrections precomputed for `step`).
+inline LoraProScalars lora_pro_scalars(double scale, double beta1, double beta2, double eps,
+                                       int64_t step) {
+  LoraProScalars s;
+  s.scale = scale;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.eps = eps;
+  s.bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  s.bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  return s;
+}
+
+// lora_pro_moments: exp_avg and exp_avg_sq (out, in), contiguous, float64/float32/bfloat16,
+// distinct; lora_A and grad_A0 (r, in); lora_B and grad_B0 (out, r); Adam hyperparameters.
+inline void check_lora_pro_moments(const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                   const at::Tensor& grad_A0, const at::Tensor& grad_B0,
+                                   double scale, double beta1, double beta2, double eps,
+                                   int64_t step) {
+  const char* op = "lora_pro_moments";
+  TORCH_CHECK(exp_avg.dim() == 2, "fastlora.lora_pro_moments: exp_avg must be 2-D, got shape ",
+              exp_avg.sizes());
+  const auto md = exp_avg.scalar_type();
+  TORCH_CHECK(md == at::kDouble || md == at::kFloat || md == at::kBFloat16,
+              "fastlora.lora_pro_moments: the moments must be float64, float32 or bfloat16, got ",
+              md);
+  TORCH_CHECK(exp_avg_sq.sizes() == exp_avg.sizes() && exp_avg_sq.scalar_type() == md,
+              "fastlora.lora_pro_moments: exp_avg_sq (", exp_avg_sq.scalar_type(), " ",
+              exp_avg_sq.sizes(), ") must match exp_avg (", md, " ", exp_avg.sizes(), ")");
+  TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(),
+              "fastlora.lora_pro_moments: the moments must be contiguous");
+  TORCH_CHECK(exp_avg.numel() == 0 || exp_avg.data_ptr() != exp_avg_sq.data_ptr(),
+              "fastlora.lora_pro_moments: exp_avg and exp_avg_sq must be different tensors");
+  check_same_device(exp_avg_sq, exp_avg, op, "exp_avg_sq");
+  const int64_t out = exp_avg.size(0), in = exp_avg.size(1), r = lora_A.size(0);
+  const at::Tensor* adapters[] = {&lora_A, &lora_B, &grad_A0, &grad_B0};
+  const char* names[] = {"lora_A", "lora_B", "grad_A0", "grad_B0"};
+  const int64_t shapes[][2] = {{r, in}, {out, r}, {r, in}, {out, r}};
+  for (int i = 0; i < 4; ++i) {
+    check_matrix(*adapters[i], op, names[i]);
+    check_same_device(*adapters[i], exp_avg, op, names[i]);
+    TORCH_CHECK(adapters[i]->size(0) == shapes[i][0] && adapters[i]->size(1) == shapes[i][1],
+                "fastlora.lora_pro_moments: ", names[i], " has shape ", adapters[i]->sizes(),
+                ", expected [", shapes[i][0], ", ", shapes[i][1], "] for ", out, " x ", in,
+                " moments and rank ", r);
+  }
+  check_rank(r, op);
+  check_scale(scale, op);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+              "fastlora.lora_pro_moments: betas must be in [0, 1), got ", beta1, ", ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0,
+              "fastlora.lora_pro_moments: eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(step >= 1, "fastlora.lora_pro_moments: step counts from 1, got ", step);
 }
 
 }  // namespace fastlora::ops

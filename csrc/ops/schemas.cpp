@@ -51,3 +51,17 @@ TORCH_LIBRARY(fastlora, m) {
   m.def("dropout_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
   m.def("_cpu_isa(str name) -> str", &cpu_isa);
 }
+
+// LoRA-Pro (docs/lora_pro.md). Shapes: exp_avg, exp_avg_sq (out, in); lora_A, grad_A0 (r, in);
+// lora_B, grad_B0 (out, r).
+TORCH_LIBRARY_FRAGMENT(fastlora, m) {
+  // One fused full-mode pass over the moments: rebuilds g = scale * (lora_B grad_A0 +
+  // grad_B0 lora_A) tile by tile, updates exp_avg and exp_avg_sq in place (Adam, bias
+  // correction for `step` >= 1), forms D = m_hat / (sqrt(v_hat) + eps) and returns the LoRA
+  // gradients D would give, (scale * lora_B^T D, scale * D lora_A^T), in float32 (float64 for
+  // float64 moments). The moments are float64, float32 or bfloat16 (math in the former two).
+  m.def(
+      "lora_pro_moments(Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor lora_A, "
+      "Tensor lora_B, Tensor grad_A0, Tensor grad_B0, float scale, float beta1, float beta2, "
+      "float eps, int step) -> (Tensor, Tensor)");
+}

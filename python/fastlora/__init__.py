@@ -5,6 +5,7 @@ Quick start::
     import fastlora
     model = fastlora.inject(model, target_modules=["q_proj", "v_proj"], r=16, lora_alpha=32)
     optimizer = torch.optim.AdamW(fastlora.trainable_parameters(model), lr=2e-4)
+    # or LoRA-Pro: optimizer = fastlora.optim.LoRAPro(model, lr=2e-5)
 
 See docs/quickstart.md and docs/api.md.
 """

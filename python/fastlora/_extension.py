@@ -86,6 +86,7 @@ _OPS = (
     "lora_grad_x",
     "accumulate_outer",
     "dropout_mask",
+    "lora_pro_moments",
 )
 
 

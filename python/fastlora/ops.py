@@ -5,7 +5,8 @@ here lets ``torch.compile`` trace through the ops without graph breaks; register
 makes ``lora_forward`` differentiable with the memory-lean backward of ``lora_layer.md``: it
 saves x (a reference), xa (T x r) and the dropout seed, never a mask or a T x out tensor.
 ``lora_down`` and ``lora_up`` are differentiable too; the backward pieces (``lora_dy_products``,
-``lora_grad_A``, ``lora_grad_x``) and ``dropout_mask`` are not (they are derivatives already).
+``lora_grad_A``, ``lora_grad_x``) and ``dropout_mask`` are not (they are derivatives already),
+nor is the optimizer pass ``lora_pro_moments``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_available, note_python_kernel
+from ._extension import extension_available, get_backend, has_kernel, note_python_kernel
 
-__all__ = ["lora_forward", "dropout_mask"]
+__all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
+
+# Largest rank of the CUDA lora_pro_moments kernel (csrc/kernels/cuda/lora_pro_moments.cuh).
+_CUDA_LORA_PRO_MAX_RANK = {torch.float64: 32, torch.float32: 128, torch.bfloat16: 128}
 
 
 def lora_forward(
@@ -40,6 +44,35 @@ def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     if extension_available():
         return torch.ops.fastlora.dropout_mask(seed, rows, cols, p)
     return reference.dropout_mask(seed, rows, cols, p)
+
+
+def lora_pro_kernel_applies(exp_avg: Tensor, r: int) -> bool:
+    """Whether :func:`lora_pro_moments` runs a compiled kernel for these moments and rank."""
+    device = exp_avg.device.type
+    if get_backend() == "reference" or not has_kernel("lora_pro_moments", device):
+        return False
+    return device != "cuda" or r <= _CUDA_LORA_PRO_MAX_RANK.get(exp_avg.dtype, 0)
+
+
+def lora_pro_moments(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    grad_A0: Tensor,
+    grad_B0: Tensor,
+    scale: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's fused full-mode moment pass (see :func:`fastlora.reference.lora_pro_moments`):
+    the compiled kernel where one applies, else the reference."""
+    args = (exp_avg, exp_avg_sq, lora_A, lora_B, grad_A0, grad_B0, scale, beta1, beta2, eps, step)
+    if lora_pro_kernel_applies(exp_avg, lora_A.shape[0]):
+        return torch.ops.fastlora.lora_pro_moments(*args)
+    return reference.lora_pro_moments(*args)
 
 
 def _register_fakes() -> None:
@@ -77,6 +110,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastlora::dropout_mask")
     def _dropout_mask(seed, rows, cols, dropout_p):
         return seed.new_empty(rows, cols, dtype=torch.bool)
+
+    @torch.library.register_fake("fastlora::lora_pro_moments")
+    def _lora_pro_moments(exp_avg, exp_avg_sq, lora_A, lora_B, grad_A0, grad_B0, scale, beta1, beta2, eps, step):
+        dtype = acc(exp_avg.dtype)
+        return exp_avg.new_empty(lora_A.shape, dtype=dtype), exp_avg.new_empty(lora_B.shape, dtype=dtype)
 
 
 def _forward_setup(ctx: Any, inputs: tuple, output: tuple) -> None:

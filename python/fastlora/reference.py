@@ -10,12 +10,16 @@ Notation (as PEFT): x (T, in), weight W (out, in), lora_A A (r, in), lora_B B (o
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "accumulate_outer",
     "accumulation_dtype",
+    "adam_directions",
     "dropout",
     "dropout_mask",
     "dropout_threshold",
@@ -25,6 +29,7 @@ __all__ = [
     "lora_grad_A",
     "lora_grad_x",
     "lora_linear",
+    "lora_pro_moments",
     "lora_up",
 ]
 
@@ -160,3 +165,61 @@ def lora_linear(
 def accumulate_outer(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:
     """acc += alpha * dy^T x in acc's dtype (the gradient of a frozen weight, accumulated)."""
     acc.add_(dy.to(acc.dtype).t() @ x.to(acc.dtype), alpha=alpha)
+
+
+def adam_directions(
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    steps: Sequence[int],
+) -> list[Tensor]:
+    """Adam's moment update and direction for each tensor, with bias correction from step 1:
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (written back into the moments, in
+    their dtype) and ``D = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)`` from the values
+    before that rounding. The math runs in float64 for float64 moments, else in float32."""
+    def acc(t: Tensor) -> Tensor:
+        return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+    ms, vs = [acc(m) for m in exp_avgs], [acc(v) for v in exp_avg_sqs]
+    gs = [g.to(m.dtype) for g, m in zip(grads, ms)]
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_mul_(denom, [1.0 / math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_mul(ms, [1.0 / (1.0 - beta1**t) for t in steps])
+    torch._foreach_div_(directions, denom)
+    for stored, new in ((exp_avgs, ms), (exp_avg_sqs, vs)):
+        for dst, src in zip(stored, new):
+            if dst is not src:
+                dst.copy_(src)
+    return directions
+
+
+def lora_pro_moments(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    grad_A0: Tensor,
+    grad_B0: Tensor,
+    scale: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's full-mode moment pass: with ``g = scale (B grad_A0 + grad_B0 A)`` (the
+    equivalent gradient), updates the out x in moments in place as :func:`adam_directions`
+    and returns the LoRA gradients of its direction D, ``(scale B^T D, scale D A^T)``, in
+    float32 (float64 for float64 moments)."""
+    acc = torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
+    a, b = lora_A.to(acc), lora_B.to(acc)
+    g = scale * (b @ grad_A0.to(acc) + grad_B0.to(acc) @ a)
+    d = adam_directions([exp_avg], [exp_avg_sq], [g], beta1, beta2, eps, [step])[0]
+    return scale * (b.t() @ d), scale * (d @ a.t())

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../common/dropout_rng.h"
+#include "../common/lora_pro_scalars.h"
 
 namespace fastlora::cpu {
 
@@ -27,6 +28,29 @@ struct ConstMat {
   int64_t rows = 0, cols = 0;
   int64_t s0 = 0, s1 = 0;
   DType dtype = DType::f32;
+};
+
+// One fused LoRA-Pro full-mode pass over the rows x cols Adam moments (docs/lora_pro.md),
+// with the equivalent gradient g = u v rebuilt tile by tile from its rank-2r factors:
+//   exp_avg    <- beta1 exp_avg + (1 - beta1) g,   exp_avg_sq <- beta2 exp_avg_sq + (1 - beta2) g^2
+//   D           = (exp_avg / bc1) / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)  (before rounding to
+//                 the moments' dtype)
+//   grad_a[j, k] += sum_i sb[i, j] D[i, k]        grad_b[i, j] = s.scale * sum_k D[i, k] at[k, j]
+// All small operands are prepared by the caller in Acc (double for float64 moments, else
+// float).
+struct LoraProMoments {
+  void* exp_avg;     // rows x cols, contiguous, moment_dtype
+  void* exp_avg_sq;  // likewise
+  DType moment_dtype;  // f64, f32 or bf16
+  int64_t rows = 0, cols = 0, r = 0;
+  const void* u;     // rows x 2r, contiguous: scale * [B | gB0]
+  const void* v;     // 2r rows, row stride ldv >= round_up(cols, kPad), zero padded: [gA0; A]
+  int64_t ldv = 0;
+  const void* sb;    // rows x r, contiguous: scale * B
+  const void* at;    // cols rows, row stride ldat >= round_up(r, kPad), zero padded: A^T
+  int64_t ldat = 0;
+  LoraProScalars s;  // s.scale multiplies grad_b (u and sb include it already)
+  void* grad_b;      // rows x r, contiguous (written for the rows a call covers)
 };
 
 struct KernelTable {
@@ -59,6 +83,12 @@ struct KernelTable {
   // kPad) (callers reduce per-thread partials).
   void (*rank_update)(const ConstMat& x, const DropoutParams& drop, const void* u, int64_t r,
                       void* out, int64_t ldo, int64_t t0, int64_t t1);
+
+  // LoraProMoments for rows [i0, i1): updates those rows of the moments, writes their rows of
+  // grad_b and adds their terms to grad_a (Acc, r rows with row stride ldga >=
+  // round_up(cols, kPad); callers reduce per-thread partials).
+  void (*lora_pro_moments)(const LoraProMoments& p, void* grad_a, int64_t ldga, int64_t i0,
+                           int64_t i1);
 };
 
 // mask[i] = keep(flat index i) for i in [begin, end); all true when dropout is disabled.

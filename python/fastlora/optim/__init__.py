@@ -1,5 +1,18 @@
-"""Optimizers and optimizer helpers for LoRA training."""
+"""Optimizers for LoRA adapters: LoRA-Pro (:class:`LoRAPro`, :class:`LoRAProSGD`) and the
+closed form they use (:mod:`fastlora.optim.closed_form`), and LoRA+ parameter groups
+(:func:`param_groups`)."""
 
+from .closed_form import equivalent_gradient, lora_pro_gradients, solve_sylvester
 from .groups import param_groups
+from .lora_pro import MODES, MOMENT_DTYPES, LoRAPro, LoRAProSGD
 
-__all__ = ["param_groups"]
+__all__ = [
+    "MODES",
+    "MOMENT_DTYPES",
+    "LoRAPro",
+    "LoRAProSGD",
+    "equivalent_gradient",
+    "lora_pro_gradients",
+    "param_groups",
+    "solve_sylvester",
+]

@@ -1,0 +1,87 @@
+"""LoRA-Pro under DistributedDataParallel: two CPU processes on gloo, different data per rank.
+Every rank must end with the same parameters and optimizer state, equal to one process
+training on both ranks' data."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastlora
+from fastlora.optim import LoRAPro
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+MODES = ("full", "efficient")
+STEPS = 4
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 6))
+    fastlora.inject(model, r=4, lora_alpha=8, rank_pattern={"2": 2}, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 12, generator=g), torch.randn(8, 6, generator=g)
+
+
+def _snapshot(model, opt):
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        tensors += [v.clone() for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for mode in MODES:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = LoRAPro(ddp, lr=1e-2, mode=mode)
+        for step in range(STEPS):
+            x, y = _batch(rank, step)
+            (ddp(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results[mode] = _snapshot(model, opt)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_ranks_stay_identical(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.set_num_threads(1)
+    for mode in MODES:
+        for a, b in zip(ranks[0][mode], ranks[1][mode]):
+            assert torch.equal(a, b), f"{mode}: the ranks diverged"
+        # DDP averaged the two ranks' gradients: the same as one process on both batches.
+        model = _model()
+        opt = LoRAPro(model, lr=1e-2, mode=mode)
+        for step in range(STEPS):
+            (x0, y0), (x1, y1) = _batch(0, step), _batch(1, step)
+            (model(torch.cat([x0, x1])) - torch.cat([y0, y1])).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(ranks[0][mode], _snapshot(model, opt)):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
