@@ -1,31 +1,245 @@
-// CUDA implementations of the fastlora ops (built only against a CUDA torch). The layer's
-// CUDA kernels are not written yet; until they are, fastlora routes CUDA tensors through the
-// PyTorch reference path (python/fastlora/functional.py checks which kernels exist).
+// CUDA implementations of the fastlora ops (built only against a CUDA torch): argument checks,
+// preparation of the small operands, the launchers of csrc/kernels/cuda, and the frozen GEMMs
+// through ATen (cuBLAS inside torch) on the current stream, with the rank-r term as their C
+// operand. No host synchronisation, and all allocations (outputs, prepared operands, kernel
+// scratch) have sizes fixed by the shapes: CUDA graphs and torch.compile can capture the ops.
+//
+// The layer only routes CUDA tensors here when fastlora.set_cuda_layer_kernels(True) (or
+// FASTLORA_CUDA_LAYER=1) is set: these kernels are experimental until benchmarks/gpu_check.sh
+// has validated them on a GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <tuple>
+#include <vector>
+
 #include "kernels/cuda/dropout_mask.cuh"
+#include "kernels/cuda/lora_cuda.cuh"
 #include "ops/checks.h"
 
 namespace fastlora::ops {
 namespace {
 
+namespace kc = fastlora::cuda;
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastlora.", op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
+void check_cuda(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda(), "fastlora.", op, ": the CUDA kernel got a tensor on ", t.device());
+}
+
+kc::DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kDouble: return kc::DType::f64;
+    case at::kFloat: return kc::DType::f32;
+    case at::kBFloat16: return kc::DType::bf16;
+    case at::kHalf: return kc::DType::f16;
+    default: TORCH_CHECK(false, "fastlora: unsupported dtype ", s);
+  }
+}
+
+kc::Matrix matrix(const at::Tensor& t) {
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1), kernel_dtype(t.scalar_type())};
+}
+
+kc::Dropout dropout(double p, const std::optional<at::Tensor>& seed) {
+  return p > 0.0 ? kc::Dropout{seed->data_ptr<int64_t>(), p} : kc::Dropout{};
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Kernel scratch from the caching allocator. The blocks are released when the op returns,
+// while its kernels may still be queued: the allocator hands them out again only in the
+// current stream's order, after those kernels.
+class Scratch {
+ public:
+  explicit Scratch(const at::Tensor& like) : options_(like.options().dtype(at::kByte)) {}
+  kc::Scratch get() {
+    return [this](size_t bytes) {
+      blocks_.push_back(at::empty({static_cast<int64_t>(bytes)}, options_));
+      return blocks_.back().data_ptr();
+    };
+  }
+
+ private:
+  at::TensorOptions options_;
+  std::vector<at::Tensor> blocks_;
+};
+
+// The small operand m, contiguous in dtype (a no-op when it already is).
+at::Tensor prepared(const at::Tensor& m, at::ScalarType dtype) { return m.to(dtype).contiguous(); }
+
+at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p, const std::optional<at::Tensor>& seed) {
+  const int64_t r = lora_A.size(0);
+  // The branch runs in x's dtype (reference: lora_A.to(x.dtype)).
+  const auto a = prepared(lora_A, x.scalar_type());
+  auto xa = at::empty({x.size(0), r}, x.options());
+  Scratch scratch(x);
+  check_launch(kc::lora_down(matrix(x), a.data_ptr(), r, dropout(p, seed), xa.data_ptr(), scratch.get(), stream()),
+               "lora_down");
+  return xa;
+}
+
+// [base +] scale xa B^T [+ bias], (T, out) in xa's dtype.
+at::Tensor up(const at::Tensor& xa, const at::Tensor& lora_B, double scale, const std::optional<at::Tensor>& bias,
+              const at::Tensor* base, const char* op) {
+  const auto dtype = xa.scalar_type();
+  const auto u = xa.contiguous();
+  const auto w = prepared(lora_B, dtype);
+  const auto b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  auto out = at::empty({xa.size(0), lora_B.size(0)}, xa.options());
+  const std::optional<kc::Matrix> base_m = base != nullptr ? std::optional(matrix(*base)) : std::nullopt;
+  kc::Expand e;
+  e.u = u.data_ptr();
+  e.w = w.data_ptr();
+  e.rows = out.size(0);
+  e.cols = out.size(1);
+  e.r = u.size(1);
+  e.w_by_rank = false;
+  e.alpha = scale;
+  e.bias = b.has_value() ? b->data_ptr() : nullptr;
+  e.base = base_m.has_value() ? &*base_m : nullptr;
+  e.out_dtype = kernel_dtype(dtype);
+  e.out = out.data_ptr();
+  check_launch(kc::lora_expand(e, stream()), op);
+  return out;
+}
+
+at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p,
+                          const std::optional<at::Tensor>& seed) {
+  check_down(x, lora_A, p, seed, "lora_down");
+  check_cuda(x, "lora_down");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return down(x, lora_A, p, seed);
+}
+
+at::Tensor lora_up_cuda(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& lora_B, double scale) {
+  check_matrix(y, "lora_up", "y");
+  check_cuda(y, "lora_up");
+  check_up(xa, lora_B, y.scalar_type(), y.size(0), "lora_up");
+  check_same_device(xa, y, "lora_up", "xa");
+  check_scale(scale, "lora_up");
+  TORCH_CHECK(lora_B.size(0) == y.size(1), "fastlora.lora_up: lora_B has ", lora_B.size(0),
+              " output features but y has ", y.size(1));
+  const c10::cuda::CUDAGuard guard(y.device());
+  return up(xa, lora_B, scale, std::nullopt, &y, "lora_up");
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                     double scale, double p,
+                                                     const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_forward";
+  check_down(x, lora_A, p, seed, op);
+  check_cuda(x, op);
+  check_matrix(lora_B, op, "lora_B");
+  check_same_device(lora_B, x, op, "lora_B");
+  TORCH_CHECK(lora_B.size(1) == lora_A.size(0), "fastlora.lora_forward: lora_B has rank ", lora_B.size(1),
+              " but lora_A has rank ", lora_A.size(0));
+  check_weight(weight, bias, x, lora_B.size(0), op);
+  check_scale(scale, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xa = down(x, lora_A, p, seed);
+  // The rank-r term and the bias are the C operand of a beta = 1 GEMM: no extra pass over y.
+  auto y = up(xa, lora_B, scale, bias, nullptr, op);
+  y.addmm_(x, weight.t());
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_dy_products_cuda(const at::Tensor& dy, const at::Tensor& xa,
+                                                         const at::Tensor& lora_B, double scale) {
+  const char* op = "lora_dy_products";
+  check_matrix(dy, op, "dy");
+  check_cuda(dy, op);
+  check_dy_products(dy, xa, lora_B);
+  check_scale(scale, op);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const auto acc = acc_type(dy.scalar_type());
+  const auto xa_c = xa.contiguous();
+  const auto b = prepared(lora_B, acc);
+  const int64_t rb = lora_B.size(1), rx = xa.size(1);
+  auto dxa = at::empty({dy.size(0), rb}, dy.options().dtype(acc));
+  auto db = at::empty({dy.size(1), rx}, dy.options().dtype(acc));
+  Scratch scratch(dy);
+  check_launch(kc::lora_dy_products(matrix(dy), xa_c.data_ptr(), rx, b.data_ptr(), rb, scale, dxa.data_ptr(),
+                                    db.data_ptr(), scratch.get(), stream()),
+               op);
+  return {dxa, db.to(lora_B.scalar_type())};
+}
+
+at::Tensor lora_grad_A_cuda(const at::Tensor& x, const at::Tensor& dxa, double p,
+                            const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
+  const char* op = "lora_grad_A";
+  check_matrix(x, op, "x");
+  check_cuda(x, op);
+  check_dxa(dxa, x, dxa.size(1), op);
+  check_rank(dxa.size(1), op);
+  check_dropout(p, seed, x, op);
+  TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dxa_c = dxa.contiguous();
+  const int64_t r = dxa.size(1);
+  auto da = at::empty({r, x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
+  Scratch scratch(x);
+  check_launch(kc::lora_grad_A(matrix(x), dxa_c.data_ptr(), r, dropout(p, seed), da.data_ptr(), scratch.get(),
+                               stream()),
+               op);
+  return da.to(dtype);
+}
+
+at::Tensor lora_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,
+                            const at::Tensor& lora_A, double p, const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_grad_x";
+  check_matrix(dy, op, "dy");
+  check_cuda(dy, op);
+  check_matrix(weight, op, "weight");
+  check_matrix(lora_A, op, "lora_A");
+  check_same_device(weight, dy, op, "weight");
+  check_same_device(lora_A, dy, op, "lora_A");
+  TORCH_CHECK(weight.scalar_type() == dy.scalar_type(), "fastlora.lora_grad_x: weight is ", weight.scalar_type(),
+              " but dy is ", dy.scalar_type());
+  TORCH_CHECK(weight.size(0) == dy.size(1), "fastlora.lora_grad_x: weight has ", weight.size(0),
+              " output features but dy has ", dy.size(1));
+  TORCH_CHECK(lora_A.size(1) == weight.size(1), "fastlora.lora_grad_x: lora_A has ", lora_A.size(1),
+              " input features but weight has ", weight.size(1));
+  check_rank(lora_A.size(0), op);
+  check_dxa(dxa, dy, lora_A.size(0), op);
+  check_dropout(p, seed, dy, op);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const auto acc = acc_type(dy.scalar_type());
+  const auto u = dxa.contiguous();
+  const auto a = prepared(lora_A, acc);
+  auto dx = at::empty({dy.size(0), weight.size(1)}, dy.options());
+  kc::Expand e;
+  e.u = u.data_ptr();
+  e.w = a.data_ptr();
+  e.rows = dx.size(0);
+  e.cols = dx.size(1);
+  e.r = a.size(0);
+  e.w_by_rank = true;
+  e.drop = dropout(p, seed);
+  e.out_dtype = kernel_dtype(dy.scalar_type());
+  e.out = dx.data_ptr();
+  check_launch(kc::lora_expand(e, stream()), op);
+  // The masked rank-r term is the C operand of dy W.
+  dx.addmm_(dy, weight);
+  return dx;
+}
+
 at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
-  TORCH_CHECK(seed.is_cuda(), "fastlora.dropout_mask: the CUDA kernel got a tensor on ",
-              seed.device());
+  check_cuda(seed, "dropout_mask");
   check_dropout(p, seed, seed, "dropout_mask");
   const c10::cuda::CUDAGuard guard(seed.device());
   auto mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
-  check_launch(fastlora::cuda::launch_dropout_mask(p > 0.0 ? seed.data_ptr<int64_t>() : nullptr,
-                                                   p, rows * cols, mask.data_ptr<bool>(),
-                                                   c10::cuda::getCurrentCUDAStream()),
+  check_launch(fastlora::cuda::launch_dropout_mask(p > 0.0 ? seed.data_ptr<int64_t>() : nullptr, p, rows * cols,
+                                                   mask.data_ptr<bool>(), stream()),
                "dropout_mask");
   return mask;
 }
@@ -33,4 +247,13 @@ at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols,
 }  // namespace
 }  // namespace fastlora::ops
 
-TORCH_LIBRARY_IMPL(fastlora, CUDA, m) { m.impl("dropout_mask", &fastlora::ops::dropout_mask_cuda); }
+TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
+  using namespace fastlora::ops;
+  m.impl("lora_down", &lora_down_cuda);
+  m.impl("lora_up", &lora_up_cuda);
+  m.impl("lora_forward", &lora_forward_cuda);
+  m.impl("lora_dy_products", &lora_dy_products_cuda);
+  m.impl("lora_grad_A", &lora_grad_A_cuda);
+  m.impl("lora_grad_x", &lora_grad_x_cuda);
+  m.impl("dropout_mask", &dropout_mask_cuda);
+}
