@@ -14,10 +14,12 @@ import torch  # noqa: F401  (the compiled extension needs torch's libraries load
 from . import ops, reference
 from ._extension import (
     cpu_isa,
+    cuda_layer_kernels,
     extension_available,
     extension_error,
     get_backend,
     set_backend,
+    set_cuda_layer_kernels,
     use_backend,
 )
 from .functional import lora_linear
@@ -35,6 +37,7 @@ __all__ = [
     "adapter_state_dict",
     "collect_gradients",
     "cpu_isa",
+    "cuda_layer_kernels",
     "extension_available",
     "extension_error",
     "get_backend",
@@ -45,6 +48,7 @@ __all__ = [
     "ops",
     "reference",
     "set_backend",
+    "set_cuda_layer_kernels",
     "trainable_parameters",
     "unmerge",
     "use_backend",
