@@ -36,8 +36,9 @@ class PlainLoRA(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, p: float):
         super().__init__()
         self.base = base
-        self.a = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) / base.in_features**0.5)
-        self.b = nn.Parameter(torch.randn(base.out_features, r, dtype=base.weight.dtype) * 0.01)
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.a = nn.Parameter(torch.randn(r, base.in_features, **like) / base.in_features**0.5)
+        self.b = nn.Parameter(torch.randn(base.out_features, r, **like) * 0.01)
         self.scale, self.p = alpha / r, p
 
     def forward(self, x):
@@ -45,21 +46,25 @@ class PlainLoRA(nn.Module):
 
 
 def build(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
+    """A fresh copy of the frozen ``base`` as the named variant ("peft_bf16": PEFT keeping the
+    adapters in the base's dtype, autocast_adapter_dtype=False; "full": all of base trainable)."""
     base = copy.deepcopy(base)
     alpha = 2 * r
     if variant == "frozen":
         return base
+    if variant == "full":
+        return base.requires_grad_(True)
     if variant in ("fastlora", "reference"):
         layer = fastlora.LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=p)
         nn.init.normal_(layer.lora_B, std=0.01)
         return layer
-    if variant == "peft":
+    if variant in ("peft", "peft_bf16"):
         import peft
 
         model = nn.Sequential()
         model.add_module("proj", base)
         cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
-        model = peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=variant == "peft")
         nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.01)
         return model
     if variant == "plain":

@@ -216,7 +216,8 @@ def test_reductions_are_deterministic(r):
     xa = ops.lora_down(t["x"], t["a"], 0.1, t["seed"])
 
     def run():
-        return (*ops.lora_dy_products(t["dy"], xa, t["b"], 2.0), ops.lora_grad_A(t["x"], t["dxa"], 0.1, t["seed"], t["a"].dtype),
+        return (*ops.lora_dy_products(t["dy"], xa, t["b"], 2.0),
+                ops.lora_grad_A(t["x"], t["dxa"], 0.1, t["seed"], t["a"].dtype),
                 ops.lora_down(short["x"], short["a"], 0.1, short["seed"]))
 
     first, second = run(), run()
