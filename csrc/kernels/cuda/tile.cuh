@@ -95,11 +95,14 @@ union Pack {
 
 // Elements (i, j .. j + kVec) of m one by one, zero outside it: edges, odd strides and
 // misaligned rows. Not inlined, so that its address arithmetic does not take registers from
-// the vector path around it.
+// the vector path around it; arguments and result by value, so that nothing needs the stack.
 template <class Tr>
-__device__ __noinline__ void load_pack_elementwise(const Operand<Tr>& m, int64_t i, int64_t j, Pack<Tr>& out) {
+__device__ __noinline__ uint4 load_pack_elementwise(Operand<Tr> m, int64_t i, int64_t j) {
+  Pack<Tr> out;
+#pragma unroll
   for (int q = 0; q < Pack<Tr>::kVec; ++q)
     out.e[q] = (i < m.rows && j + q < m.cols) ? __ldg(m.p + i * m.s0 + (j + q) * m.s1) : typename Tr::raw(0);
+  return out.u;
 }
 
 // Elements (i, j .. j + kVec) of m, zero outside it.
@@ -108,7 +111,7 @@ __device__ __forceinline__ void load_pack(const Operand<Tr>& m, int64_t i, int64
   if (i < m.rows && m.vec && j + Pack<Tr>::kVec <= m.cols)
     out.u = __ldg(reinterpret_cast<const uint4*>(m.p + i * m.s0 + j));
   else
-    load_pack_elementwise(m, i, j, out);
+    out.u = load_pack_elementwise(m, i, j);
 }
 
 // ---- dropout -------------------------------------------------------------------------------
@@ -320,8 +323,8 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 // Splits `tiles` units of work into at most `want` contiguous groups; returns the group size
 // (groups = ceil_div(tiles, size), none empty).
 inline int64_t group_size(int64_t tiles, int64_t want) {
-  const int64_t groups = want < 1 ? 1 : (want > tiles ? tiles : (want > 65535 ? 65535 : want));
-  return ceil_div(tiles, groups);
+  const int64_t most = tiles < 65535 ? tiles : 65535;  // a grid's y and z extents are 16-bit
+  return ceil_div(tiles, want < 1 ? 1 : (want > most ? most : want));
 }
 
 // Calls f(Tr{}) for a float32/bfloat16/float16 activation dtype.
