@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, format_table, measure, measure_interleaved, plot_ratios, write_json  # noqa: E402
-from layer_cpu import PlainLoRA, build  # noqa: E402
+from layer_cpu import PlainLoRA, backend_of, build, timed_row  # noqa: E402
 
 import fastlora  # noqa: E402
 
@@ -95,33 +95,11 @@ def run_config(tokens: int, n_in: int, n_out: int, r: int, p: float, dtype: torc
     x = torch.randn(tokens, n_in, device="cuda", dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n_out, device="cuda", dtype=dtype)
     row = {"T": tokens, "shape": f"{n_in}->{n_out}", "r": r, "p": p, "dtype": str(dtype).replace("torch.", "")}
-    fwd, step = {}, {}
-    for variant in VARIANTS:
-        if variant == "fused" and p > 0:
-            continue
-        module = make(variant, base, r, p).train()
-        backend = "reference" if variant == "reference" else "auto"
-
-        def forward(module=module, backend=backend):
-            with fastlora.use_backend(backend):
-                return module(x)
-
-        def forward_backward(forward=forward, module=module):
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            forward().backward(dy)
-
-        fwd[variant], step[variant] = forward, forward_backward
-        with fastlora.use_backend(backend):
+    modules = {v: make(v, base, r, p).train() for v in VARIANTS if not (v == "fused" and p > 0)}
+    for variant, module in modules.items():
+        with fastlora.use_backend(backend_of(variant)):
             row[f"{variant} held MiB"] = held_mib(module, x)
-    for name, t in measure_interleaved(fwd, "cuda", warmup=3, repeat=repeat).items():
-        row[f"{name} fwd ms"] = 1e3 * t
-    for name, t in measure_interleaved(step, "cuda", warmup=3, repeat=repeat).items():
-        row[f"{name} f+b ms"] = 1e3 * t
-    for variant in VARIANTS[1:]:
-        if f"{variant} f+b ms" in row:
-            row[f"{variant} fwd x"] = row[f"{variant} fwd ms"] / row["frozen fwd ms"]
-            row[f"{variant} f+b x"] = row[f"{variant} f+b ms"] / row["frozen f+b ms"]
+    row.update(timed_row(modules, x, dy, "cuda", warmup=3, repeat=repeat))
     return row
 
 

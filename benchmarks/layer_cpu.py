@@ -86,41 +86,56 @@ def saved_mib(module: nn.Module, x: torch.Tensor) -> float:
     return sum(seen.values()) / 2**20
 
 
+def backend_of(variant: str) -> str:
+    return "reference" if variant == "reference" else "auto"
+
+
+def timed_row(modules: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, device: str = "cpu",
+              warmup: int = 2, repeat: int = 10) -> dict:
+    """Median forward and forward+backward times of each module on x (output gradient dy), the
+    variants alternating within each round, and each one's ratios to the "frozen" variant."""
+    fwd, step = {}, {}
+    for variant, module in modules.items():
+
+        def forward(module=module, backend=backend_of(variant)):
+            with fastlora.use_backend(backend):
+                return module(x)
+
+        def forward_backward(forward=forward, module=module):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            forward().backward(dy)
+
+        fwd[variant], step[variant] = forward, forward_backward
+    row = {}
+    for name, t in measure_interleaved(fwd, device, warmup=warmup, repeat=repeat).items():
+        row[f"{name} fwd ms"] = 1e3 * t
+    for name, t in measure_interleaved(step, device, warmup=warmup, repeat=repeat).items():
+        row[f"{name} f+b ms"] = 1e3 * t
+    for variant in modules:
+        if variant != "frozen":
+            row[f"{variant} fwd x"] = row[f"{variant} fwd ms"] / row["frozen fwd ms"]
+            row[f"{variant} f+b x"] = row[f"{variant} f+b ms"] / row["frozen f+b ms"]
+    return row
+
+
 def run_config(tokens: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype, repeat: int) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, n_in, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n_out, dtype=dtype)
     row = {"T": tokens, "shape": f"{n_in}->{n_out}", "r": r, "p": p, "dtype": str(dtype).replace("torch.", "")}
-    fwd, step = {}, {}
+    modules = {}
     for variant in VARIANTS:
         if variant == "peft":
             try:
                 import peft  # noqa: F401
             except ImportError:
                 continue
-        module = build(variant, base, r, p).train()
-        backend = "reference" if variant == "reference" else "auto"
-
-        def forward(module=module, backend=backend):
-            with fastlora.use_backend(backend):
-                return module(x)
-
-        def forward_backward(forward=forward):
-            x.grad = None
-            forward().backward(dy)
-
-        fwd[variant], step[variant] = forward, forward_backward
-        with fastlora.use_backend(backend):
-            row[f"{variant} saved MiB"] = saved_mib(module, x)
-    for name, t in measure_interleaved(fwd, repeat=repeat).items():
-        row[f"{name} fwd ms"] = 1e3 * t
-    for name, t in measure_interleaved(step, repeat=repeat).items():
-        row[f"{name} f+b ms"] = 1e3 * t
-    for variant in VARIANTS[1:]:
-        if f"{variant} f+b ms" in row:
-            row[f"{variant} fwd x"] = row[f"{variant} fwd ms"] / row["frozen fwd ms"]
-            row[f"{variant} f+b x"] = row[f"{variant} f+b ms"] / row["frozen f+b ms"]
+        modules[variant] = build(variant, base, r, p).train()
+        with fastlora.use_backend(backend_of(variant)):
+            row[f"{variant} saved MiB"] = saved_mib(modules[variant], x)
+    row.update(timed_row(modules, x, dy, repeat=repeat))
     return row
 
 

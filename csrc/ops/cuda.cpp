@@ -19,6 +19,7 @@
 #include "kernels/cuda/dropout_mask.cuh"
 #include "kernels/cuda/lora_cuda.cuh"
 #include "ops/checks.h"
+#include "ops/kernel_args.h"
 
 namespace fastlora::ops {
 namespace {
@@ -33,19 +34,7 @@ void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), "fastlora.", op, ": the CUDA kernel got a tensor on ", t.device());
 }
 
-kc::DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kDouble: return kc::DType::f64;
-    case at::kFloat: return kc::DType::f32;
-    case at::kBFloat16: return kc::DType::bf16;
-    case at::kHalf: return kc::DType::f16;
-    default: TORCH_CHECK(false, "fastlora: unsupported dtype ", s);
-  }
-}
-
-kc::Matrix matrix(const at::Tensor& t) {
-  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1), kernel_dtype(t.scalar_type())};
-}
+kc::Matrix matrix(const at::Tensor& t) { return kernel_matrix<kc::Matrix>(t); }
 
 kc::Dropout dropout(double p, const std::optional<at::Tensor>& seed) {
   return p > 0.0 ? kc::Dropout{seed->data_ptr<int64_t>(), p} : kc::Dropout{};
@@ -85,29 +74,35 @@ at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p, const s
   return xa;
 }
 
-// [base +] scale xa B^T [+ bias], (T, out) in xa's dtype.
-at::Tensor up(const at::Tensor& xa, const at::Tensor& lora_B, double scale, const std::optional<at::Tensor>& bias,
-              const at::Tensor* base, const char* op) {
-  const auto dtype = xa.scalar_type();
-  const auto u = xa.contiguous();
-  const auto w = prepared(lora_B, dtype);
-  const auto b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  auto out = at::empty({xa.size(0), lora_B.size(0)}, xa.options());
+// The rank-r term, (rows, cols) in `dtype`: [base +] drop(alpha u w) [+ bias] (kc::Expand).
+at::Tensor expand(const at::Tensor& u, const at::Tensor& w, bool w_by_rank, int64_t cols, double alpha,
+                  const std::optional<at::Tensor>& bias, const at::Tensor* base, const kc::Dropout& drop,
+                  at::ScalarType dtype, const char* op) {
+  auto out = at::empty({u.size(0), cols}, u.options().dtype(dtype));
   const std::optional<kc::Matrix> base_m = base != nullptr ? std::optional(matrix(*base)) : std::nullopt;
   kc::Expand e;
   e.u = u.data_ptr();
   e.w = w.data_ptr();
-  e.rows = out.size(0);
-  e.cols = out.size(1);
+  e.rows = u.size(0);
+  e.cols = cols;
   e.r = u.size(1);
-  e.w_by_rank = false;
-  e.alpha = scale;
-  e.bias = b.has_value() ? b->data_ptr() : nullptr;
+  e.w_by_rank = w_by_rank;
+  e.alpha = alpha;
+  e.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   e.base = base_m.has_value() ? &*base_m : nullptr;
-  e.out_dtype = kernel_dtype(dtype);
+  e.drop = drop;
+  e.out_dtype = kernel_dtype<kc::DType>(dtype);
   e.out = out.data_ptr();
   check_launch(kc::lora_expand(e, stream()), op);
   return out;
+}
+
+// [base +] scale xa B^T [+ bias] in xa's dtype.
+at::Tensor up(const at::Tensor& xa, const at::Tensor& lora_B, double scale, const std::optional<at::Tensor>& bias,
+              const at::Tensor* base, const char* op) {
+  const auto b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  return expand(xa.contiguous(), prepared(lora_B, xa.scalar_type()), false, lora_B.size(0), scale, b, base,
+                kc::Dropout{}, xa.scalar_type(), op);
 }
 
 at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p,
@@ -119,13 +114,8 @@ at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double 
 }
 
 at::Tensor lora_up_cuda(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& lora_B, double scale) {
-  check_matrix(y, "lora_up", "y");
+  check_lora_up(y, xa, lora_B, scale);
   check_cuda(y, "lora_up");
-  check_up(xa, lora_B, y.scalar_type(), y.size(0), "lora_up");
-  check_same_device(xa, y, "lora_up", "xa");
-  check_scale(scale, "lora_up");
-  TORCH_CHECK(lora_B.size(0) == y.size(1), "fastlora.lora_up: lora_B has ", lora_B.size(0),
-              " output features but y has ", y.size(1));
   const c10::cuda::CUDAGuard guard(y.device());
   return up(xa, lora_B, scale, std::nullopt, &y, "lora_up");
 }
@@ -135,30 +125,20 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
                                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                      double scale, double p,
                                                      const std::optional<at::Tensor>& seed) {
-  const char* op = "lora_forward";
-  check_down(x, lora_A, p, seed, op);
-  check_cuda(x, op);
-  check_matrix(lora_B, op, "lora_B");
-  check_same_device(lora_B, x, op, "lora_B");
-  TORCH_CHECK(lora_B.size(1) == lora_A.size(0), "fastlora.lora_forward: lora_B has rank ", lora_B.size(1),
-              " but lora_A has rank ", lora_A.size(0));
-  check_weight(weight, bias, x, lora_B.size(0), op);
-  check_scale(scale, op);
+  check_lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed);
+  check_cuda(x, "lora_forward");
   const c10::cuda::CUDAGuard guard(x.device());
   auto xa = down(x, lora_A, p, seed);
   // The rank-r term and the bias are the C operand of a beta = 1 GEMM: no extra pass over y.
-  auto y = up(xa, lora_B, scale, bias, nullptr, op);
+  auto y = up(xa, lora_B, scale, bias, nullptr, "lora_forward");
   y.addmm_(x, weight.t());
   return {y, xa};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_dy_products_cuda(const at::Tensor& dy, const at::Tensor& xa,
                                                          const at::Tensor& lora_B, double scale) {
-  const char* op = "lora_dy_products";
-  check_matrix(dy, op, "dy");
-  check_cuda(dy, op);
-  check_dy_products(dy, xa, lora_B);
-  check_scale(scale, op);
+  check_lora_dy_products(dy, xa, lora_B, scale);
+  check_cuda(dy, "lora_dy_products");
   const c10::cuda::CUDAGuard guard(dy.device());
   const auto acc = acc_type(dy.scalar_type());
   const auto xa_c = xa.contiguous();
@@ -169,19 +149,14 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cuda(const at::Tensor& dy, c
   Scratch scratch(dy);
   check_launch(kc::lora_dy_products(matrix(dy), xa_c.data_ptr(), rx, b.data_ptr(), rb, scale, dxa.data_ptr(),
                                     db.data_ptr(), scratch.get(), stream()),
-               op);
+               "lora_dy_products");
   return {dxa, db.to(lora_B.scalar_type())};
 }
 
 at::Tensor lora_grad_A_cuda(const at::Tensor& x, const at::Tensor& dxa, double p,
                             const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
-  const char* op = "lora_grad_A";
-  check_matrix(x, op, "x");
-  check_cuda(x, op);
-  check_dxa(dxa, x, dxa.size(1), op);
-  check_rank(dxa.size(1), op);
-  check_dropout(p, seed, x, op);
-  TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
+  check_lora_grad_A(x, dxa, p, seed, dtype);
+  check_cuda(x, "lora_grad_A");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dxa_c = dxa.contiguous();
   const int64_t r = dxa.size(1);
@@ -189,53 +164,26 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& x, const at::Tensor& dxa, double p
   Scratch scratch(x);
   check_launch(kc::lora_grad_A(matrix(x), dxa_c.data_ptr(), r, dropout(p, seed), da.data_ptr(), scratch.get(),
                                stream()),
-               op);
+               "lora_grad_A");
   return da.to(dtype);
 }
 
 at::Tensor lora_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,
                             const at::Tensor& lora_A, double p, const std::optional<at::Tensor>& seed) {
-  const char* op = "lora_grad_x";
-  check_matrix(dy, op, "dy");
-  check_cuda(dy, op);
-  check_matrix(weight, op, "weight");
-  check_matrix(lora_A, op, "lora_A");
-  check_same_device(weight, dy, op, "weight");
-  check_same_device(lora_A, dy, op, "lora_A");
-  TORCH_CHECK(weight.scalar_type() == dy.scalar_type(), "fastlora.lora_grad_x: weight is ", weight.scalar_type(),
-              " but dy is ", dy.scalar_type());
-  TORCH_CHECK(weight.size(0) == dy.size(1), "fastlora.lora_grad_x: weight has ", weight.size(0),
-              " output features but dy has ", dy.size(1));
-  TORCH_CHECK(lora_A.size(1) == weight.size(1), "fastlora.lora_grad_x: lora_A has ", lora_A.size(1),
-              " input features but weight has ", weight.size(1));
-  check_rank(lora_A.size(0), op);
-  check_dxa(dxa, dy, lora_A.size(0), op);
-  check_dropout(p, seed, dy, op);
+  check_lora_grad_x(dy, weight, dxa, lora_A, p, seed);
+  check_cuda(dy, "lora_grad_x");
   const c10::cuda::CUDAGuard guard(dy.device());
-  const auto acc = acc_type(dy.scalar_type());
-  const auto u = dxa.contiguous();
-  const auto a = prepared(lora_A, acc);
-  auto dx = at::empty({dy.size(0), weight.size(1)}, dy.options());
-  kc::Expand e;
-  e.u = u.data_ptr();
-  e.w = a.data_ptr();
-  e.rows = dx.size(0);
-  e.cols = dx.size(1);
-  e.r = a.size(0);
-  e.w_by_rank = true;
-  e.drop = dropout(p, seed);
-  e.out_dtype = kernel_dtype(dy.scalar_type());
-  e.out = dx.data_ptr();
-  check_launch(kc::lora_expand(e, stream()), op);
+  const auto a = prepared(lora_A, acc_type(dy.scalar_type()));
+  auto dx = expand(dxa.contiguous(), a, true, weight.size(1), 1.0, std::nullopt, nullptr, dropout(p, seed),
+                   dy.scalar_type(), "lora_grad_x");
   // The masked rank-r term is the C operand of dy W.
   dx.addmm_(dy, weight);
   return dx;
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
+  check_dropout_mask(seed, rows, cols, p);
   check_cuda(seed, "dropout_mask");
-  check_dropout(p, seed, seed, "dropout_mask");
   const c10::cuda::CUDAGuard guard(seed.device());
   auto mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   check_launch(fastlora::cuda::launch_dropout_mask(p > 0.0 ? seed.data_ptr<int64_t>() : nullptr, p, rows * cols,

@@ -20,7 +20,7 @@ import fastlora
 from fastlora import reference
 from fastlora._extension import compiled_kernel, has_kernel
 from fastlora.functional import kernel_path_applies
-from conftest import DTYPES, RTOL, assert_matches, magnitude, make_matrix, seed_tensor
+from conftest import DTYPES, RTOL, assert_matches, magnitude, make_matrix, seed_tensor, traced_graphs
 from test_properties import _tensors, problems
 
 pytestmark = [
@@ -319,13 +319,7 @@ def test_torch_compile_on_cuda(mode):
     for u, v in zip(got, step(model)):
         torch.testing.assert_close(u, v, rtol=2e-2, atol=2e-2 * v.abs().max().item())
     if mode is None:  # the traced graph calls the fused op, not the reference path
-        graphs = []
-
-        def capture(gm, example_inputs):
-            graphs.append(str(gm.graph))
-            return gm.forward
-
-        torch.compile(model, fullgraph=True, backend=capture)(x)
+        graphs = traced_graphs(model, x)
         assert graphs and graphs[0].count("fastlora.lora_forward") == 2
 
 

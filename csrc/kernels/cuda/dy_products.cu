@@ -29,9 +29,8 @@ struct DyShape {
   static constexpr int kSlices = kWarps / kDxaTiles;
   static_assert(kSlices >= 1 && kDxaTiles * kSlices == kWarps, "fused kernel: RT must be 1 or 2");
   static constexpr int kDy = kBM * kLdd, kXa = kBM * kLdr, kB = kCO * kLdr, kDxa = kSlices * kBM * kLdr;
-  static constexpr int kDb = kRC * kLdd;
-  static constexpr size_t kSmem =
-      sizeof(float) * (kDy + kXa + kB + kDxa > kDb ? kDy + kXa + kB + kDxa : kDb);
+  static constexpr size_t kDb = RankUpdate<RT, kCO, kBM, false, false>::kBufFloats;
+  static constexpr size_t kSmem = sizeof(float) * (kDy + kXa + kB + kDxa > kDb ? kDy + kXa + kB + kDxa : kDb);
 };
 
 template <class Tr, int RT>
@@ -61,18 +60,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   RankUpdate<RT, S::kCO, S::kBM, kSplit, kSplit> db;  // dB^T = xa^T dy over this row group
   db.zero();
-  TileStage<Tr, S::kBM, S::kCO> dt;
-  TileStage<Tr, S::kBM, S::kRC> xt;
-  dt.load(dy, t_begin, o0);
-  xt.load(xa, t_begin, j0);
-  for (int64_t t = t_begin; t < t_end; t += S::kBM) {
-    dt.store(ds, S::kLdd, t, o0, 0, DeviceDropout{});
-    xt.store(xs, S::kLdr, t, j0, 0, DeviceDropout{});
-    __syncthreads();
-    if (t + S::kBM < t_end) {
-      dt.load(dy, t + S::kBM, o0);
-      xt.load(xa, t + S::kBM, j0);
-    }
+  // Per staged tile: dB's sums, then this block's partial dxa of the tile's rows.
+  auto tile_products = [&](int64_t t) {
     db.accumulate(xs, S::kLdr, ds, S::kLdd);
     Acc dxa;
     wmma::fill_fragment(dxa, 0.f);
@@ -90,17 +79,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int q = 0; q < S::kSlices; ++q) sum += dxs[(q * S::kBM + row) * S::kLdr + j];
       dxa_part[(static_cast<int64_t>(blockIdx.x) * T + tt) * rb + jr] = sum;
     }
-  }
-
-  __syncthreads();
-  float* es = smem;  // (RC x CO) dB^T partial
-  db.store(es, S::kLdd);
-  __syncthreads();
-  for (int e = threadIdx.x; e < S::kRC * S::kCO; e += kThreads) {
-    const int j = e / S::kCO, c = e % S::kCO;
-    const int64_t jr = j0 + j, o = o0 + c;
-    if (jr < rx && o < n) db_part[(static_cast<int64_t>(blockIdx.y) * rx + jr) * n + o] = es[j * S::kLdd + c];
-  }
+  };
+  stream_row_tiles<S::kBM, S::kCO, S::kRC>(dy, xa, t_begin, t_end, o0, j0, DeviceDropout{}, ds, S::kLdd, xs,
+                                           S::kLdr, tile_products);
+  db.write(smem, db_part + static_cast<int64_t>(blockIdx.y) * rx * n, rx, n, j0, o0);
 }
 
 // dxa[t, j] = s sum_c dxa_part[c][t][j]; db[o, j] = s sum_g db_part[g][j][o] (one launch).

@@ -1,3 +1,6 @@
+// Every float64 launcher is one strided matrix product, out = alpha L R (+ epilogue), with one
+// thread per output element and the dropout mask applied to whichever operand is the
+// activation matrix.
 #include "f64.cuh"
 #include "tile.cuh"
 
@@ -9,127 +12,111 @@ using detail::dropout_args;
 using detail::elementwise_blocks;
 using detail::kThreads;
 
-struct Strided {
-  const double* p;
-  int64_t rows, cols, s0, s1;
+// Element (i, j) at p[i * s0 + j * s1].
+struct View {
+  const double* p = nullptr;
+  int64_t s0 = 0, s1 = 0;
   __device__ double operator()(int64_t i, int64_t j) const { return p[i * s0 + j * s1]; }
 };
 
-Strided strided(const Matrix& m) { return {static_cast<const double*>(m.data), m.rows, m.cols, m.s0, m.s1}; }
+View view(const Matrix& m) { return {static_cast<const double*>(m.data), m.s0, m.s1}; }
+View contiguous(const void* p, int64_t cols) { return {static_cast<const double*>(p), cols, 1}; }
+View transposed(const void* p, int64_t cols) { return {static_cast<const double*>(p), 1, cols}; }
 
-// The dropout multiplier of element (t, k) of a matrix with `cols` columns.
-struct Mask {
-  uint64_t key;
-  uint32_t threshold;
-  double scale;
-  bool on;
-  __device__ explicit Mask(const DropoutArgs& a)
-      : key(a.seed != nullptr ? dropout_key(*a.seed) : 0), threshold(a.threshold), scale(a.scale),
-        on(a.seed != nullptr) {}
-  __device__ double operator()(int64_t t, int64_t k, int64_t cols) const {
-    if (!on) return 1.0;
-    return dropout_keep(key, threshold, static_cast<uint64_t>(t) * cols + k) ? scale : 0.0;
-  }
+// Which element the dropout mask of the activations (a matrix with mask_cols columns) lands on:
+// L's (m, k), R's (k, n) or the result's (m, n).
+enum class MaskOn { none, left, right, out };
+
+struct Product {
+  int64_t M, N, K;
+  View left, right;  // M x K, K x N
+  double* out;       // M x N, contiguous
+  double alpha = 1.0;
+  MaskOn mask_on = MaskOn::none;
+  int64_t mask_cols = 0;
+  DropoutArgs drop;
+  const double* bias = nullptr;  // N elements, added to the result
+  View base;                     // M x N, added to the result when base.p is set
 };
 
-// Grid-stride loop over n outputs.
-#define FASTLORA_FOR_EACH(i, n)                                                                   \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < (n);            \
-       i += static_cast<int64_t>(gridDim.x) * kThreads)
+// Applies `drop`, the dropout of the activations (a matrix with mask_cols columns), at `on`.
+void mask(Product& p, MaskOn on, const Dropout& drop, int64_t mask_cols) {
+  p.drop = dropout_args(drop);
+  if (p.drop.seed != nullptr) {
+    p.mask_on = on;
+    p.mask_cols = mask_cols;
+  }
+}
 
-__global__ void down_kernel(Strided x, const double* a, int64_t r, DropoutArgs drop, double* xa) {
-  const Mask mask(drop);
-  FASTLORA_FOR_EACH(i, x.rows * r) {
-    const int64_t t = i / r, j = i % r;
+// The dropout multiplier (1 / (1 - p) or 0) of flat element t * cols + k.
+__device__ double multiplier(const Product& p, uint64_t key, int64_t t, int64_t k) {
+  return dropout_keep(key, p.drop.threshold, static_cast<uint64_t>(t) * p.mask_cols + k) ? p.drop.scale : 0.0;
+}
+
+__global__ void product_kernel(Product p) {
+  const uint64_t key = p.mask_on != MaskOn::none ? dropout_key(*p.drop.seed) : 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.M * p.N;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t m = i / p.N, n = i % p.N;
     double sum = 0.0;
-    for (int64_t k = 0; k < x.cols; ++k) {
-      const double m = mask(t, k, x.cols);
-      if (m != 0.0) sum += m * x(t, k) * a[j * x.cols + k];
+    for (int64_t k = 0; k < p.K; ++k) {
+      double l = p.left(m, k), r = p.right(k, n);
+      if (p.mask_on == MaskOn::left || p.mask_on == MaskOn::right) {
+        const bool left = p.mask_on == MaskOn::left;
+        const double f = left ? multiplier(p, key, m, k) : multiplier(p, key, k, n);
+        if (f == 0.0) continue;  // dropped: exactly no contribution, even from inf or nan
+        (left ? l : r) *= f;
+      }
+      sum += l * r;
     }
-    xa[i] = sum;
-  }
-}
-
-__global__ void expand_kernel(Expand e, Strided base, DropoutArgs drop) {
-  const Mask mask(drop);
-  const auto* u = static_cast<const double*>(e.u);
-  const auto* w = static_cast<const double*>(e.w);
-  const auto* bias = static_cast<const double*>(e.bias);
-  auto* out = static_cast<double*>(e.out);
-  FASTLORA_FOR_EACH(i, e.rows * e.cols) {
-    const int64_t t = i / e.cols, k = i % e.cols;
-    double sum = 0.0;
-    for (int64_t j = 0; j < e.r; ++j) sum += u[t * e.r + j] * (e.w_by_rank ? w[j * e.cols + k] : w[k * e.r + j]);
-    const double m = mask(t, k, e.cols);
-    double v = m != 0.0 ? m * (e.alpha * sum) : 0.0;
-    if (bias != nullptr) v += bias[k];
-    if (base.p != nullptr) v += base(t, k);
-    out[i] = v;
-  }
-}
-
-__global__ void dxa_kernel(Strided dy, const double* b, int64_t rb, double scale, double* dxa) {
-  FASTLORA_FOR_EACH(i, dy.rows * rb) {
-    const int64_t t = i / rb, j = i % rb;
-    double sum = 0.0;
-    for (int64_t o = 0; o < dy.cols; ++o) sum += dy(t, o) * b[o * rb + j];
-    dxa[i] = scale * sum;
-  }
-}
-
-__global__ void db_kernel(Strided dy, const double* xa, int64_t rx, double scale, double* db) {
-  FASTLORA_FOR_EACH(i, dy.cols * rx) {
-    const int64_t o = i / rx, j = i % rx;
-    double sum = 0.0;
-    for (int64_t t = 0; t < dy.rows; ++t) sum += dy(t, o) * xa[t * rx + j];
-    db[i] = scale * sum;
-  }
-}
-
-__global__ void grad_a_kernel(Strided x, const double* dxa, int64_t r, DropoutArgs drop, double* da) {
-  const Mask mask(drop);
-  FASTLORA_FOR_EACH(i, r * x.cols) {
-    const int64_t j = i / x.cols, k = i % x.cols;
-    double sum = 0.0;
-    for (int64_t t = 0; t < x.rows; ++t) {
-      const double m = mask(t, k, x.cols);
-      if (m != 0.0) sum += dxa[t * r + j] * m * x(t, k);
+    double v = p.alpha * sum;
+    if (p.mask_on == MaskOn::out) {
+      const double f = multiplier(p, key, m, n);
+      v = f != 0.0 ? f * v : 0.0;
     }
-    da[i] = sum;
+    if (p.bias != nullptr) v += p.bias[n];
+    if (p.base.p != nullptr) v += p.base(m, n);
+    p.out[i] = v;
   }
 }
 
-#undef FASTLORA_FOR_EACH
+cudaError_t run(const Product& p, cudaStream_t stream) {
+  if (p.M * p.N == 0) return cudaSuccess;
+  product_kernel<<<elementwise_blocks(p.M * p.N), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
 cudaError_t down(const Matrix& x, const double* a, int64_t r, const Dropout& drop, double* xa,
                  cudaStream_t stream) {
-  if (x.rows * r == 0) return cudaSuccess;
-  down_kernel<<<elementwise_blocks(x.rows * r), kThreads, 0, stream>>>(strided(x), a, r, dropout_args(drop), xa);
-  return cudaGetLastError();
+  Product p{x.rows, r, x.cols, view(x), transposed(a, x.cols), xa};
+  mask(p, MaskOn::left, drop, x.cols);
+  return run(p, stream);
 }
 
 cudaError_t expand(const Expand& e, cudaStream_t stream) {
-  if (e.rows * e.cols == 0) return cudaSuccess;
-  const Strided base = e.base != nullptr ? strided(*e.base) : Strided{};
-  expand_kernel<<<elementwise_blocks(e.rows * e.cols), kThreads, 0, stream>>>(e, base, dropout_args(e.drop));
-  return cudaGetLastError();
+  const View w = e.w_by_rank ? contiguous(e.w, e.cols) : transposed(e.w, e.r);
+  Product p{e.rows, e.cols, e.r, contiguous(e.u, e.r), w, static_cast<double*>(e.out), e.alpha};
+  mask(p, MaskOn::out, e.drop, e.cols);
+  p.bias = static_cast<const double*>(e.bias);
+  if (e.base != nullptr) p.base = view(*e.base);
+  return run(p, stream);
 }
 
 cudaError_t dy_products(const Matrix& dy, const double* xa, int64_t rx, const double* b, int64_t rb,
                         double scale, double* dxa, double* db, cudaStream_t stream) {
-  if (dy.rows * rb > 0) dxa_kernel<<<elementwise_blocks(dy.rows * rb), kThreads, 0, stream>>>(strided(dy), b, rb, scale, dxa);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  if (dy.cols * rx > 0) db_kernel<<<elementwise_blocks(dy.cols * rx), kThreads, 0, stream>>>(strided(dy), xa, rx, scale, db);
-  return cudaGetLastError();
+  const View dy_t{static_cast<const double*>(dy.data), dy.s1, dy.s0};
+  if (cudaError_t err = run({dy.rows, rb, dy.cols, view(dy), contiguous(b, rb), dxa, scale}, stream); err != cudaSuccess)
+    return err;
+  return run({dy.cols, rx, dy.rows, dy_t, contiguous(xa, rx), db, scale}, stream);
 }
 
 cudaError_t grad_A(const Matrix& x, const double* dxa, int64_t r, const Dropout& drop, double* da,
                    cudaStream_t stream) {
-  if (r * x.cols == 0) return cudaSuccess;
-  grad_a_kernel<<<elementwise_blocks(r * x.cols), kThreads, 0, stream>>>(strided(x), dxa, r, dropout_args(drop), da);
-  return cudaGetLastError();
+  Product p{r, x.cols, x.rows, transposed(dxa, r), view(x), da};
+  mask(p, MaskOn::right, drop, x.cols);
+  return run(p, stream);
 }
 
 }  // namespace fastlora::cuda::f64

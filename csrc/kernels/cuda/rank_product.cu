@@ -17,8 +17,8 @@ struct RankShape {
   static constexpr int kCO = RT <= 4 ? 256 : 128;  // columns per block; accumulators stay in registers
   static constexpr int kBM = 32;                   // rows per tile
   static constexpr int kLdx = kCO + 4, kLdu = kRC + 4;
-  static constexpr int kTiles = kBM * kLdx + kBM * kLdu;
-  static constexpr int kOut = kRC * kLdx;
+  static constexpr size_t kTiles = kBM * kLdx + kBM * kLdu;
+  static constexpr size_t kOut = RankUpdate<RT, kCO, kBM, false, false>::kBufFloats;
   static constexpr size_t kSmem = sizeof(float) * (kTiles > kOut ? kTiles : kOut);
 };
 
@@ -37,30 +37,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const DeviceDropout drop = device_dropout(drop_args);
   RankUpdate<RT, S::kCO, S::kBM, kIsF32<Ur>, kIsF32<Xr>> acc;
   acc.zero();
-  TileStage<Xr, S::kBM, S::kCO> xt;
-  TileStage<Ur, S::kBM, S::kRC> ut;
-  xt.load(x, t_begin, k0);
-  ut.load(u, t_begin, j0);
-  for (int64_t t = t_begin; t < t_end; t += S::kBM) {
-    xt.store(xs, S::kLdx, t, k0, n, drop);
-    ut.store(us, S::kLdu, t, j0, 0, DeviceDropout{});
-    __syncthreads();
-    if (t + S::kBM < t_end) {
-      xt.load(x, t + S::kBM, k0);
-      ut.load(u, t + S::kBM, j0);
-    }
-    acc.accumulate(us, S::kLdu, xs, S::kLdx);
-    __syncthreads();
-  }
-
-  float* os = smem;  // (RC x CO) partial
-  acc.store(os, S::kLdx);
-  __syncthreads();
-  for (int e = threadIdx.x; e < S::kRC * S::kCO; e += kThreads) {
-    const int j = e / S::kCO, c = e % S::kCO;
-    const int64_t jr = j0 + j, k = k0 + c;
-    if (jr < r && k < n) part[(static_cast<int64_t>(blockIdx.y) * r + jr) * n + k] = os[j * S::kLdx + c];
-  }
+  stream_row_tiles<S::kBM, S::kCO, S::kRC>(x, u, t_begin, t_end, k0, j0, drop, xs, S::kLdx, us, S::kLdu,
+                                           [&](int64_t) { acc.accumulate(us, S::kLdu, xs, S::kLdx); });
+  acc.write(smem, part + static_cast<int64_t>(blockIdx.y) * r * n, r, n, j0, k0);
 }
 
 // out[k, j] = alpha * sum_g part[g][j][k] (n x r).

@@ -213,6 +213,30 @@ struct TileStage {
   }
 };
 
+// Streams rows [t_begin, t_end) of x (columns [c0, +CO), with x's dropout mask) and of u
+// (columns [j0, +RC)) in BM-row tiles staged row-major into shared memory (xs, ldx; us, ldu),
+// the next tile's loads in flight while body(t) works on the staged tile between barriers.
+template <int BM, int CO, int RC, class Xr, class Ur, class Body>
+__device__ __forceinline__ void stream_row_tiles(const Operand<Xr>& x, const Operand<Ur>& u, int64_t t_begin,
+                                                 int64_t t_end, int64_t c0, int64_t j0, const DeviceDropout& drop,
+                                                 float* xs, int ldx, float* us, int ldu, Body&& body) {
+  TileStage<Xr, BM, CO> xt;
+  TileStage<Ur, BM, RC> ut;
+  xt.load(x, t_begin, c0);
+  ut.load(u, t_begin, j0);
+  for (int64_t t = t_begin; t < t_end; t += BM) {
+    xt.store(xs, ldx, t, c0, x.cols, drop);
+    ut.store(us, ldu, t, j0, 0, DeviceDropout{});
+    __syncthreads();
+    if (t + BM < t_end) {
+      xt.load(x, t + BM, c0);
+      ut.load(u, t + BM, j0);
+    }
+    body(t);
+    __syncthreads();
+  }
+}
+
 // ---- tf32 tensor-core products -------------------------------------------------------------
 
 namespace wmma = nvcuda::wmma;
@@ -289,13 +313,23 @@ struct RankUpdate {
     }
   }
 
-  // The sum, row-major into shared memory (ld a multiple of 4).
-  __device__ __forceinline__ void store(float* out, int ld) const {
+  // Writes the sum to rows [j0, +16*RT) and columns [c0, +CO) of a rows x cols float32 matrix in
+  // global memory (what lies outside it is dropped), through `buf`: (16*RT) x (CO + 4) floats of
+  // shared memory that no warp uses any more.
+  static constexpr size_t kBufFloats = 16 * RT * (CO + 4);
+  __device__ __forceinline__ void write(float* buf, float* out, int64_t rows, int64_t cols, int64_t j0,
+                                        int64_t c0) const {
+    constexpr int kLd = CO + 4;
+    __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
       const int tile = threadIdx.x / 32 + i * kWarps, rt = tile / kColTiles, ct = tile % kColTiles;
-      wmma::store_matrix_sync(out + rt * 16 * ld + ct * 16, acc[i], static_cast<unsigned>(ld),
-                              wmma::mem_row_major);
+      wmma::store_matrix_sync(buf + rt * 16 * kLd + ct * 16, acc[i], kLd, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < 16 * RT * CO; e += kThreads) {
+      const int j = e / CO, c = e % CO;
+      if (j0 + j < rows && c0 + c < cols) out[(j0 + j) * cols + c0 + c] = buf[j * kLd + c];
     }
   }
 };
