@@ -287,6 +287,7 @@ def test_graphed_layer_forward_backward_matches_eager():
     eager_layer = copy.deepcopy(layer)
     x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(layer, (x,))
+    layer.zero_grad(set_to_none=True)
     g = torch.randn(4, 64, 192, device="cuda", dtype=torch.bfloat16)
     outs = []
     for module in (graphed, eager_layer):
