@@ -150,7 +150,7 @@ def test_ops_match_reference(shape, dtype, layout, p):
     _check_ops(_inputs(*shape, dtype, layout), 1.7, p)
 
 
-@settings(max_examples=20 if QUICK else 300, deadline=None,
+@settings(max_examples=20 if QUICK else 150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problems())
 def test_properties_on_cuda(pr):
