@@ -107,8 +107,8 @@ cudaError_t expand(const Expand& e, cudaStream_t stream) {
 cudaError_t dy_products(const Matrix& dy, const double* xa, int64_t rx, const double* b, int64_t rb,
                         double scale, double* dxa, double* db, cudaStream_t stream) {
   const View dy_t{static_cast<const double*>(dy.data), dy.s1, dy.s0};
-  if (cudaError_t err = run({dy.rows, rb, dy.cols, view(dy), contiguous(b, rb), dxa, scale}, stream); err != cudaSuccess)
-    return err;
+  const cudaError_t err = run({dy.rows, rb, dy.cols, view(dy), contiguous(b, rb), dxa, scale}, stream);
+  if (err != cudaSuccess) return err;
   return run({dy.cols, rx, dy.rows, dy_t, contiguous(xa, rx), db, scale}, stream);
 }
 

@@ -158,7 +158,8 @@ __device__ __forceinline__ DeviceDropout device_dropout(const DropoutArgs& a) {
 // v[q] <- keep(f0 + q) ? v[q] * kept : 0 for N consecutive flat indices. Dropped values are
 // exactly zero, also where v is infinite or NaN. (Host-callable for tests/cuda_host.)
 template <int N>
-__host__ __device__ __forceinline__ void apply_dropout(float (&v)[N], const DeviceDropout& d, uint64_t f0, float kept) {
+__host__ __device__ __forceinline__ void apply_dropout(float (&v)[N], const DeviceDropout& d, uint64_t f0,
+                                                       float kept) {
   if ((f0 & 1) == 0) {  // the usual case (even row length): one hash gives two draws
 #pragma unroll
     for (int q = 0; q < N; q += 2) {
