@@ -116,8 +116,8 @@ cudaError_t launch_fused(const Matrix& dy, const void* xa, int64_t rx, const voi
   const int64_t dxa_count = T * rb;
   auto* dxa_part = static_cast<float*>(scratch(sizeof(float) * (chunks * dxa_count + groups * rx * n)));
   float* db_part = dxa_part + chunks * dxa_count;
-  auto kernel = dy_products_kernel<Tr, RT>;
-  if (cudaError_t err = allow_smem(kernel, S::kSmem); err != cudaSuccess) return err;
+  constexpr auto kernel = dy_products_kernel<Tr, RT>;
+  if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(groups), static_cast<unsigned>(ranks));
   kernel<<<grid, kThreads, S::kSmem, stream>>>(operand<Tr>(dy), contiguous<Tr>(xa, T, rx), contiguous<F32>(b, n, rb),
                                                per_group * S::kBM, dxa_part, db_part);

@@ -131,8 +131,8 @@ cudaError_t launch_expand(const Expand& e, cudaStream_t stream) {
   p.out_vec = contiguous<Tr>(e.out, e.rows, e.cols).vec;
   p.alpha = static_cast<float>(e.alpha);
   p.drop = dropout_args(e.drop);
-  auto kernel = expand_kernel<Tr, kByRank>;
-  if (cudaError_t err = allow_smem(kernel, kSmem); err != cudaSuccess) return err;
+  constexpr auto kernel = expand_kernel<Tr, kByRank>;
+  if (cudaError_t err = allow_smem<kernel>(kSmem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(e.rows, kEM)), static_cast<unsigned>(ceil_div(e.cols, kEN)));
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();

@@ -63,8 +63,8 @@ cudaError_t launch_rank(const Matrix& x, const void* u, int64_t r, const Dropout
   const int64_t per_group = group_size(row_tiles, ceil_div(2 * static_cast<int64_t>(sms), chunks * ranks));
   const int64_t groups = ceil_div(row_tiles, per_group);
   auto* part = static_cast<float*>(scratch(sizeof(float) * groups * r * n));
-  auto kernel = rank_kernel<Xr, Ur, RT>;
-  if (cudaError_t err = allow_smem(kernel, S::kSmem); err != cudaSuccess) return err;
+  constexpr auto kernel = rank_kernel<Xr, Ur, RT>;
+  if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(groups), static_cast<unsigned>(ranks));
   kernel<<<grid, kThreads, S::kSmem, stream>>>(operand<Xr>(x), contiguous<Ur>(u, T, r), dropout_args(drop),
                                                per_group * S::kBM, part);

@@ -100,8 +100,8 @@ cudaError_t launch_rows(const Matrix& x, const void* w, int64_t r, const Dropout
   const int64_t per_split = group_size(k_tiles, ceil_div(4 * static_cast<int64_t>(sms), row_blocks * chunks));
   const int64_t splits = ceil_div(k_tiles, per_split);
   float* partial = splits > 1 ? static_cast<float*>(scratch(sizeof(float) * splits * T * r)) : nullptr;
-  auto kernel = rows_kernel<Xr, Wr, Or, kWByK, RT>;
-  if (cudaError_t err = allow_smem(kernel, S::kSmem); err != cudaSuccess) return err;
+  constexpr auto kernel = rows_kernel<Xr, Wr, Or, kWByK, RT>;
+  if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
   const Operand<Wr> wop = kWByK ? contiguous<Wr>(w, n, r) : contiguous<Wr>(w, r, n);
   auto* o = static_cast<typename Or::raw*>(out);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits), static_cast<unsigned>(chunks));
