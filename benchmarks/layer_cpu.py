@@ -36,8 +36,9 @@ class PlainLoRA(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, p: float):
         super().__init__()
         self.base = base
-        self.a = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) / base.in_features**0.5)
-        self.b = nn.Parameter(torch.randn(base.out_features, r, dtype=base.weight.dtype) * 0.01)
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.a = nn.Parameter(torch.randn(r, base.in_features, **like) / base.in_features**0.5)
+        self.b = nn.Parameter(torch.randn(base.out_features, r, **like) * 0.01)
         self.scale, self.p = alpha / r, p
 
     def forward(self, x):
@@ -45,21 +46,25 @@ class PlainLoRA(nn.Module):
 
 
 def build(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
+    """A fresh copy of the frozen ``base`` as the named variant ("peft_bf16": PEFT keeping the
+    adapters in the base's dtype, autocast_adapter_dtype=False; "full": all of base trainable)."""
     base = copy.deepcopy(base)
     alpha = 2 * r
     if variant == "frozen":
         return base
+    if variant == "full":
+        return base.requires_grad_(True)
     if variant in ("fastlora", "reference"):
         layer = fastlora.LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=p)
         nn.init.normal_(layer.lora_B, std=0.01)
         return layer
-    if variant == "peft":
+    if variant in ("peft", "peft_bf16"):
         import peft
 
         model = nn.Sequential()
         model.add_module("proj", base)
         cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
-        model = peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=variant == "peft")
         nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.01)
         return model
     if variant == "plain":
@@ -81,41 +86,56 @@ def saved_mib(module: nn.Module, x: torch.Tensor) -> float:
     return sum(seen.values()) / 2**20
 
 
+def backend_of(variant: str) -> str:
+    return "reference" if variant == "reference" else "auto"
+
+
+def timed_row(modules: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, device: str = "cpu",
+              warmup: int = 2, repeat: int = 10) -> dict:
+    """Median forward and forward+backward times of each module on x (output gradient dy), the
+    variants alternating within each round, and each one's ratios to the "frozen" variant."""
+    fwd, step = {}, {}
+    for variant, module in modules.items():
+
+        def forward(module=module, backend=backend_of(variant)):
+            with fastlora.use_backend(backend):
+                return module(x)
+
+        def forward_backward(forward=forward, module=module):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            forward().backward(dy)
+
+        fwd[variant], step[variant] = forward, forward_backward
+    row = {}
+    for name, t in measure_interleaved(fwd, device, warmup=warmup, repeat=repeat).items():
+        row[f"{name} fwd ms"] = 1e3 * t
+    for name, t in measure_interleaved(step, device, warmup=warmup, repeat=repeat).items():
+        row[f"{name} f+b ms"] = 1e3 * t
+    for variant in modules:
+        if variant != "frozen":
+            row[f"{variant} fwd x"] = row[f"{variant} fwd ms"] / row["frozen fwd ms"]
+            row[f"{variant} f+b x"] = row[f"{variant} f+b ms"] / row["frozen f+b ms"]
+    return row
+
+
 def run_config(tokens: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype, repeat: int) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, n_in, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n_out, dtype=dtype)
     row = {"T": tokens, "shape": f"{n_in}->{n_out}", "r": r, "p": p, "dtype": str(dtype).replace("torch.", "")}
-    fwd, step = {}, {}
+    modules = {}
     for variant in VARIANTS:
         if variant == "peft":
             try:
                 import peft  # noqa: F401
             except ImportError:
                 continue
-        module = build(variant, base, r, p).train()
-        backend = "reference" if variant == "reference" else "auto"
-
-        def forward(module=module, backend=backend):
-            with fastlora.use_backend(backend):
-                return module(x)
-
-        def forward_backward(forward=forward):
-            x.grad = None
-            forward().backward(dy)
-
-        fwd[variant], step[variant] = forward, forward_backward
-        with fastlora.use_backend(backend):
-            row[f"{variant} saved MiB"] = saved_mib(module, x)
-    for name, t in measure_interleaved(fwd, repeat=repeat).items():
-        row[f"{name} fwd ms"] = 1e3 * t
-    for name, t in measure_interleaved(step, repeat=repeat).items():
-        row[f"{name} f+b ms"] = 1e3 * t
-    for variant in VARIANTS[1:]:
-        if f"{variant} f+b ms" in row:
-            row[f"{variant} fwd x"] = row[f"{variant} fwd ms"] / row["frozen fwd ms"]
-            row[f"{variant} f+b x"] = row[f"{variant} f+b ms"] / row["frozen f+b ms"]
+        modules[variant] = build(variant, base, r, p).train()
+        with fastlora.use_backend(backend_of(variant)):
+            row[f"{variant} saved MiB"] = saved_mib(modules[variant], x)
+    row.update(timed_row(modules, x, dy, repeat=repeat))
     return row
 
 

@@ -24,4 +24,4 @@ if ! python -m pip install -v --no-build-isolation "$root[test,bench]" >"$log" 2
   echo "fastlora build failed; full log in $log" >&2
   exit 1
 fi
-grep -E "^ *-- fastlora:|Building CUDA object" "$log" | sed 's/^ *//' || true
+grep -E "^ *-- fastlora:|Building CUDA object|cuda_glue_check|tile_host_test" "$log" | sed 's/^ *//' || true

@@ -117,3 +117,15 @@ def using_isa(name: str):
 
 def seed_tensor(value: int = 1234) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
+
+
+def traced_graphs(module, *args) -> list[str]:
+    """The FX graphs (as text) that torch.compile(fullgraph=True) traces for module(*args)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch.compile(module, fullgraph=True, backend=capture)(*args)
+    return graphs

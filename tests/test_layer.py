@@ -12,7 +12,7 @@ from torch import nn
 import fastlora
 from fastlora import reference
 from fastlora.functional import kernel_path_applies
-from conftest import RTOL, assert_matches, make_matrix, requires_extension, seed_tensor
+from conftest import RTOL, assert_matches, make_matrix, requires_extension, seed_tensor, traced_graphs
 
 
 def _layer(n_in, n_out, r, dtype=torch.float64, adapter_dtype=torch.float64, p=0.0, bias=True, seed=0, rslora=False):
@@ -285,11 +285,5 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.autograd.grad(y1.sum(), params)
 
     # The traced graph calls the fused op, not the reference path.
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
-    torch.compile(model, fullgraph=True, backend=capture)(x)
+    graphs = traced_graphs(model, x)
     assert graphs and graphs[0].count("fastlora.lora_forward") == 3

@@ -198,4 +198,69 @@ inline void check_lora_pro_moments(const at::Tensor& exp_avg, const at::Tensor& 
   TORCH_CHECK(step >= 1, "fastlora.lora_pro_moments: step counts from 1, got ", step);
 }
 
+// ---- each op's arguments, complete (the CPU and CUDA glue add only their device check) ----
+
+inline void check_lora_up(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& lora_B, double scale) {
+  check_matrix(y, "lora_up", "y");
+  check_up(xa, lora_B, y.scalar_type(), y.size(0), "lora_up");
+  check_same_device(xa, y, "lora_up", "xa");
+  check_scale(scale, "lora_up");
+  TORCH_CHECK(lora_B.size(0) == y.size(1), "fastlora.lora_up: lora_B has ", lora_B.size(0),
+              " output features but y has ", y.size(1));
+}
+
+inline void check_lora_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double p,
+                               const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_forward";
+  check_down(x, lora_A, p, seed, op);
+  check_matrix(lora_B, op, "lora_B");
+  check_same_device(lora_B, x, op, "lora_B");
+  TORCH_CHECK(lora_B.size(1) == lora_A.size(0), "fastlora.lora_forward: lora_B has rank ", lora_B.size(1),
+              " but lora_A has rank ", lora_A.size(0));
+  check_weight(weight, bias, x, lora_B.size(0), op);
+  check_scale(scale, op);
+}
+
+inline void check_lora_dy_products(const at::Tensor& dy, const at::Tensor& xa, const at::Tensor& lora_B,
+                                   double scale) {
+  check_matrix(dy, "lora_dy_products", "dy");
+  check_dy_products(dy, xa, lora_B);
+  check_scale(scale, "lora_dy_products");
+}
+
+inline void check_lora_grad_A(const at::Tensor& x, const at::Tensor& dxa, double p,
+                              const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
+  const char* op = "lora_grad_A";
+  check_matrix(x, op, "x");
+  check_dxa(dxa, x, dxa.size(1), op);
+  check_rank(dxa.size(1), op);
+  check_dropout(p, seed, x, op);
+  TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
+}
+
+inline void check_lora_grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,
+                              const at::Tensor& lora_A, double p, const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_grad_x";
+  check_matrix(dy, op, "dy");
+  check_matrix(weight, op, "weight");
+  check_matrix(lora_A, op, "lora_A");
+  check_same_device(weight, dy, op, "weight");
+  check_same_device(lora_A, dy, op, "lora_A");
+  TORCH_CHECK(weight.scalar_type() == dy.scalar_type(), "fastlora.lora_grad_x: weight is ", weight.scalar_type(),
+              " but dy is ", dy.scalar_type());
+  TORCH_CHECK(weight.size(0) == dy.size(1), "fastlora.lora_grad_x: weight has ", weight.size(0),
+              " output features but dy has ", dy.size(1));
+  TORCH_CHECK(lora_A.size(1) == weight.size(1), "fastlora.lora_grad_x: lora_A has ", lora_A.size(1),
+              " input features but weight has ", weight.size(1));
+  check_rank(lora_A.size(0), op);
+  check_dxa(dxa, dy, lora_A.size(0), op);
+  check_dropout(p, seed, dy, op);
+}
+
+inline void check_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
+  check_dropout(p, seed, seed, "dropout_mask");
+}
+
 }  // namespace fastlora::ops

@@ -17,6 +17,7 @@ namespace fastlora::ops {
 namespace {
 
 using cpu::ConstMat;
+using cpu::DType;
 
 DropoutParams dropout_params(double p, const std::optional<at::Tensor>& seed) {
   return p > 0.0 ? make_dropout(p, seed->item<int64_t>()) : DropoutParams{};
@@ -49,7 +50,7 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& w_prepared, int64_t n,
   const auto& k = cpu::kernels();
   at::parallel_for(0, u.size(0), row_grain(n), [&](int64_t b, int64_t e) {
     k.expand(um, w_prepared.data_ptr(), w_prepared.stride(0), bias_ptr, bm ? &*bm : nullptr, d,
-             kernel_dtype(dtype), out.data_ptr(), n, b, e);
+             kernel_dtype<DType>(dtype), out.data_ptr(), n, b, e);
   });
   return out;
 }
@@ -63,13 +64,8 @@ at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p
 
 at::Tensor lora_up_cpu(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& lora_B,
                        double scale) {
-  check_matrix(y, "lora_up", "y");
+  check_lora_up(y, xa, lora_B, scale);
   check_cpu(y, "lora_up");
-  check_up(xa, lora_B, y.scalar_type(), y.size(0), "lora_up");
-  check_same_device(xa, y, "lora_up", "xa");
-  check_scale(scale, "lora_up");
-  TORCH_CHECK(lora_B.size(0) == y.size(1), "fastlora.lora_up: lora_B has ", lora_B.size(0),
-              " output features but y has ", y.size(1));
   const auto w = prepare(lora_B.t(), acc_type(y.scalar_type()), scale);
   return expand(xa, w, y.size(1), std::nullopt, &y, DropoutParams{}, y.scalar_type());
 }
@@ -80,15 +76,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
                                                     const at::Tensor& lora_B, double scale,
                                                     double p,
                                                     const std::optional<at::Tensor>& seed) {
-  const char* op = "lora_forward";
-  check_down(x, lora_A, p, seed, op);
-  check_cpu(x, op);
-  check_matrix(lora_B, op, "lora_B");
-  check_same_device(lora_B, x, op, "lora_B");
-  TORCH_CHECK(lora_B.size(1) == lora_A.size(0), "fastlora.lora_forward: lora_B has rank ",
-              lora_B.size(1), " but lora_A has rank ", lora_A.size(0));
-  check_weight(weight, bias, x, lora_B.size(0), op);
-  check_scale(scale, op);
+  check_lora_forward(x, weight, bias, lora_A, lora_B, scale, p, seed);
+  check_cpu(x, "lora_forward");
   auto xa = down(x, lora_A, p, seed);
   // The rank-r term and the bias form the C operand of a beta = 1 GEMM: no extra pass over y.
   const auto w = prepare(lora_B.t(), acc_type(x.scalar_type()), scale);
@@ -100,11 +89,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
                                                         const at::Tensor& xa,
                                                         const at::Tensor& lora_B, double scale) {
-  const char* op = "lora_dy_products";
-  check_matrix(dy, op, "dy");
-  check_cpu(dy, op);
-  check_dy_products(dy, xa, lora_B);
-  check_scale(scale, op);
+  check_lora_dy_products(dy, xa, lora_B, scale);
+  check_cpu(dy, "lora_dy_products");
   const int64_t T = dy.size(0), out = dy.size(1), rb = lora_B.size(1), rx = xa.size(1);
   const auto acc = acc_type(dy.scalar_type());
   const auto bm = prepare(lora_B, acc);
@@ -126,13 +112,8 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
 
 at::Tensor lora_grad_A_cpu(const at::Tensor& x, const at::Tensor& dxa, double p,
                            const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
-  const char* op = "lora_grad_A";
-  check_matrix(x, op, "x");
-  check_cpu(x, op);
-  check_dxa(dxa, x, dxa.size(1), op);
-  check_rank(dxa.size(1), op);
-  check_dropout(p, seed, x, op);
-  TORCH_CHECK(is_supported_float(dtype), "fastlora.lora_grad_A: unsupported dtype ", dtype);
+  check_lora_grad_A(x, dxa, p, seed, dtype);
+  check_cpu(x, "lora_grad_A");
   const int64_t r = dxa.size(1), n = x.size(1);
   const int64_t ld = cpu::round_up(n, cpu::kPad);
   const auto dxa_c = dxa.contiguous();
@@ -149,22 +130,8 @@ at::Tensor lora_grad_A_cpu(const at::Tensor& x, const at::Tensor& dxa, double p,
 at::Tensor lora_grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dxa,
                            const at::Tensor& lora_A, double p,
                            const std::optional<at::Tensor>& seed) {
-  const char* op = "lora_grad_x";
-  check_matrix(dy, op, "dy");
-  check_cpu(dy, op);
-  check_matrix(weight, op, "weight");
-  check_matrix(lora_A, op, "lora_A");
-  check_same_device(weight, dy, op, "weight");
-  check_same_device(lora_A, dy, op, "lora_A");
-  TORCH_CHECK(weight.scalar_type() == dy.scalar_type(), "fastlora.lora_grad_x: weight is ",
-              weight.scalar_type(), " but dy is ", dy.scalar_type());
-  TORCH_CHECK(weight.size(0) == dy.size(1), "fastlora.lora_grad_x: weight has ", weight.size(0),
-              " output features but dy has ", dy.size(1));
-  TORCH_CHECK(lora_A.size(1) == weight.size(1), "fastlora.lora_grad_x: lora_A has ",
-              lora_A.size(1), " input features but weight has ", weight.size(1));
-  check_rank(lora_A.size(0), op);
-  check_dxa(dxa, dy, lora_A.size(0), op);
-  check_dropout(p, seed, dy, op);
+  check_lora_grad_x(dy, weight, dxa, lora_A, p, seed);
+  check_cpu(dy, "lora_grad_x");
   const auto a = prepare(lora_A, acc_type(dy.scalar_type()));
   auto dx = expand(dxa.contiguous(), a, weight.size(1), std::nullopt, nullptr,
                    dropout_params(p, seed), dy.scalar_type());
@@ -192,9 +159,8 @@ void accumulate_outer_cpu(at::Tensor& acc, const at::Tensor& dy, const at::Tenso
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "fastlora.dropout_mask: rows and cols must be >= 0");
+  check_dropout_mask(seed, rows, cols, p);
   check_cpu(seed, "dropout_mask");
-  check_dropout(p, seed, seed, "dropout_mask");
   auto mask = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   const DropoutParams d = dropout_params(p, seed);
   bool* out = mask.data_ptr<bool>();

@@ -9,23 +9,11 @@
 #include <algorithm>
 
 #include "kernels/cpu/lora_cpu.h"
+#include "ops/kernel_args.h"
 
 namespace fastlora::ops {
 
-inline cpu::DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kDouble: return cpu::DType::f64;
-    case at::kFloat: return cpu::DType::f32;
-    case at::kBFloat16: return cpu::DType::bf16;
-    case at::kHalf: return cpu::DType::f16;
-    default: TORCH_CHECK(false, "fastlora: unsupported dtype ", s);
-  }
-}
-
-inline cpu::ConstMat mat(const at::Tensor& t) {
-  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1),
-          kernel_dtype(t.scalar_type())};
-}
+inline cpu::ConstMat mat(const at::Tensor& t) { return kernel_matrix<cpu::ConstMat>(t); }
 
 inline void check_cpu(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "fastlora.", op, ": the CPU kernel got a tensor on ",

@@ -15,10 +15,12 @@ import torch  # noqa: F401  (the compiled extension needs torch's libraries load
 from . import init, ops, optim, reference
 from ._extension import (
     cpu_isa,
+    cuda_layer_kernels,
     extension_available,
     extension_error,
     get_backend,
     set_backend,
+    set_cuda_layer_kernels,
     use_backend,
 )
 from .functional import lora_linear
@@ -39,6 +41,7 @@ __all__ = [
     "adapter_state_dict",
     "collect_gradients",
     "cpu_isa",
+    "cuda_layer_kernels",
     "extension_available",
     "export_peft",
     "extension_error",
@@ -56,6 +59,7 @@ __all__ = [
     "reference",
     "save_adapter",
     "set_backend",
+    "set_cuda_layer_kernels",
     "trainable_parameters",
     "unmerge",
     "use_backend",

@@ -102,9 +102,44 @@ def _kernel_table() -> dict[tuple[str, str], bool]:
 _kernels = _kernel_table()
 
 
-def has_kernel(op: str, device_type: str) -> bool:
-    """Whether ``torch.ops.fastlora.<op>`` has a kernel for ``device_type`` ("cpu", "cuda")."""
+# The layer's CUDA kernels are compiled and registered (torch.ops.fastlora.* runs them on CUDA
+# tensors), but fastlora's own callers (the layer, the gradient engine) use them only when
+# switched on: they stay experimental until benchmarks/gpu_check.sh has validated them on a GPU.
+# CUDA kernels not yet validated on a GPU: used only when switched on (set_cuda_layer_kernels).
+_CUDA_LAYER_OPS = frozenset(
+    ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "lora_pro_moments")
+)
+_cuda_layer_kernels = _env_flag("FASTLORA_CUDA_LAYER")
+
+
+def compiled_kernel(op: str, device_type: str) -> bool:
+    """Whether the extension registered a kernel of ``torch.ops.fastlora.<op>`` for ``device_type``."""
     return _kernels.get((op, device_type), False)
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether fastlora routes ``op`` on ``device_type`` ("cpu", "cuda") to a compiled kernel."""
+    if device_type == "cuda" and op in _CUDA_LAYER_OPS and not _cuda_layer_kernels:
+        return False
+    return compiled_kernel(op, device_type)
+
+
+def cuda_layer_kernels() -> bool:
+    """Whether the layer's experimental CUDA kernels are switched on (see :func:`set_cuda_layer_kernels`)."""
+    return _cuda_layer_kernels
+
+
+def set_cuda_layer_kernels(enabled: bool) -> bool:
+    """Switches the layer's CUDA kernels (and LoRA-Pro's moment kernel) on or off; returns the
+    previous setting.
+
+    Off by default (``FASTLORA_CUDA_LAYER=1`` turns it on at import): CUDA tensors then run the
+    PyTorch reference path. The kernels are experimental until ``benchmarks/gpu_check.sh`` has
+    validated them on a GPU.
+    """
+    global _cuda_layer_kernels
+    previous, _cuda_layer_kernels = _cuda_layer_kernels, bool(enabled)
+    return previous
 
 
 def note_python_kernel(op: str, device_type: str) -> None:
