@@ -3,7 +3,8 @@
 # fastlora there and, with the experimental CUDA layer kernels switched on
 # (FASTLORA_CUDA_LAYER=1), runs the GPU tests, the layer benchmark, a quick subset of the GPU
 # tests under compute-sanitizer memcheck (caching allocator off, so every tensor is its own
-# allocation) and racecheck (shared-memory hazards), the gradient benchmark and the CPU tests.
+# allocation) and racecheck (shared-memory hazards), the gradient, optimizer and whole-model
+# benchmarks and the CPU tests.
 # Prints a pass/fail table and the layer benchmark's acceptance table last. Needs no network.
 # Every step has a time limit, so the run ends within GPU_CHECK_BUDGET seconds with its summary.
 #   FASTLORA_CUDA_ARCHS  architectures to build (default 90a: quick, H100/H200 only)
@@ -49,6 +50,8 @@ step racecheck 90 env FASTLORA_QUICK_TESTS=1 compute-sanitizer --tool racecheck 
   "${pytest_cuda[@]}" -x tests/cuda/test_cuda_layer.py -k "test_ops_match_reference and (T33- or T257- or T100- or T2000-)"
 step gradients 90 python3 benchmarks/gradients.py --out "$out"
 step optim 90 python3 benchmarks/optim.py --out "$out"
+# Issue 8: ~1B-parameter Llama-style training step, fastlora vs PEFT (default and bf16) vs plain.
+step model 120 python3 benchmarks/model.py --out "$out"
 step cpu-tests 200 "${pytest_cuda[@]}" tests -x --ignore=tests/cuda
 
 echo
@@ -56,6 +59,10 @@ device="$(python3 -c 'import torch; print(torch.cuda.get_device_name(0), "torch"
 echo "gpu_check summary ($device)"
 printf '%-10s %s\n' step result
 for i in "${!names[@]}"; do printf '%-10s %s\n' "${names[$i]}" "${results[$i]}"; done
+if [ -f "$out/model.log" ]; then
+  echo
+  tail -n 18 "$out/model.log"
+fi
 if [ -f "$out/layer.log" ]; then
   echo
   sed -n '/^issue 3 acceptance/,$p' "$out/layer.log"

