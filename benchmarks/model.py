@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, format_table, write_json  # noqa: E402
-from gradients import PRESETS, PeakMemory, build_model, make_batches  # noqa: E402
+from gradients import PeakMemory, build_model, make_batches  # noqa: E402
 from layer_cpu import PlainLoRA  # noqa: E402
 
 import fastlora  # noqa: E402

@@ -229,7 +229,7 @@ def peak_mib(device: torch.device) -> float:
 # ---- methods -----------------------------------------------------------------------------------------
 
 
-def prepare(method: Method, model: nn.Module, calib: list[dict], lr: float, steps: int):
+def prepare(method: Method, model: nn.Module, calib: list[dict], lr: float):
     """Sets up the model for the method; returns the optimizer and the parameters it trains."""
     if method.init is None:
         for p in model.parameters():
@@ -277,7 +277,7 @@ def run_one(name: str, seed: int, lr: float, args, data: dict[str, Encoded], dev
     calib = [next(train_batches(data["train"], args.batch_size, 10_000 + seed + i, device))
              for i in range(args.calibration_batches)]
     t0 = time.perf_counter()
-    optimizer, params = prepare(method, model, calib, lr, args.steps)
+    optimizer, params = prepare(method, model, calib, lr)
     run.init_seconds = time.perf_counter() - t0
     run.trainable_params = sum(p.numel() for p in params)
     scheduler = warmup_linear(optimizer, args.steps)
