@@ -20,7 +20,6 @@ pretrained model is measured by benchmarks/sketch_quality.py.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, format_table, write_json  # noqa: E402
 
 import fastlora  # noqa: E402
+from fastlora.examples.memory import PeakMemory  # noqa: E402
 
 PRESETS = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, batch, seq)
@@ -60,34 +60,6 @@ def make_batches(preset: str, n: int, device: torch.device) -> list[dict]:
         ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
         out.append({"input_ids": ids, "labels": ids})
     return out
-
-
-class PeakMemory:
-    """Peak device memory on a GPU, peak resident set size of this process on a CPU (reset with
-    /proc/self/clear_refs so each variant is measured on its own)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-        return float("nan")
 
 
 def projection_weights(model) -> dict[str, torch.nn.Parameter]:

