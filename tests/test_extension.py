@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora._extension import has_kernel
 from conftest import requires_extension
 
 BLOCK_EXTENSION = """
@@ -84,6 +85,10 @@ def test_reference_backend_switch_gives_the_same_layer():
     with fastlora.use_backend("reference"):
         assert fastlora.get_backend() == "reference"
         slow = fastlora.lora_linear(x, *args)
+        # Every caller routes through has_kernel, the gradient engine included.
+        assert not any(has_kernel(op, "cpu") for op in ("lora_forward", "lora_pro_moments", "accumulate_outer"))
+        assert fastlora.gradients._op("accumulate_outer", x.device) is fastlora.reference.accumulate_outer
+    assert has_kernel("lora_forward", "cpu")
     assert fastlora.get_backend() == "auto"
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unknown backend"):

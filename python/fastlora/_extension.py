@@ -105,7 +105,6 @@ _kernels = _kernel_table()
 # The layer's CUDA kernels are compiled and registered (torch.ops.fastlora.* runs them on CUDA
 # tensors), but fastlora's own callers (the layer, the gradient engine) use them only when
 # switched on: they stay experimental until benchmarks/gpu_check.sh has validated them on a GPU.
-# CUDA kernels not yet validated on a GPU: used only when switched on (set_cuda_layer_kernels).
 _CUDA_LAYER_OPS = frozenset(
     ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "lora_pro_moments")
 )
@@ -118,7 +117,10 @@ def compiled_kernel(op: str, device_type: str) -> bool:
 
 
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether fastlora routes ``op`` on ``device_type`` ("cpu", "cuda") to a compiled kernel."""
+    """Whether fastlora routes ``op`` on ``device_type`` ("cpu", "cuda") to a compiled kernel: it
+    is compiled, the backend is not "reference", and (CUDA layer ops) they are switched on."""
+    if _backend == "reference":
+        return False
     if device_type == "cuda" and op in _CUDA_LAYER_OPS and not _cuda_layer_kernels:
         return False
     return compiled_kernel(op, device_type)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_available, get_backend, has_kernel, note_python_kernel
+from ._extension import extension_available, has_kernel, note_python_kernel
 
 __all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
 
@@ -49,7 +49,7 @@ def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
 def lora_pro_kernel_applies(exp_avg: Tensor, r: int) -> bool:
     """Whether :func:`lora_pro_moments` runs a compiled kernel for these moments and rank."""
     device = exp_avg.device.type
-    if get_backend() == "reference" or not has_kernel("lora_pro_moments", device):
+    if not has_kernel("lora_pro_moments", device):
         return False
     return device != "cuda" or r <= _CUDA_LORA_PRO_MAX_RANK.get(exp_avg.dtype, 0)
 
