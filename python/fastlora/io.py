@@ -345,9 +345,9 @@ def export_peft(
         ranks[name], alphas[name] = r, alpha
         rslora.add(use_rslora)
         dropouts.add(layer.lora_dropout)
-    if len(rslora) > 1:  # mixed: express every scale as alpha / r
+    if len(rslora) > 1:  # mixed (never with fold_scaling): express every scale as alpha / r
         for name, layer in layers.items():
-            alphas[name] = layers[name].scaling * ranks[name] if not fold_scaling else float(ranks[name])
+            alphas[name] = layer.scaling * ranks[name]
         rslora = {False}
     extras = _trainable_extras(model)
     save_modules = sorted({n.rpartition(".")[0] for n in extras})
@@ -373,8 +373,6 @@ def export_peft(
         "inference_mode": True,
         "use_dora": False,
     }
-    if fold_scaling:
-        config["alpha_pattern"] = dict(config["rank_pattern"])  # lora_alpha = r everywhere
 
     def write(tmp: Path) -> None:
         _save_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
