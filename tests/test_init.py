@@ -163,7 +163,7 @@ def test_gradient_init_argument_errors():
     stats = fastlora.collect_gradients(model, batches, ["1"], loss_fn=loss_fn, progress=False)
     with pytest.raises(ValueError, match="needs gradients"):
         fastlora.inject(model, "all-linear", init="lora_ga")
-    with pytest.raises(ValueError, match=r"no entry for target layers \['3', '5'\]"):
+    with pytest.raises(ValueError, match=r"no gradient for LoRA layers \['3', '5'\]"):
         fastlora.inject(model, "all-linear", init="gora", gradients=stats)
     with pytest.raises(ValueError, match="direction must be one of"):
         fastlora.inject(model, ["1"], r=2, init="lora_ga", gradients=stats, init_config={"direction": "up"})

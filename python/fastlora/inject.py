@@ -130,25 +130,18 @@ def inject(
 def _gradient_init(init: str, plan: list, gradients, init_config, r: int) -> Callable[[nn.Module], Any]:
     """Checks a LoRA-GA / GoRA init against the planned layers before the model changes, and
     returns the function that applies it once the layers exist."""
-    from .gradients import GradientStats
     from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
+    from .init.common import check_gradients
+    from .init.lora_ga import rank_fits
 
-    if not isinstance(gradients, GradientStats):
-        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
     names = [name for name, *_ in plan]
-    missing = [n for n in names if n not in gradients]
-    if missing:
-        raise ValueError(f"gradients has no entry for target layers {missing[:4]}: collect them with the same targets")
+    check_gradients(gradients, names)
     options = dict(init_config or {})
     if init == "lora_ga":
         cfg = LoraGAConfig(**options)
         cfg.validate()
-        if cfg.fallback == "error":
-            for name, module, layer_r, _ in plan:
-                if 2 * layer_r > min(module.in_features, module.out_features):
-                    raise ValueError(f"LoRA-GA needs 2r <= min(in, out): layer {name} has r={layer_r} and shape "
-                                     f"{module.out_features}x{module.in_features}; lower its rank (rank_pattern) or "
-                                     "pass init_config={'fallback': 'lora'}")
+        for name, module, layer_r, _ in plan:
+            rank_fits(name, layer_r, module.out_features, module.in_features, cfg)
         return lambda model: lora_ga(model, gradients, cfg, layers=names)
     options.setdefault("r_ref", r)
     cfg = GoRAConfig(**options)

@@ -14,8 +14,7 @@ from ..layer import LoRALinear
 def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: GradientStats) -> dict[str, LoRALinear]:
     """The model's LoRA layers (all, or those named), unmerged and covered by ``gradients``;
     clear errors otherwise."""
-    if not isinstance(gradients, GradientStats):
-        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
+    check_gradients(gradients, [] if names is None else names)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
@@ -28,7 +27,15 @@ def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: Grad
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
-    missing = [n for n in layers if n not in gradients]
-    if missing:
-        raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them")
+    check_gradients(gradients, layers)
     return layers
+
+
+def check_gradients(gradients: GradientStats, names: Iterable[str]) -> None:
+    """Raises unless ``gradients`` is a :class:`GradientStats` with an entry for every name."""
+    if not isinstance(gradients, GradientStats):
+        raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
+    missing = [n for n in names if n not in gradients]
+    if missing:
+        raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them "
+                         "(the same targets as inject)")

@@ -91,6 +91,17 @@ def _model_output(model: nn.Module, batch: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def rank_fits(name: str, r: int, out_features: int, in_features: int, cfg: LoraGAConfig) -> bool:
+    """Whether LoRA-GA's rank-2r split fits the layer; with ``fallback="error"`` a misfit raises."""
+    if 2 * r <= min(in_features, out_features):
+        return True
+    if cfg.fallback == "error":
+        raise ValueError(f"LoRA-GA needs 2r <= min(in, out): layer {name} has r={r} and shape "
+                         f"{out_features}x{in_features}; lower its rank (rank_pattern) or pass "
+                         "init_config={'fallback': 'lora'} (inject) / fallback='lora' (LoraGAConfig)")
+    return False
+
+
 @torch.no_grad()
 def lora_ga(
     model: nn.Module,
@@ -130,11 +141,7 @@ def lora_ga(
                            "its offset): start again from the original model")
     plans = {}
     for name, layer in layers.items():
-        if 2 * layer.r > min(layer.in_features, layer.out_features):
-            if cfg.fallback == "error":
-                raise ValueError(f"LoRA-GA needs 2r <= min(in, out): layer {name} has r={layer.r} and shape "
-                                 f"{layer.out_features}x{layer.in_features}; lower its rank (rank_pattern) or pass "
-                                 "fallback='lora'")
+        if not rank_fits(name, layer.r, layer.out_features, layer.in_features, cfg):
             plans[name] = None
         else:
             plans[name] = layer
