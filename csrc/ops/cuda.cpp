@@ -232,9 +232,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cuda(
               " for float32/bfloat16 moments, ", fastlora::cuda::kLoraProMaxRankF64,
               " for float64); the optimizer runs larger ranks on the reference path");
   auto workspace = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
-  check_launch(fastlora::cuda::launch_lora_pro_moments(a, workspace.data_ptr(), device,
-                                                       c10::cuda::getCurrentCUDAStream()),
-               op);
+  check_launch(fastlora::cuda::launch_lora_pro_moments(a, workspace.data_ptr(), device, stream()), op);
   return {grad_A, grad_B};
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "lora_pro_moments.cuh"
+#include "smem.cuh"
 
 namespace fastlora::cuda {
 namespace {
@@ -297,9 +298,8 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   k.eps = static_cast<Acc>(s.eps);
   Acc* pw = static_cast<Acc*>(workspace);
   Acc* qw = pw + p.grid_y * a.r * a.cols;
-  cudaError_t err = cudaFuncSetAttribute(moments_kernel<M, Acc>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(p.smem));
+  // The limit every plan stays under, so one opt-in per device serves every rank.
+  cudaError_t err = allow_smem<moments_kernel<M, Acc>>(kSmemLimit);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   moments_kernel<M, Acc><<<grid, kThreads, p.smem, stream>>>(a, k, p.rt, p.ct, pw, qw);
