@@ -38,6 +38,7 @@ inline int emu_sm_count = 132;
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sm_count; return 0; }
 template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
 inline cudaError_t cudaGetLastError() { return 0; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
 // kernel<<<grid, threads, smem, stream>>>(args) becomes emu_launch(grid, threads, smem, [&] { kernel(args); }).
 inline void emu_launch(dim3 grid, unsigned threads, size_t smem, const std::function<void()>& body) {
   gridDim = grid; blockDim = dim3(threads);

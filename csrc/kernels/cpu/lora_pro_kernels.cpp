@@ -54,12 +54,7 @@ void moments_impl(const LoraProMoments& p, void* grad_a_, int64_t ldga, int64_t 
   Acc* grad_b = static_cast<Acc*>(p.grad_b);
   M* exp_avg = static_cast<M*>(p.exp_avg);
   M* exp_avg_sq = static_cast<M*>(p.exp_avg_sq);
-  const LoraProScalars& s = p.s;
-  const Acc b1 = static_cast<Acc>(s.beta1), c1 = static_cast<Acc>(1.0 - s.beta1);
-  const Acc b2 = static_cast<Acc>(s.beta2), c2 = static_cast<Acc>(1.0 - s.beta2);
-  const Acc inv_bc1 = static_cast<Acc>(1.0 / s.bias_correction1);
-  const Acc inv_sqrt_bc2 = static_cast<Acc>(1.0 / sqrt_acc(s.bias_correction2));
-  const Acc eps = static_cast<Acc>(s.eps), scale = static_cast<Acc>(s.scale);
+  const auto [scale, b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps] = lora_pro_coefficients<Acc>(p.s);
   const ConstMat u{p.u, p.rows, r2, r2, 1, acc_dtype<Acc>()};
 
   // v regrouped so that each group of kGroup columns is a contiguous 2r x kGroup block: the

@@ -69,11 +69,6 @@ __device__ __forceinline__ void load4(const double* p, double out[4]) {
   out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
 }
 
-template <class Acc>
-struct Coefficients {
-  Acc scale, b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps;
-};
-
 // dst[i * si + jj * sj] = u[row0 + i, j0 + jj] for the tile's kTM rows and a kRC-wide chunk of
 // columns, zero beyond `rows` or column `limit` (u: rows x ld, row-major).
 template <class Acc>
@@ -107,7 +102,7 @@ size_t smem_bytes(int64_t r, int rt) {
 
 template <class M, class Acc>
 __global__ void __launch_bounds__(kThreads)
-    moments_kernel(LoraProMomentsArgs a, Coefficients<Acc> k, int rt, int ct, Acc* __restrict__ pw,
+    moments_kernel(LoraProMomentsArgs a, LoraProCoefficients<Acc> k, int rt, int ct, Acc* __restrict__ pw,
                    Acc* __restrict__ qw) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t rows = a.rows, cols = a.cols;
@@ -286,16 +281,7 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   const Plan p = plan_for<Acc>(a, device);
   if (p.rt == 0 || p.grid_y > 65535) return cudaErrorInvalidValue;
   if (a.rows == 0 || a.cols == 0) return cudaSuccess;
-  const LoraProScalars& s = a.s;
-  Coefficients<Acc> k;
-  k.scale = static_cast<Acc>(s.scale);
-  k.b1 = static_cast<Acc>(s.beta1);
-  k.c1 = static_cast<Acc>(1.0 - s.beta1);
-  k.b2 = static_cast<Acc>(s.beta2);
-  k.c2 = static_cast<Acc>(1.0 - s.beta2);
-  k.inv_bc1 = static_cast<Acc>(1.0 / s.bias_correction1);
-  k.inv_sqrt_bc2 = static_cast<Acc>(1.0 / __builtin_sqrt(s.bias_correction2));
-  k.eps = static_cast<Acc>(s.eps);
+  const auto k = lora_pro_coefficients<Acc>(a.s);
   Acc* pw = static_cast<Acc*>(workspace);
   Acc* qw = pw + p.grid_y * a.r * a.cols;
   // The limit every plan stays under, so one opt-in per device serves every rank.
@@ -309,7 +295,7 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
   const int64_t blocks = ceil_div(outputs, kThreads);
   reduce_kernel<Acc><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kThreads, 0,
                        stream>>>(pw, p.grid_y, qw, p.grid_x, a.r, a.rows, a.cols,
-                                 static_cast<Acc>(s.scale), static_cast<Acc*>(a.grad_a),
+                                 k.scale, static_cast<Acc*>(a.grad_a),
                                  static_cast<Acc*>(a.grad_b));
   return cudaGetLastError();
 }
