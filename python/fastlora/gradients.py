@@ -216,7 +216,7 @@ class _ExactUpdate:
     def __init__(self, weight: Tensor, pool: _StagingPool | None) -> None:
         out_f, in_f = weight.shape
         self.pool = pool
-        self.device = device = weight.device
+        device = weight.device
         pin = pool is not None and device.type == "cuda"
         acc_device = "cpu" if pool is not None else device
         dtype = reference.accumulation_dtype(weight.dtype)
