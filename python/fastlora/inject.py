@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .layer import INITS, LoRALinear, validate_lora_config
+from .functional import SUPPORTED_DTYPES
+from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
+from .init.common import check_gradients
+from .init.lora_ga import rank_fits
+from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 
 __all__ = [
@@ -77,6 +81,7 @@ def inject(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    refuse_peft_model(model)
     gradient_init = init in GRADIENT_INITS
     if init not in INITS and not gradient_init:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS}")
@@ -85,73 +90,129 @@ def inject(
                          "targets), then inject(..., gradients=stats)")
     if not gradient_init and (gradients is not None or init_config is not None):
         raise ValueError("gradients and init_config apply to init='lora_ga' or init='gora' only")
+    if adapter_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"adapter_dtype must be one of {SUPPORTED_DTYPES}, got {adapter_dtype}")
     if use_rslora is None:
         use_rslora = gradient_init
     for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules)):
         if value is not None:
             check_targets(value, what)
-    plan: list[tuple[str, nn.Linear, int, float]] = []
-    for name, module in find_linear_targets(model, target_modules, exclude_modules):
-        layer_r = pattern_value(name, rank_pattern, r)
-        layer_alpha = pattern_value(name, alpha_pattern, lora_alpha)
-        validate_lora_config(layer_r, layer_alpha, lora_dropout, module.in_features, module.out_features, where=name)
-        plan.append((name, module, layer_r, layer_alpha))
-
-    init_fn = _gradient_init(init, plan, gradients, init_config, r) if gradient_init else None
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, module, layer_r, layer_alpha in plan:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LoRALinear(
-            module,
-            r=layer_r,
-            lora_alpha=layer_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            adapter_dtype=adapter_dtype,
-            init="lora" if gradient_init else init,
-            generator=generator,
-        )
-        setattr(parent, child, lora)
-    if trainable_modules is not None:
-        for name, module in model.named_modules():
-            if name and name_matches(name, trainable_modules):
-                for param in module.parameters():
-                    param.requires_grad_(True)
-    if init_fn is not None:
-        init_fn(model)
+    found = find_linear_targets(model, target_modules, exclude_modules)
+    check_generator(generator, found[0][1].weight.device)
+    configs: dict[str, AdapterConfig] = {}
+    for name, module in found:
+        check_base_layer(module, name)
+        config = AdapterConfig(pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, lora_alpha),
+                               lora_dropout, use_rslora, "lora" if gradient_init else init)
+        config.check(module.in_features, module.out_features, name)
+        configs[name] = config
+    init_fn = _gradient_init(init, found, configs, gradients, init_config, r) if gradient_init else None
+    add_layers(model, configs, adapter_dtype, generator, trainable_modules, init_fn)
     ranks = sorted({layer.r for layer in lora_layers(model).values()})
-    logger.info("fastlora: added adapters to %d linear layers (init %s, ranks %s)", len(plan), init, ranks)
+    logger.info("fastlora: added adapters to %d linear layers (init %s, ranks %s)", len(configs), init, ranks)
     return model
 
 
-def _gradient_init(init: str, plan: list, gradients, init_config, r: int) -> Callable[[nn.Module], Any]:
+def refuse_peft_model(model: nn.Module) -> None:
+    """ValueError if PEFT has wrapped ``model`` (fastlora would wrap PEFT's own layers)."""
+    wrapped = [name or type(model).__name__ for name, m in model.named_modules()
+               if type(m).__module__.split(".")[0] == "peft"]
+    if wrapped:
+        raise ValueError(
+            f"this model is wrapped by PEFT ({wrapped[0]}); fastlora adapts plain models. Fold PEFT's adapter into "
+            "the base with model.merge_and_unload(), or load the adapter into the unwrapped base model with "
+            "fastlora.import_peft(base_model, adapter_dir)"
+        )
+
+
+def _tied_elsewhere(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{layer name: another parameter name} for layers whose weight is shared with another
+    module (a tied output head)."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    tied = {}
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.base_layer.weight if isinstance(module, LoRALinear) else module.weight
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(f"{name}.")]
+        if others:
+            tied[name] = others[0]
+    return tied
+
+
+def _refuse_tied(model: nn.Module, names: list[str], action: str) -> None:
+    tied = _tied_elsewhere(model, names)
+    if tied:
+        name, other = next(iter(tied.items()))
+        raise ValueError(
+            f"{name}'s weight is tied to {other}: {action} would change {other} too. Leave {name} out "
+            f"(exclude_modules), or untie it first: model.get_submodule({name!r}).weight = "
+            "nn.Parameter(its weight.detach().clone()) (and config.tie_word_embeddings = False for a Hugging Face model)"
+        )
+
+
+def add_layers(
+    model: nn.Module,
+    configs: Mapping[str, AdapterConfig],
+    adapter_dtype: torch.dtype | Mapping[str, torch.dtype],
+    generator: torch.Generator | None = None,
+    trainable_modules: Targets | None = None,
+    then: Callable[[nn.Module], Any] | None = None,
+) -> None:
+    """Wraps the ``nn.Linear`` modules named (exactly) in ``configs`` in :class:`LoRALinear`
+    (``adapter_dtype`` for all, or per name), then runs ``then(model)``. The first adapters of a model freeze every other parameter; later
+    ones leave the existing flags alone. On any error the model is restored as it was."""
+    _refuse_tied(model, list(configs), "training a LoRA on it and merging")
+    first = not lora_layers(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    replaced = []
+    try:
+        if first:
+            for param in model.parameters():
+                param.requires_grad_(False)
+        for name, config in configs.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = getattr(parent, child)
+            init = config.init if config.init in INITS else "lora"
+            dtype = adapter_dtype[name] if isinstance(adapter_dtype, Mapping) else adapter_dtype
+            lora = LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
+                              dtype, init, generator)
+            setattr(parent, child, lora)
+            replaced.append((parent, child, module))
+        if trainable_modules is not None:
+            for name, module in model.named_modules():
+                if name and name_matches(name, trainable_modules):
+                    for param in module.parameters():
+                        param.requires_grad_(True)
+        if then is not None:
+            then(model)
+    except BaseException:
+        for parent, child, module in reversed(replaced):
+            setattr(parent, child, module)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
+def _gradient_init(init: str, found: list, configs: dict[str, AdapterConfig], gradients, init_config,
+                   r: int) -> Callable[[nn.Module], Any]:
     """Checks a LoRA-GA / GoRA init against the planned layers before the model changes, and
     returns the function that applies it once the layers exist."""
-    from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
-    from .init.common import check_gradients
-    from .init.lora_ga import rank_fits
-
-    names = [name for name, *_ in plan]
+    names = list(configs)
     check_gradients(gradients, names)
     options = dict(init_config or {})
     if init == "lora_ga":
         cfg = LoraGAConfig(**options)
         cfg.validate()
-        for name, module, layer_r, _ in plan:
-            rank_fits(name, layer_r, module.out_features, module.in_features, cfg)
+        for name, module in found:
+            rank_fits(name, configs[name].r, module.out_features, module.in_features, cfg)
         return lambda model: lora_ga(model, gradients, cfg, layers=names)
     options.setdefault("r_ref", r)
     cfg = GoRAConfig(**options)
     cfg.validate()
     return lambda model: gora(model, gradients, cfg, layers=names)
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """All :class:`LoRALinear` modules of ``model`` by name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
@@ -167,6 +228,7 @@ def merge(model: nn.Module) -> nn.Module:
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"already merged: {merged[:4]}; call fastlora.unmerge(model) first")
+    _refuse_tied(model, list(layers), "merging")
     for layer in layers.values():
         layer.merge()
     return model

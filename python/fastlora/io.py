@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -29,9 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inject import inject, lora_layers
-from .layer import LoRALinear
-from .targets import pattern_value
+from .functional import SUPPORTED_DTYPES
+from .inject import add_layers, refuse_peft_model
+from .layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, lora_layers
+from .targets import name_matches, pattern_value
 
 __all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "AdapterFormatError"]
 
@@ -76,14 +79,52 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
+def _locked(fd: int, blocking: bool = True) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Removes temporary directories ``prefix*`` whose writer died (a live writer holds a lock on
+    its own; the caller holds the parent's lock, under which writers lock theirs)."""
+    for entry in parent.glob(f"{prefix}*"):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            if _locked(fd, blocking=False):
+                shutil.rmtree(entry, ignore_errors=True)
+                logger.info("fastlora: removed %s, left by an interrupted save", entry)
+        finally:
+            os.close(fd)
+
+
 def _write_directory(target: Path, write: Callable[[Path], None]) -> None:
     """Writes a directory's files with ``write(tmpdir)`` and puts them in place atomically; other
-    files already in ``target`` are kept."""
+    files already in ``target`` are kept. A symlink is written through (its target directory is
+    replaced); temporary directories left by killed saves of the same target are cleaned up."""
     target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    prefix = f".{target.name}.tmp-"
+    parent_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # under the parent's lock: a new directory is locked before anyone may look for stale ones
+        _locked(parent_fd)
+        _remove_stale(target.parent, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        _locked(tmp_fd)
+    finally:
+        os.close(parent_fd)  # closing releases the lock
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -106,6 +147,7 @@ def _write_directory(target: Path, write: Callable[[Path], None]) -> None:
         _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the old content after an exchange
+        os.close(tmp_fd)
 
 
 def _save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -173,10 +215,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         tensors[f"{name}.lora_A"] = layer.lora_A
         tensors[f"{name}.lora_B"] = layer.lora_B
-        has_offset = hasattr(layer, "lora_A0")
+        has_offset = layer.base_offset is not None
         if has_offset:
-            tensors[f"{name}.lora_A0"] = layer.lora_A0
-            tensors[f"{name}.lora_B0"] = layer.lora_B0
+            tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"] = layer.base_offset
         config["layers"][name] = {
             "r": layer.r,
             "lora_alpha": layer.lora_alpha,
@@ -206,6 +247,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _read_fastlora(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not path.is_dir():
+        raise AdapterFormatError(f"{path} is not an adapter directory")
     tensors, metadata = _load_safetensors(path / WEIGHTS)
     if "fastlora" not in metadata:
         raise AdapterFormatError(f"{path / WEIGHTS} has no fastlora configuration; for a PEFT adapter use import_peft")
@@ -213,84 +256,144 @@ def _read_fastlora(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         config = json.loads(metadata["fastlora"])
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{path / WEIGHTS}: unreadable configuration ({exc})") from exc
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
         raise AdapterFormatError(f"{path}: not a {FORMAT} v{VERSION} directory")
     return config, tensors
+
+
+def _field(cfg: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    """cfg[key] if it has the type ``kind`` (bool is not a number here), else AdapterFormatError."""
+    if key not in cfg:
+        if default is ...:
+            raise AdapterFormatError(f"{where}: '{key}' is missing")
+        return default
+    value = cfg[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise AdapterFormatError(f"{where}: '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def _adapter_config(r: Any, alpha: Any, dropout: Any, use_rslora: Any, init: str, in_f: int, out_f: int,
+                    where: str) -> AdapterConfig:
+    """The validated AdapterConfig, or AdapterFormatError saying what is wrong."""
+    try:
+        config = AdapterConfig(r, alpha, dropout, use_rslora, init)
+        config.check(in_f, out_f, where)
+    except (TypeError, ValueError) as exc:
+        raise AdapterFormatError(str(exc)) from None
+    return dataclasses.replace(config, lora_alpha=float(alpha), lora_dropout=float(dropout))
+
+
+def _saved_layers(config: dict[str, Any], path: Path) -> dict[str, tuple[AdapterConfig, int, int, torch.dtype, bool]]:
+    """name -> (config, in_features, out_features, adapter dtype, has a base offset), checked."""
+    layers = _field(config, "layers", dict, str(path))
+    if not layers:
+        raise AdapterFormatError(f"{path}: the adapter has no layers")
+    dtypes = {_dtype_name(d): d for d in SUPPORTED_DTYPES}
+    out = {}
+    for name, cfg in layers.items():
+        where = f"{path}: layer {name!r}"
+        if not isinstance(cfg, dict):
+            raise AdapterFormatError(f"{where}: its configuration is not a mapping")
+        in_f, out_f = _field(cfg, "in_features", int, where), _field(cfg, "out_features", int, where)
+        dtype = dtypes.get(_field(cfg, "adapter_dtype", str, where))
+        if dtype is None:
+            raise AdapterFormatError(f"{where}: adapter_dtype {cfg['adapter_dtype']!r} is not one of {list(dtypes)}")
+        init = _field(cfg, "init", str, where)
+        if init not in RECORDED_INITS:
+            raise AdapterFormatError(f"{where}: init {init!r} is not one of {RECORDED_INITS}")
+        adapter = _adapter_config(_field(cfg, "r", int, where), _field(cfg, "lora_alpha", (int, float), where),
+                                  _field(cfg, "lora_dropout", (int, float), where),
+                                  _field(cfg, "use_rslora", bool, where), init, in_f, out_f, where)
+        out[name] = (adapter, in_f, out_f, dtype, _field(cfg, "base_offset", bool, where, False))
+    trainable = _field(config, "trainable", list, str(path), [])
+    if not all(isinstance(n, str) for n in trainable):
+        raise AdapterFormatError(f"{path}: 'trainable' must list parameter names")
+    return out
+
+
+BASE_WEIGHTS = {None: "recorded", True: "original", False: "offset"}
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: bool | None = None) -> nn.Module:
     """Loads an adapter saved by :func:`save_adapter` into ``model`` and returns it.
 
-    A model without adapters gets them (``inject`` with the saved per-layer ranks and scales);
-    a model with adapters must have exactly the saved layers and shapes. Everything is checked
-    before anything changes: on any mismatch the model is left as it was.
+    A model without adapters gets them (on exactly the saved module names, with the saved ranks
+    and scales); a model with adapters must have exactly the saved layers, ranks and shapes, and
+    must not be merged. Afterwards the model computes the original base plus the loaded adapter,
+    whatever adapter it held before. Everything is checked before anything changes: on any
+    mismatch the model is left as it was.
 
-    ``apply_base_offset``: for LoRA-GA layers, subtract ``s·B0 A0`` from the base weight (needed
-    on the original base). ``None`` decides per layer: applied unless the layer already carries the
-    same ``A0`` (the base it belongs to already has it).
+    ``apply_base_offset`` (LoRA-GA layers store ``A0``, ``B0``; the base must hold ``W − s·B0 A0``):
+    ``None`` lets each layer's record decide (the offset it carries, if any, is replaced; nothing
+    moves if it is the same); ``True`` says the base weights are the original ones (the offset is
+    applied whatever is recorded); ``False`` says they already hold this adapter's offset (a
+    model saved whole after LoRA-GA, say).
     """
     path = Path(path)
+    if apply_base_offset not in BASE_WEIGHTS:
+        raise TypeError(f"apply_base_offset must be None, True or False, got {apply_base_offset!r}")
+    refuse_peft_model(model)
     config, tensors = _read_fastlora(path)
-    saved = config["layers"]
+    saved = _saved_layers(config, path)
     existing = lora_layers(model)
+    merged = [n for n, layer in existing.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before loading an adapter")
     modules = dict(model.named_modules())
     problems = []
     if existing and set(existing) != set(saved):
         problems.append(f"the model's LoRA layers {sorted(set(existing) ^ set(saved))[:4]} differ from the adapter's")
-    for name, cfg in saved.items():
+    for name, (cfg, in_f, out_f, _, has_offset) in saved.items():
         module = existing.get(name, modules.get(name))
         if not isinstance(module, (nn.Linear, LoRALinear)):
             problems.append(f"{name}: no such linear layer in the model")
             continue
-        if (module.in_features, module.out_features) != (cfg["in_features"], cfg["out_features"]):
+        if (module.in_features, module.out_features) != (in_f, out_f):
             problems.append(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
-                            f"the adapter's {cfg['out_features']}x{cfg['in_features']}")
-        if isinstance(module, LoRALinear) and module.r != cfg["r"]:
-            problems.append(f"{name}: rank {module.r} in the model, {cfg['r']} in the adapter")
-        expect = {"lora_A": (cfg["r"], cfg["in_features"]), "lora_B": (cfg["out_features"], cfg["r"])}
-        if cfg.get("base_offset"):
-            expect.update({"lora_A0": expect["lora_A"], "lora_B0": expect["lora_B"]})
-        for key, shape in expect.items():
-            t = tensors.get(f"{name}.{key}")
-            if t is None or tuple(t.shape) != shape:
-                problems.append(f"{name}.{key}: expected shape {shape}, found "
-                                f"{None if t is None else tuple(t.shape)}")
+                            f"the adapter's {out_f}x{in_f}")
+            continue
+        if isinstance(module, LoRALinear) and module.r != cfg.r:
+            problems.append(f"{name}: rank {module.r} in the model, {cfg.r} in the adapter (load it into the base model)")
+        if not isinstance(module, LoRALinear):
+            try:
+                check_base_layer(module, name)
+            except TypeError as exc:
+                problems.append(str(exc))
+        keys = ("lora_A", "lora_B") + (("lora_A0", "lora_B0") if has_offset else ())
+        shapes = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
+        shapes.update({"lora_A0": shapes["lora_A"], "lora_B0": shapes["lora_B"]})
+        try:
+            check_factors({k: tensors.get(f"{name}.{k}") for k in keys}, {k: shapes[k] for k in keys}, name)
+        except ValueError as exc:
+            problems.append(str(exc))
     params = _plain_parameters(model)  # the same Parameter objects after any injection below
     for name in config.get("trainable", []):
         t, p = tensors.get(f"trainable.{name}"), params.get(name)
         if t is None or p is None or t.shape != p.shape:
             problems.append(f"trainable parameter {name}: not in the model or the adapter, or shapes differ")
+        elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            problems.append(f"trainable parameter {name}: not finite floating-point values")
     if problems:
         raise AdapterFormatError(f"{path} does not fit this model: " + "; ".join(problems[:6]))
 
-    if not existing:
-        names = list(saved)
-        first = saved[names[0]]
-        inject(model, names, r=first["r"], lora_alpha=first["lora_alpha"], lora_dropout=first["lora_dropout"],
-               rank_pattern={n: c["r"] for n, c in saved.items()},
-               alpha_pattern={n: c["lora_alpha"] for n, c in saved.items()},
-               use_rslora=first["use_rslora"], adapter_dtype=getattr(torch, first["adapter_dtype"]),
-               trainable_modules=None)
-    layers = lora_layers(model)
-    for name, cfg in saved.items():
-        layer = layers[name]
-        layer.lora_alpha, layer.use_rslora, layer.lora_dropout = cfg["lora_alpha"], cfg["use_rslora"], cfg["lora_dropout"]
-        layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-        layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-        layer.init_method = cfg["init"]
-        if cfg.get("base_offset"):
-            a0, b0 = tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]
-            present = hasattr(layer, "lora_A0") and torch.equal(layer.lora_A0.cpu(), a0)
-            if apply_base_offset or (apply_base_offset is None and not present):
-                offset = layer.delta_weight(a0, b0)
-                w = layer.base_layer.weight
-                w.copy_((w.to(offset.dtype) - offset).to(w.dtype))
-            layer.register_buffer("lora_A0", a0.to(layer.lora_A.device, layer.lora_A.dtype), persistent=False)
-            layer.register_buffer("lora_B0", b0.to(layer.lora_B.device, layer.lora_B.dtype), persistent=False)
-    for name in config.get("trainable", []):
-        params[name].copy_(tensors[f"trainable.{name}"])
-        params[name].requires_grad_(True)
+    def apply(model: nn.Module) -> None:
+        layers = lora_layers(model)
+        for name, (cfg, *_, has_offset) in saved.items():
+            offset = (tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]) if has_offset else None
+            layers[name].set_adapter(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset,
+                                     BASE_WEIGHTS[apply_base_offset])
+        for name in config.get("trainable", []):
+            params[name].copy_(tensors[f"trainable.{name}"])
+            params[name].requires_grad_(True)
+
+    if existing:
+        apply(model)
+    else:
+        add_layers(model, {n: v[0] for n, v in saved.items()}, {n: v[3] for n, v in saved.items()}, then=apply)
     logger.info("fastlora: loaded %d LoRA layers from %s", len(saved), path)
     return model
 
@@ -302,9 +405,10 @@ def _peft_factors(layer: LoRALinear, fold_scaling: bool) -> tuple[Tensor, Tensor
     """(A, B, r, alpha, use_rslora) of a layer as PEFT stores it, relative to the original base:
     a LoRA-GA layer becomes the rank-2r adapter ``[B, −B0] [A; A0]``."""
     a, b, r, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.r, layer.scaling
-    if hasattr(layer, "lora_A0"):
-        a = torch.cat([a, layer.lora_A0.to(a.dtype)], dim=0)
-        b = torch.cat([b, -layer.lora_B0.to(b.dtype)], dim=1)
+    if layer.base_offset is not None:
+        a0, b0 = layer.base_offset
+        a = torch.cat([a, a0.to(a.dtype)], dim=0)
+        b = torch.cat([b, -b0.to(b.dtype)], dim=1)
         r = 2 * r
     if fold_scaling:
         return a, (b.float() * s).to(b.dtype), r, float(r), False
@@ -395,79 +499,151 @@ def _peft_layer_name(key: str) -> tuple[str, str] | None:
     return None
 
 
-@torch.no_grad()
-def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Loads a PEFT LoRA adapter directory (from ``save_pretrained`` or :func:`export_peft`) into
-    ``model`` (the base model, or one with matching fastlora adapters) and returns it.
+# init_lora_weights values whose adapters apply to the unchanged base model.
+PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Config fields of PEFT features that change what the adapter computes; fastlora has none of them.
+PEFT_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
+                    "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
+                    "kasa_config")
 
-    Supported: plain LoRA on linear layers, with ``rank_pattern`` / ``alpha_pattern``, rsLoRA and
-    ``modules_to_save``. Everything is checked before the model changes.
-    """
-    path = Path(path)
+
+def _read_peft_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json, checked for everything import_peft relies on (AdapterFormatError)."""
+    file = path / PEFT_CONFIG
+    if not path.is_dir() or not file.is_file():  # is_file: a FIFO or device would block the read
+        raise AdapterFormatError(f"{file} is missing or not a regular file")
     try:
-        config = json.loads((path / PEFT_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path / PEFT_CONFIG} is missing or unreadable ({exc})") from exc
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{file} is unreadable ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{file}: not a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterFormatError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "lora_bias") if config.get(k)]
+    unsupported = [k for k in PEFT_UNSUPPORTED if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:
         raise AdapterFormatError(f"{path}: PEFT features fastlora does not import: {unsupported}")
+    init = config.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(init, str) and init == v) for v in PEFT_PLAIN_INITS):
+        raise AdapterFormatError(
+            f"{path}: init_lora_weights={init!r} changes the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, ...), "
+            "so this adapter is only right on its adjusted base model. Convert it to a plain LoRA on the original "
+            "base with PEFT: save the trained model with save_pretrained(dir, "
+            "path_initial_model_for_weight_conversion=<the adapter as initialised>), then import that directory"
+        )
+    where = str(file)
+    _field(config, "r", int, where, 8)
+    _field(config, "lora_alpha", (int, float), where, 8)
+    _field(config, "lora_dropout", (int, float), where, 0.0)
+    _field(config, "use_rslora", bool, where, False)
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = _field(config, key, (dict, type(None)), where, None) or {}
+        for k, v in pattern.items():
+            _field(pattern, k, kind, f"{where}: {key}")
+    saved_modules = _field(config, "modules_to_save", (list, type(None)), where, None) or []
+    if not all(isinstance(n, str) for n in saved_modules):
+        raise AdapterFormatError(f"{where}: modules_to_save must list module names")
+    return config
+
+
+@torch.no_grad()
+def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Loads a PEFT LoRA adapter directory (from ``save_pretrained`` or :func:`export_peft`) into
+    ``model`` (the base model, or one with matching, unmerged fastlora adapters) and returns it.
+
+    Supported: plain LoRA on linear layers, with ``rank_pattern`` / ``alpha_pattern``, rsLoRA and
+    ``modules_to_save``. Module names are matched exactly; weights of other modules in the file
+    are ignored (as PEFT does). Adapters whose initialisation changed the base weights (PiSSA,
+    OLoRA, CorDA, LoftQ, LoRA-GA) are refused with the way to convert them. Afterwards the model
+    computes the original base plus the imported adapter (a LoRA-GA offset it carried is
+    removed). Everything is checked before the model changes.
+    """
+    path = Path(path)
+    refuse_peft_model(model)
+    config = _read_peft_config(path)
     tensors, _ = _load_safetensors(path / WEIGHTS)
+    existing = lora_layers(model)
+    merged = [n for n, layer in existing.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before importing an adapter")
     factors: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, Tensor] = {}
+    ignored = []
+    problems = []
+    saved_modules = config.get("modules_to_save") or []
     for key, t in tensors.items():
         parsed = _peft_layer_name(key)
-        if parsed is None:
-            extras[key.removeprefix(PEFT_PREFIX)] = t
-        else:
+        if parsed is not None:
             factors.setdefault(parsed[0], {})[parsed[1]] = t
+        elif "lora_" in key:
+            problems.append(f"{key}: a kind of LoRA weight fastlora does not import (only lora_A/lora_B of linear layers)")
+        else:
+            name = key.removeprefix(PEFT_PREFIX)
+            if saved_modules and name_matches(name.rpartition(".")[0], saved_modules):
+                extras[name] = t
+            else:
+                ignored.append(key)
     modules = dict(model.named_modules())
     params = _plain_parameters(model)
-    existing = lora_layers(model)
-    problems, ranks, alphas = [], {}, {}
+    use_rslora = config.get("use_rslora", False)
+    dropout = config.get("lora_dropout", 0.0)
+    configs: dict[str, AdapterConfig] = {}
     for name, pair in factors.items():
         module = existing.get(name, modules.get(name))
         if set(pair) != {"lora_A", "lora_B"}:
             problems.append(f"{name}: needs both lora_A and lora_B")
             continue
-        a, b = pair["lora_A"], pair["lora_B"]
-        r = a.shape[0]
         if not isinstance(module, (nn.Linear, LoRALinear)):
             problems.append(f"{name}: no such linear layer in the model")
-        elif a.shape != (r, module.in_features) or b.shape != (module.out_features, r):
-            problems.append(f"{name}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a "
-                            f"{module.out_features}x{module.in_features} layer")
-        elif isinstance(module, LoRALinear) and module.r != r:
-            problems.append(f"{name}: rank {module.r} in the model, {r} in the adapter")
-        ranks[name] = r
-        alphas[name] = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8))
+            continue
+        a = pair["lora_A"]
+        r = pattern_value(name, config.get("rank_pattern"), config.get("r", 8))
+        if a.dim() == 2 and a.shape[0] != r:
+            problems.append(f"{name}: lora_A has {a.shape[0]} rows, the configuration says rank {r}")
+            continue
+        alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8))
+        try:
+            cfg = _adapter_config(r, alpha, dropout, use_rslora, "peft", module.in_features, module.out_features, name)
+            check_factors(pair, {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}, name)
+        except (AdapterFormatError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
+        if isinstance(module, LoRALinear) and module.r != r:
+            problems.append(f"{name}: rank {module.r} in the model, {r} in the adapter (import it into the base model)")
+        elif not isinstance(module, LoRALinear):
+            try:
+                check_base_layer(module, name)
+            except TypeError as exc:
+                problems.append(str(exc))
+        configs[name] = cfg
     if existing and set(existing) != set(factors):
         problems.append(f"the model's LoRA layers differ from the adapter's: {sorted(set(existing) ^ set(factors))[:4]}")
     for name, t in extras.items():
         if name not in params or params[name].shape != t.shape:
             problems.append(f"{name}: not a parameter of the model with shape {tuple(t.shape)}")
+        elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            problems.append(f"{name}: not finite floating-point values")
     if not factors:
         problems.append("no LoRA weights found")
     if problems:
         raise AdapterFormatError(f"{path} does not fit this model: " + "; ".join(problems[:6]))
+    if ignored:
+        logger.warning("fastlora: ignored %d weights of %s that are neither LoRA factors nor modules_to_save: %s",
+                       len(ignored), path, ignored[:4])
 
-    use_rslora = bool(config.get("use_rslora", False))
-    if not existing:
-        names = list(factors)
-        inject(model, names, r=ranks[names[0]], lora_alpha=alphas[names[0]],
-               lora_dropout=float(config.get("lora_dropout", 0.0)), rank_pattern=ranks, alpha_pattern=alphas,
-               use_rslora=use_rslora)
-    layers = lora_layers(model)
-    for name, pair in factors.items():
-        layer = layers[name]
-        layer.lora_alpha, layer.use_rslora = float(alphas[name]), use_rslora
-        layer.lora_A.copy_(pair["lora_A"])
-        layer.lora_B.copy_(pair["lora_B"])
-    for name, t in extras.items():
-        params[name].copy_(t)
-        params[name].requires_grad_(True)
+    def apply(model: nn.Module) -> None:
+        layers = lora_layers(model)
+        for name, cfg in configs.items():
+            layers[name].set_adapter(factors[name]["lora_A"], factors[name]["lora_B"], cfg)
+        for name, t in extras.items():
+            params[name].copy_(t)
+            params[name].requires_grad_(True)
+
+    if existing:
+        apply(model)
+    else:
+        add_layers(model, configs, torch.float32, then=apply)
     logger.info("fastlora: imported %d LoRA layers from the PEFT adapter %s", len(factors), path)
     return model

@@ -1,17 +1,40 @@
-"""``LoRALinear``: a frozen ``nn.Linear`` plus a low-rank adapter, computed by fused kernels."""
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a low-rank adapter, computed by fused kernels.
+
+The layer is the one owner of its adapter's state (:class:`AdapterConfig`, whether it is merged,
+and the LoRA-GA offset its base weight carries). Every change goes through one of its transitions
+(:meth:`LoRALinear.set_adapter`, :meth:`~LoRALinear.reset_lora_parameters`,
+:meth:`~LoRALinear.set_rank`, :meth:`~LoRALinear.merge`, :meth:`~LoRALinear.unmerge`), each of which
+checks everything first and then either completes or raises with the layer unchanged. The rules
+are in docs/adapters.md.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .functional import SUPPORTED_DTYPES, lora_linear
 
-__all__ = ["LoRALinear", "validate_lora_config", "lora_scaling", "INITS"]
+__all__ = [
+    "AdapterConfig",
+    "LoRALinear",
+    "INITS",
+    "RECORDED_INITS",
+    "check_base_layer",
+    "check_factors",
+    "check_generator",
+    "lora_layers",
+    "lora_scaling",
+    "validate_lora_config",
+]
 
 INITS = ("lora", "gaussian")
+# What an adapter's ``init`` may record: the layer's own draws, the gradient inits, a PEFT import.
+RECORDED_INITS = INITS + ("lora_ga", "gora", "peft")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -19,8 +42,18 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_lora_config(
-    r: int, lora_alpha: float, lora_dropout: float, in_features: int, out_features: int, where: str = "LoRALinear"
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    in_features: int,
+    out_features: int,
+    where: str = "LoRALinear",
+    use_rslora: bool = False,
 ) -> None:
     """Raises ValueError/TypeError, naming ``where``, if the adapter settings cannot work."""
     if isinstance(r, bool) or not isinstance(r, int):
@@ -30,10 +63,73 @@ def validate_lora_config(
             f"{where}: rank r={r} must be between 1 and min(in_features, out_features)="
             f"{min(in_features, out_features)} for a {in_features}->{out_features} layer; choose a smaller r"
         )
-    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not lora_alpha > 0:
-        raise ValueError(f"{where}: lora_alpha must be a positive number, got {lora_alpha!r}")
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+    if not _is_real_number(lora_alpha) or not lora_alpha > 0:
+        raise ValueError(f"{where}: lora_alpha must be a positive finite number, got {lora_alpha!r}")
+    if not _is_real_number(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"{where}: use_rslora must be True or False, got {use_rslora!r}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter's settings. ``init`` records how its factors were made (saved with them)."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "lora"
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def check(self, in_features: int, out_features: int, where: str = "LoRALinear") -> None:
+        """Raises ValueError/TypeError, naming ``where``, unless the settings fit the layer."""
+        validate_lora_config(self.r, self.lora_alpha, self.lora_dropout, in_features, out_features, where,
+                             self.use_rslora)
+        if self.init not in RECORDED_INITS:
+            raise ValueError(f"{where}: init {self.init!r} is not one of {RECORDED_INITS}")
+
+
+def check_base_layer(module: nn.Module, where: str = "LoRALinear") -> None:
+    """Raises TypeError unless ``module`` is a plain ``nn.Linear`` fastlora can wrap: its own
+    forward (not a quantized or otherwise customised subclass) and a real float weight."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{where}: LoRALinear wraps an nn.Linear, got {type(module).__name__}")
+    if type(module).__module__.split(".")[0] == "bitsandbytes" or type(module).forward is not nn.Linear.forward:
+        raise TypeError(
+            f"{where}: {type(module).__module__}.{type(module).__name__} is a linear layer with its own forward "
+            "(a quantized layer, say); fastlora adapts plain nn.Linear layers only. Leave it out of "
+            "target_modules (exclude_modules=...) or load the model unquantized"
+        )
+    if module.weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{where}: the base weight's dtype {module.weight.dtype} is not one of {SUPPORTED_DTYPES}")
+
+
+def check_factors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]], where: str) -> None:
+    """Raises ValueError unless every named tensor exists, is a real floating-point tensor of its
+    shape and is finite."""
+    for key, shape in shapes.items():
+        t = tensors.get(key)
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{where}: {key} is missing")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}; adapters are real floating-point tensors")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {key} has NaN or infinite values")
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if device.type != "meta" and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the adapters on {device}; use a {device.type} generator")
 
 
 class LoRALinear(nn.Module):
@@ -43,6 +139,10 @@ class LoRALinear(nn.Module):
     ``lora_A`` (r x in) and ``lora_B`` (out x r) are the trainable adapters, stored in
     ``adapter_dtype`` (float32 by default) while the branch runs in the input's dtype with
     float32 accumulation. Dropout masks are regenerated from a seed in backward, never stored.
+
+    The adapter's settings (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+    ``init_method``, ``merged``, ``base_offset``) are read-only; they change only through the
+    layer's transitions (see the module docstring and docs/adapters.md).
 
     Args:
         base_layer: the ``nn.Linear`` to adapt.
@@ -71,26 +171,28 @@ class LoRALinear(nn.Module):
         init: str = "lora",
         generator: torch.Generator | None = None,
     ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        validate_lora_config(r, lora_alpha, lora_dropout, base_layer.in_features, base_layer.out_features)
+        check_base_layer(base_layer)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        config = AdapterConfig(r, lora_alpha, lora_dropout, use_rslora, init)
+        config.check(base_layer.in_features, base_layer.out_features)
         if adapter_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"adapter_dtype must be one of {SUPPORTED_DTYPES}, got {adapter_dtype}")
+        device = base_layer.weight.device
+        check_generator(generator, device)
         super().__init__()
         self.base_layer = base_layer
         base_layer.weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
-        self.r = r
-        self.lora_alpha = float(lora_alpha)
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        device = base_layer.weight.device
+        self._config = dataclasses.replace(config, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout))
+        self._merged = False
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
-        self.merged = False
-        self.init_method = init  # recorded with saved adapters; LoRA-GA and GoRA overwrite it
-        self.reset_lora_parameters(init, generator)
+        # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set.
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
+        self._draw(init, generator)
 
     @classmethod
     def new(
@@ -105,6 +207,8 @@ class LoRALinear(nn.Module):
         """Builds the base ``nn.Linear(in_features, out_features, bias)`` and wraps it."""
         return cls(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), **lora_kwargs)
 
+    # ---- read-only state -----------------------------------------------------------------------
+
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
@@ -114,34 +218,162 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     @property
+    def config(self) -> AdapterConfig:
+        """The adapter's settings."""
+        return self._config
+
+    @property
+    def r(self) -> int:
+        return self._config.r
+
+    @property
+    def lora_alpha(self) -> float:
+        return self._config.lora_alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        return self._config.lora_dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._config.use_rslora
+
+    @property
+    def init_method(self) -> str:
+        return self._config.init
+
+    @property
+    def merged(self) -> bool:
+        """Whether ``s·B A`` is folded into the base weight."""
+        return self._merged
+
+    @property
     def scaling(self) -> float:
         """The scale s applied to the adapter branch."""
-        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        return self._config.scaling
 
-    def set_rank(self, r: int) -> None:
-        """Replaces the adapters by zero ones of rank ``r`` (same dtype and device); the caller
-        initialises them. Used by rank-allocating initialisers such as GoRA."""
-        validate_lora_config(r, self.lora_alpha, self.lora_dropout, self.in_features, self.out_features)
-        if self.merged:
-            raise RuntimeError("unmerge() this layer before changing its rank")
+    @property
+    def base_offset(self) -> tuple[Tensor, Tensor] | None:
+        """``(A0, B0)`` when the base weight holds ``W - s·B0 A0`` (LoRA-GA), else None."""
+        return None if self.lora_A0 is None else (self.lora_A0, self.lora_B0)
+
+    # ---- transitions ---------------------------------------------------------------------------
+
+    def _require_unmerged(self, action: str) -> None:
+        if self._merged:
+            raise RuntimeError(f"this LoRA layer is merged; unmerge it (fastlora.unmerge(model)) before you {action}")
+
+    @torch.no_grad()
+    def _shift_weight(self, a0: Tensor, b0: Tensor, sign: float, scaling: float) -> None:
+        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back."""
+        w = self.base_layer.weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = (b0.to(w.device, dtype) @ a0.to(w.device, dtype)) * (sign * scaling)
+        w.copy_(w.to(dtype) + delta)
+
+    def _remove_base_offset(self) -> None:
+        if self.lora_A0 is not None:
+            self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
+            self.lora_A0 = self.lora_B0 = None
+
+    def _draw(self, init: str, generator: torch.Generator | None) -> None:
+        with torch.no_grad():
+            if init == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r, generator=generator)
+            self.lora_B.zero_()
+
+    def _resize(self, r: int) -> None:
+        """New zero adapter Parameters of rank r (same dtype, device and requires_grad)."""
         kw = dict(dtype=self.lora_A.dtype, device=self.lora_A.device)
-        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        self.r = r
+        trainable = self.lora_A.requires_grad
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw), requires_grad=trainable)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw), requires_grad=trainable)
+
+    def check_adapter(
+        self, lora_A: Tensor, lora_B: Tensor, config: AdapterConfig, base_offset: tuple[Tensor, Tensor] | None = None,
+        where: str | None = None,
+    ) -> None:
+        """Raises (ValueError/TypeError/RuntimeError) unless :meth:`set_adapter` would accept
+        these arguments; changes nothing."""
+        where = where or "LoRALinear"
+        self._require_unmerged("load an adapter into it")
+        check_adapter_arguments(self.in_features, self.out_features, lora_A, lora_B, config, base_offset, where)
+
+    @torch.no_grad()
+    def set_adapter(
+        self,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        config: AdapterConfig,
+        base_offset: tuple[Tensor, Tensor] | None = None,
+        base_weights: str = "recorded",
+    ) -> None:
+        """Replaces the adapter: factors, settings and base offset. Afterwards the layer computes
+        ``(W0 - s·B0 A0) x + s·B A x`` with ``W0`` the original base weight (no offset term
+        without ``base_offset``), whatever adapter it held before.
+
+        ``base_weights`` says what the base weight holds now: "recorded" (the original weight
+        minus the offset this layer records, if any: that offset is replaced, and nothing moves
+        if it is the same), "original" (the original weight, whatever is recorded), or "offset"
+        (already ``W0 - s·B0 A0`` for the new ``base_offset``: the weight is left alone).
+
+        The rank follows ``lora_A``; if it changes, the adapters become new Parameters (rebuild
+        any optimizer). Raises before any change if an argument does not fit (see
+        :meth:`check_adapter`) or the layer is merged.
+        """
+        if base_weights not in ("recorded", "original", "offset"):
+            raise ValueError(f"base_weights must be 'recorded', 'original' or 'offset', got {base_weights!r}")
+        self.check_adapter(lora_A, lora_B, config, base_offset)
+        new_offset = None
+        if base_offset is not None:  # the offset is kept exactly as the adapters store it
+            new_offset = tuple(t.detach().to(self.lora_A.device, self.lora_A.dtype).clone() for t in base_offset)
+        same = (
+            base_weights == "recorded"
+            and new_offset is not None
+            and self.lora_A0 is not None
+            and config.scaling == self.scaling
+            and torch.equal(self.lora_A0, new_offset[0])
+            and torch.equal(self.lora_B0, new_offset[1])
+        )
+        if base_weights == "recorded" and not same:
+            self._remove_base_offset()
+        self.lora_A0 = self.lora_B0 = None
+        if config.r != self.r:
+            self._resize(config.r)
+        self._config = config
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+        if new_offset is not None:
+            if base_weights != "offset" and not same:
+                self._shift_weight(*new_offset, -1.0, config.scaling)
+            self.lora_A0, self.lora_B0 = new_offset
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "lora", generator: torch.Generator | None = None) -> None:
-        """Re-draws A and zeroes B (see the class docstring for ``init``)."""
-        if init == "lora":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r, generator=generator)
-        else:
+        """Starts the adapter afresh: A re-drawn, B = 0 (see the class docstring for ``init``)
+        and any LoRA-GA offset removed from the base weight, so the layer equals its base layer."""
+        if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-        self.lora_B.zero_()
+        check_generator(generator, self.lora_A.device)
+        self._require_unmerged("reset its adapter")
+        self._remove_base_offset()
+        self._config = dataclasses.replace(self._config, init=init)
+        self._draw(init, generator)
+
+    def set_rank(self, r: int) -> None:
+        """Replaces the adapters by zero ones of rank ``r`` (same dtype and device; new
+        Parameters) and removes any LoRA-GA offset; the caller initialises them."""
+        config = dataclasses.replace(self._config, r=r)
+        config.check(self.in_features, self.out_features)
+        self._require_unmerged("change its rank")
+        self._remove_base_offset()
+        self._resize(r)
+        self._config = config
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self._merged:
             return self.base_layer(x)
         base = self.base_layer
         p = self.lora_dropout if self.training else 0.0
@@ -159,28 +391,52 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Folds s * B A into the base weight (computed in float32, cast back); forward then
+        """Folds s * B A into the base weight (computed in float32, cast back once); forward then
         runs the base layer alone. Raises RuntimeError if already merged."""
-        if self.merged:
+        if self._merged:
             raise RuntimeError("this LoRALinear is already merged; call unmerge() first")
-        w = self.base_layer.weight
-        delta = self.delta_weight()
-        w.copy_(w.to(delta.dtype) + delta)
-        self.merged = True
+        self._shift_weight(self.lora_A, self.lora_B, +1.0, self.scaling)
+        self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtracts s * B A from the base weight again. Raises RuntimeError if not merged."""
-        if not self.merged:
+        if not self._merged:
             raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
-        w = self.base_layer.weight
-        delta = self.delta_weight()
-        w.copy_(w.to(delta.dtype) - delta)
-        self.merged = False
+        self._shift_weight(self.lora_A, self.lora_B, -1.0, self.scaling)
+        self._merged = False
 
     def extra_repr(self) -> str:
         return (
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout:g}, use_rslora={self.use_rslora}, "
             f"adapter_dtype={self.lora_A.dtype}, merged={self.merged}"
+            + (", base_offset=True" if self.lora_A0 is not None else "")
         )
+
+
+def check_adapter_arguments(
+    in_features: int,
+    out_features: int,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    config: AdapterConfig,
+    base_offset: tuple[Tensor, Tensor] | None,
+    where: str,
+) -> None:
+    """What :meth:`LoRALinear.set_adapter` checks, for a layer of that shape (also before the
+    layer exists)."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"{where}: config must be an AdapterConfig, got {type(config).__name__}")
+    config.check(in_features, out_features, where)
+    tensors = {"lora_A": lora_A, "lora_B": lora_B}
+    shapes = {"lora_A": (config.r, in_features), "lora_B": (out_features, config.r)}
+    if base_offset is not None:
+        tensors.update(lora_A0=base_offset[0], lora_B0=base_offset[1])
+        shapes.update(lora_A0=shapes["lora_A"], lora_B0=shapes["lora_B"])
+    check_factors(tensors, shapes, where)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """All :class:`LoRALinear` modules of ``model`` by name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..gradients import GradientStats
-from ..inject import lora_layers
+from ..layer import lora_layers
 from ..layer import LoRALinear
 
 
@@ -32,10 +34,23 @@ def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: Grad
 
 
 def check_gradients(gradients: GradientStats, names: Iterable[str]) -> None:
-    """Raises unless ``gradients`` is a :class:`GradientStats` with an entry for every name."""
+    """Raises unless ``gradients`` is a :class:`GradientStats` with a finite entry for every name."""
     if not isinstance(gradients, GradientStats):
         raise TypeError("gradients must be the GradientStats that fastlora.collect_gradients returns")
+    names = list(names)
     missing = [n for n in names if n not in gradients]
     if missing:
         raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them "
                          "(the same targets as inject)")
+    bad = [n for n in names if not all(bool(torch.isfinite(t).all()) for t in _tensors(gradients[n]))]
+    if bad:
+        raise ValueError(f"the gradients of layers {bad[:4]} have NaN or infinite values; collect them again "
+                         "(collect_gradients(..., nonfinite='skip') leaves such batches out)")
+
+
+def _tensors(record) -> list[Tensor]:
+    out = [record.mean] if record.mean is not None else []
+    if record.sketch is not None:
+        out += [getattr(record.sketch, f.name) for f in fields(record.sketch)]
+    out += list(record.products.values())
+    return [t for t in out if isinstance(t, Tensor)]

@@ -10,6 +10,7 @@ See docs/gora.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -183,8 +184,10 @@ def gora(
 ) -> dict[str, Any]:
     """Allocates ranks and initialises every LoRA layer of ``model`` with GoRA.
 
-    Layers are resized to their allocated rank (``LoRALinear.set_rank``) and switched to the
-    rank-stabilised scale ``s_i = lora_alpha / sqrt(r_i)``; base weights are untouched. With a
+    Layers are resized to their allocated rank (new adapter Parameters where it changes) and
+    switched to the rank-stabilised scale ``s_i = lora_alpha / sqrt(r_i)``; the init replaces the
+    layer's adapter (a LoRA-GA offset is removed from the base weight), base weights are otherwise
+    untouched. With a
     sketch-mode collection the importances come from the sketches' low-rank reconstructions (an
     estimate; exact mode gives the official importances) and ``B`` from the streamed ``Ḡ A_max^T``
     when ``config.a_max`` is given.
@@ -222,7 +225,7 @@ def gora(
     )
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    report = {}
+    planned = {}  # every layer's factors first: a failure leaves the model as it was
     for name, layer in layers.items():
         r = alloc.ranks[name]
         grad = _dense_gradient(name, gradients[name])
@@ -233,22 +236,23 @@ def gora(
         gram = a @ a.t() + 1e-8 * torch.eye(r, device=a.device)
         xi = cfg.gamma * math.sqrt(layer.in_features) / layer.lora_alpha
         b = -xi * torch.linalg.solve(gram, ga.t()).t()
-        if r != layer.r:
-            layer.set_rank(r)
-        layer.use_rslora = True
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
-        layer.init_method = "gora"
-        delta = layer.delta_weight()
+        config = dataclasses.replace(layer.config, r=r, use_rslora=True, init="gora")
+        layer.check_adapter(a, b, config, where=name)
+        planned[name] = (a, b, config)
+        # s·B A as the layer will hold it (factors rounded to the adapters' dtype).
+        dt = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+        delta = (b.to(layer.lora_B.dtype).to(dt) @ a.to(layer.lora_A.dtype).to(dt)) * config.scaling
         g_norm = grad.norm().item()
         report[name] = {
-            "rank": r,
+            "rank": config.r,
             "importance": imps[name],
             "share": alloc.shares[name],
             "delta_over_gamma_grad": delta.norm().item() / (cfg.gamma * g_norm) if g_norm else float("nan"),
             "distance_to_minus_gamma_grad": (delta + cfg.gamma * grad.to(delta.device)).norm().item() / g_norm
             if g_norm else float("nan"),
         }
+    for name, layer in layers.items():
+        layer.set_adapter(*planned[name])
     ranks = sorted(alloc.ranks.values())
     logger.info("GoRA: budget %d adapter parameters, allocated %d (%.1f%%), ranks min %d / median %d / max %d",
                 alloc.budget, alloc.used, 100.0 * alloc.used / alloc.budget, ranks[0], ranks[len(ranks) // 2], ranks[-1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gradients import GradientStats, call_model, to_device
-from ..inject import lora_layers
+from ..layer import lora_layers
 from ..layer import LoRALinear
 from .common import select_layers
 
@@ -115,8 +116,9 @@ def lora_ga(
     For each layer: the top-2r singular vectors of ``Ḡ`` (by ``config.svd``) give ``A0``, ``B0``
     (``config.direction``, times ``c`` by ``config.scale``); they are stored in the adapters' dtype,
     and ``W ← W − s·B0 A0`` is computed in float32 from the stored values and cast back, so the
-    model's output at step 0 equals the original up to ``W``'s rounding (adapters that were
-    already non-zero are folded into ``W`` first). ``A0``, ``B0`` are kept on the layer (buffers
+    model's output at step 0 equals the original base model's up to ``W``'s rounding. The init
+    replaces the layer's adapter: a previous LoRA-GA offset is removed from ``W`` first, trained
+    factors are discarded. ``A0``, ``B0`` are kept on the layer (buffers
     ``lora_A0``, ``lora_B0``) so the adapter can be exported relative to the original base (see
     :func:`fastlora.export_peft`).
 
@@ -135,23 +137,12 @@ def lora_ga(
     cfg = config if isinstance(config, LoraGAConfig) else LoraGAConfig(**(config or {}))
     cfg.validate()
     layers = select_layers(model, layers, gradients)
-    again = [n for n, layer in layers.items() if hasattr(layer, "lora_A0")]
-    if again:
-        raise RuntimeError(f"layers {again[:4]} were already initialised with LoRA-GA (their base weights carry "
-                           "its offset): start again from the original model")
-    plans = {}
-    for name, layer in layers.items():
-        if not rank_fits(name, layer.r, layer.out_features, layer.in_features, cfg):
-            plans[name] = None
-        else:
-            plans[name] = layer
+    fits = {name: rank_fits(name, layer.r, layer.out_features, layer.in_features, cfg) for name, layer in layers.items()}
     before = _model_output(model, check_batch) if check_batch is not None else None
 
-    report: dict[str, dict[str, Any]] = {}
+    factors_by_layer = {}  # every SVD first: a failure leaves the model as it was
     for name, layer in layers.items():
-        if plans[name] is None:
-            warnings.warn(f"LoRA-GA: layer {name} keeps the plain LoRA init (2r > min(in, out))", stacklevel=2)
-            report[name] = {"rank": layer.r, "init": "lora"}
+        if not fits[name]:
             continue
         r = layer.r
         g = gradients[name]
@@ -159,8 +150,19 @@ def lora_ga(
         u, _, vh = g.svd(2 * r, method=cfg.svd, niter=cfg.niter, seed=cfg.seed, q=q)
         a, b = factors(u, vh, r, cfg.direction, cfg.seed)
         c = scale_factor(cfg.scale, layer.out_features, layer.scaling, cfg.stable_gamma)
-        stats = _apply(layer, (a * c).to(layer.lora_A.device), (b * c).to(layer.lora_B.device))
-        report[name] = {"rank": r, "scale": layer.scaling, "c": c, **stats}
+        a, b = (a * c).to(layer.lora_A.device, layer.lora_A.dtype), (b * c).to(layer.lora_B.device, layer.lora_B.dtype)
+        config = dataclasses.replace(layer.config, init="lora_ga")
+        layer.check_adapter(a, b, config, (a, b), where=name)
+        factors_by_layer[name] = (a, b, config, c)
+
+    report: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        if name not in factors_by_layer:
+            warnings.warn(f"LoRA-GA: layer {name} keeps the plain LoRA init (2r > min(in, out))", stacklevel=2)
+            report[name] = {"rank": layer.r, "init": "lora"}
+            continue
+        a, b, config, c = factors_by_layer[name]
+        report[name] = {"rank": layer.r, "scale": config.scaling, "c": c, **_apply(layer, a, b, config)}
     if before is not None:
         after = _model_output(model, check_batch)
         report["__model__"] = {"max_output_change": (after.float() - before.float()).abs().max().item()}
@@ -170,20 +172,16 @@ def lora_ga(
     return report
 
 
-def _apply(layer: LoRALinear, a: Tensor, b: Tensor) -> dict[str, float]:
-    """Stores A0, B0 in the adapters' dtype and moves the base weight so that the layer computes
-    what it computed before (``W + s·B A`` unchanged: the offset is ``s·B0 A0`` minus whatever the
-    old adapters added), in float32 (float64 for a float64 base); returns the offset's norm and the
-    largest rounding error of the new effective weight against the old one."""
+def _apply(layer: LoRALinear, a: Tensor, b: Tensor, config) -> dict[str, float]:
+    """Sets the adapter (A, B) = (A0, B0) with the base offset ``s·B0 A0`` (replacing any offset
+    the layer had); returns the offset's norm and the largest rounding error of the new effective
+    weight against the original one."""
     w = layer.base_layer.weight
-    before = layer.delta_weight()
-    layer.lora_A.copy_(a)
-    layer.lora_B.copy_(b)
+    offset = layer.base_offset
+    original = w.detach().to(layer.delta_weight().dtype)
+    if offset is not None:
+        original = original + layer.delta_weight(*offset)
+    layer.set_adapter(a, b, config, base_offset=(a, b))
     after = layer.delta_weight()
-    effective = w.detach().to(after.dtype) + before
-    w.copy_((effective - after).to(w.dtype))
-    rounding = (w.to(after.dtype) + after - effective).abs().max().item()
-    layer.register_buffer("lora_A0", layer.lora_A.detach().clone(), persistent=False)
-    layer.register_buffer("lora_B0", layer.lora_B.detach().clone(), persistent=False)
-    layer.init_method = "lora_ga"
+    rounding = (w.to(after.dtype) + after - original).abs().max().item()
     return {"offset_norm": after.norm().item(), "max_weight_rounding": rounding}

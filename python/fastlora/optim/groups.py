@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..inject import lora_layers
+from ..layer import lora_layers
 
 __all__ = ["param_groups"]
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..inject import lora_layers
+from ..layer import lora_layers
 from ..layer import LoRALinear
 from ..reference import adam_directions
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype
