@@ -7,6 +7,8 @@ they apply, otherwise the pure-PyTorch reference. :class:`fastlora.LoRALinear` c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,9 @@ def kernel_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     return devices == {x.device}
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
+def _check(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float
+) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -60,6 +64,16 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    for what, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is None:
+            continue
+        if t.device != x.device:  # a meta weight would give uninitialised outputs
+            raise ValueError(f"{what} is on {t.device} and x on {x.device}; move the layer or the input "
+                             "(a model created on the meta device needs its weights materialised first)")
+        if not t.is_floating_point():
+            raise TypeError(f"{what} must be a real floating-point tensor, got {t.dtype}")
 
 
 def lora_linear(
@@ -99,7 +113,7 @@ def lora_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    _check(x, weight, bias, lora_A, lora_B, scale, dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed(x.device, generator)
     lead = x.shape[:-1]

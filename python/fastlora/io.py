@@ -248,7 +248,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def _read_fastlora(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not path.is_dir():
-        raise AdapterFormatError(f"{path} is not an adapter directory")
+        raise AdapterFormatError(f"{path} is missing or not an adapter directory")
     tensors, metadata = _load_safetensors(path / WEIGHTS)
     if "fastlora" not in metadata:
         raise AdapterFormatError(f"{path / WEIGHTS} has no fastlora configuration; for a PEFT adapter use import_peft")
@@ -598,9 +598,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if not isinstance(module, (nn.Linear, LoRALinear)):
             problems.append(f"{name}: no such linear layer in the model")
             continue
-        a = pair["lora_A"]
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+            problems.append(f"{name}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a "
+                            f"{module.out_features}x{module.in_features} layer")
+            continue
         r = pattern_value(name, config.get("rank_pattern"), config.get("r", 8))
-        if a.dim() == 2 and a.shape[0] != r:
+        if a.shape[0] != r:
             problems.append(f"{name}: lora_A has {a.shape[0]} rows, the configuration says rank {r}")
             continue
         alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8))
@@ -644,6 +648,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if existing:
         apply(model)
     else:
-        add_layers(model, configs, torch.float32, then=apply)
+        # float32 master adapters, as inject's default; float64 files keep their precision
+        dtypes = {n: torch.float64 if factors[n]["lora_A"].dtype == torch.float64 else torch.float32 for n in configs}
+        add_layers(model, configs, dtypes, then=apply)
     logger.info("fastlora: imported %d LoRA layers from the PEFT adapter %s", len(factors), path)
     return model

@@ -225,7 +225,7 @@ def gora(
     )
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    planned = {}  # every layer's factors first: a failure leaves the model as it was
+    planned, report = {}, {}  # every layer's factors first: a failure leaves the model as it was
     for name, layer in layers.items():
         r = alloc.ranks[name]
         grad = _dense_gradient(name, gradients[name])

@@ -178,7 +178,7 @@ def _apply(layer: LoRALinear, a: Tensor, b: Tensor, config) -> dict[str, float]:
     weight against the original one."""
     w = layer.base_layer.weight
     offset = layer.base_offset
-    original = w.detach().to(layer.delta_weight().dtype)
+    original = w.detach().to(layer.delta_weight().dtype, copy=True)
     if offset is not None:
         original = original + layer.delta_weight(*offset)
     layer.set_adapter(a, b, config, base_offset=(a, b))

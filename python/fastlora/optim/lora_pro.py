@@ -348,7 +348,8 @@ class _LoRAProBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state from :meth:`state_dict`. The LoRA layers' moments keep the dtype they
         were saved in (``torch.optim.Optimizer`` would cast them to the parameters' dtype), so a
-        resumed run continues bit for bit."""
+        resumed run continues bit for bit. A state that does not fit raises and leaves this
+        optimizer as it was."""
         saved_groups = state_dict["param_groups"]
         exact = {}
         for saved, group in zip(saved_groups, self.param_groups):
@@ -361,30 +362,39 @@ class _LoRAProBase(torch.optim.Optimizer):
                 )
             for index, param in zip(saved["params"], group["params"]):
                 exact[id(param)] = state_dict["state"].get(index, {})
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            if not group["lora_pro"]:
-                continue
-            for param in group["params"]:
-                saved_state = exact.get(id(param), {})
-                for key, value in saved_state.items():
-                    if isinstance(value, Tensor) and key != "step":
-                        self.state[param][key] = value.to(device=param.device)
-        self._check_loaded_moments()
+        for saved, group in zip(saved_groups, self.param_groups):
+            if saved.get("lora_pro"):
+                for a, b in zip(group["params"][0::2], group["params"][1::2]):
+                    self._check_moments(a, b, saved.get("mode", group["mode"]), exact)
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                if not group["lora_pro"]:
+                    continue
+                for param in group["params"]:
+                    saved_state = exact.get(id(param), {})
+                    for key, value in saved_state.items():
+                        if isinstance(value, Tensor) and key != "step":
+                            self.state[param][key] = value.to(device=param.device)
+        except BaseException:
+            self.state, self.param_groups = before  # Optimizer.load_state_dict builds new ones
+            raise
 
-    def _check_loaded_moments(self) -> None:
-        for group in self.param_groups:
-            if not group["lora_pro"]:
-                continue
-            for a in group["params"][0::2]:
-                layer, state = self._layers[id(a)], self.state.get(a, {})
-                if group["mode"] == "full" and "exp_avg" in state:
-                    expected = (layer.B.shape[0], layer.A.shape[1])
-                    if tuple(state["exp_avg"].shape) != expected:
-                        raise ValueError(
-                            f"layer {layer.name!r}: saved moments have shape {tuple(state['exp_avg'].shape)}, expected "
-                            f"{expected} for mode='full'; was the state saved with another mode or model?"
-                        )
+    def _check_moments(self, a: Tensor, b: Tensor, mode: str, states: dict[int, dict[str, Any]]) -> None:
+        """ValueError unless the saved moments of the layer (A, B) fit it in ``mode``: ``out x in``
+        on A in full mode, each adapter's own shape in efficient mode."""
+        layer = self._layers[id(a)]
+        expected = {id(a): (layer.B.shape[0], layer.A.shape[1])} if mode == "full" else {id(a): a.shape, id(b): b.shape}
+        for key, shape in expected.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                moment = states.get(key, {}).get(name)
+                if moment is not None and (not isinstance(moment, Tensor) or tuple(moment.shape) != tuple(shape)):
+                    found = tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__
+                    raise ValueError(
+                        f"layer {layer.name!r}: saved {name} has shape {found}, expected {tuple(shape)} for "
+                        f"mode={mode!r}; was the state saved with another mode or model?"
+                    )
 
 
 class LoRAPro(_LoRAProBase):
