@@ -97,6 +97,9 @@ def inject(
     for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules)):
         if value is not None:
             check_targets(value, what)
+    merged = [name for name, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before adding adapters")
     found = find_linear_targets(model, target_modules, exclude_modules)
     check_generator(generator, found[0][1].weight.device)
     configs: dict[str, AdapterConfig] = {}
