@@ -25,14 +25,15 @@ from ._extension import (
 )
 from .functional import lora_linear
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
-from .inject import adapter_state_dict, inject, lora_layers, merge, trainable_parameters, unmerge
+from .inject import adapter_state_dict, inject, merge, trainable_parameters, unmerge
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
 from .optim import param_groups
-from .layer import LoRALinear
+from .layer import AdapterConfig, LoRALinear, lora_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
     "AdapterFormatError",
     "GradientSketch",
     "GradientStats",
