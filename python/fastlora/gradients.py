@@ -552,6 +552,40 @@ def collect_gradients(
         :class:`GradientStats`. Under ``torch.distributed`` every rank accumulates its own batches
         and the results are averaged over all ranks (identical everywhere).
     """
+    _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes)
+    plan = _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, products, memory_budget, offload)
+    updates = _make_updates(plan, mode, sketch_rank, seed)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if plan.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(plan.device)
+    start = time.perf_counter()
+    losses = _run_batches(model, batches, plan, updates, loss_fn or _default_loss, num_batches, nonfinite,
+                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode)
+    loss_sum, loss_n = _reduce_across_ranks(plan.records, updates, losses) if distributed else (sum(losses), len(losses))
+    _finish(plan.records, updates, mode, plan.products)
+
+    acc_bytes = sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
+    summary = {
+        "mode": mode,
+        "layers": len(plan.records),
+        "batches": int(loss_n),
+        "skipped_batches": max((r.skipped for r in plan.records.values()), default=0),
+        "tokens": max((r.tokens for r in plan.records.values()), default=0),
+        "mean_loss": loss_sum / loss_n if loss_n else float("nan"),
+        "time_s": time.perf_counter() - start,
+        "accumulator_bytes": acc_bytes,
+        "staging_bytes": plan.pool.nbytes if plan.pool is not None else 0,
+        "accumulators_on": plan.placement if mode == "exact" else "device",
+        "passes": len(plan.runs),
+        **_peak_memory(plan.device),
+    }
+    logger.info("fastlora: gradients of %d layers over %d batches (%d tokens) in %.2f s, %s mode, "
+                "accumulators %.1f MiB on %s", summary["layers"], summary["batches"], summary["tokens"],
+                summary["time_s"], mode, acc_bytes / 2**20, summary["accumulators_on"])
+    return GradientStats(plan.records, mode, summary)
+
+
+def _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -566,6 +600,26 @@ def collect_gradients(
         raise ValueError(f"sketch_rank must be a positive int, got {sketch_rank!r}")
     if passes not in (1, 2) or (passes == 2 and mode != "sketch"):
         raise ValueError("passes must be 1, or 2 in sketch mode")
+
+
+@dataclass
+class _Plan:
+    """What one collection runs: the target layers, their records, where the accumulators live,
+    and the passes over the batches (a layer group and the pass number each)."""
+
+    found: list[tuple[str, nn.Module]]
+    records: dict[str, LayerGradient]
+    products: dict[str, Tensor]
+    device: torch.device
+    placement: str
+    pool: _StagingPool | None
+    runs: list[tuple[list[int], int]]
+
+
+def _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, products, memory_budget,
+          offload) -> _Plan:
+    """Targets, checks of ``products`` and the sketch rank, and the memory plan (placement of the
+    exact accumulators, staging buffers, layer groups)."""
     found = find_linear_targets(model, targets, exclude_modules, include_adapted=True)
     products = dict(products or {})
     names = {name for name, _ in found}
@@ -606,53 +660,55 @@ def collect_gradients(
     if (len(groups) > 1 or passes == 2) and not reiterable:
         raise ValueError("this collection runs over the batches more than once: pass a re-iterable "
                          "collection (a list or a DataLoader), not an iterator")
+    runs = [(g, 1) for g in groups] + ([(groups[0], 2)] if passes == 2 else [])
+    return _Plan(found, records, products, device, placement, pool, runs)
 
+
+def _make_updates(plan: _Plan, mode: str, sketch_rank: int, seed: int) -> dict[str, Any]:
+    """Each target layer's accumulator (exact) or sketch (the sketch matrices seeded, in order)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     updates: dict[str, Any] = {}
-    for name, module in found:
+    for name, module in plan.found:
         w = frozen_weight(module)
         if mode == "exact":
-            updates[name] = _ExactUpdate(w, pool)
+            updates[name] = _ExactUpdate(w, plan.pool)
         else:
-            layer_products = {name: products[name]} if name in products else {}
+            layer_products = {name: plan.products[name]} if name in plan.products else {}
             updates[name] = _SketchUpdate(w, sketch_rank, gen, layer_products)
+    return updates
 
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    engine = _Engine(nonfinite)
-    loss_fn = loss_fn or _default_loss
-    losses: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    run_list = [(g, 1) for g in groups] + ([(groups[0], 2)] if passes == 2 else [])
+
+def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, nonfinite, train_mode, progress,
+                 mode) -> list[float]:
+    """Every pass over the batches with the probes attached (one backward per batch); returns the
+    first pass's finite losses."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
-
+    engine = _Engine(nonfinite)
+    records = plan.records
+    losses: list[float] = []
     with _frozen_and_restored(model, train_mode), torch.enable_grad():
-        for run_index, (group, pass_no) in enumerate(run_list):
+        for run_index, (group, pass_no) in enumerate(plan.runs):
             if pass_no == 2:
                 for upd in updates.values():
                     upd.start_second_pass()
-            probes = []
             handles = []
             try:
                 for i in group:
-                    name, module = found[i]
+                    name, module = plan.found[i]
                     probe = _Probe(records[name], updates[name], engine)
                     # A second pass must not count again.
                     if pass_no == 2:
                         records[name].count = records[name].tokens = 0
-                    probes.append(probe)
                     handles.append(module.register_forward_hook(probe.hook, with_kwargs=True))
                 total = num_batches
                 if total is None and hasattr(batches, "__len__"):
                     total = len(batches)
                 bar = None
-                if tqdm is not None and progress and rank == 0:
-                    desc = f"gradients ({mode}" + (f", pass {run_index + 1}/{len(run_list)}" if len(run_list) > 1 else "") + ")"
+                if tqdm is not None and progress:
+                    desc = f"gradients ({mode}" + (f", pass {run_index + 1}/{len(plan.runs)}" if len(plan.runs) > 1 else "") + ")"
                     bar = tqdm(total=total, desc=desc, disable=None, leave=False)
                 seen = 0
                 for batch in batches:
@@ -660,7 +716,7 @@ def collect_gradients(
                         break
                     engine.batch = seen
                     seen += 1
-                    loss = loss_fn(model, to_device(batch, device))
+                    loss = loss_fn(model, to_device(batch, plan.device))
                     if not isinstance(loss, Tensor) or loss.dim() != 0:
                         raise ValueError("loss_fn must return a scalar tensor")
                     value = float(loss.detach())
@@ -668,7 +724,7 @@ def collect_gradients(
                         if nonfinite == "error":
                             raise FloatingPointError(f"non-finite loss {value} in batch {engine.batch}")
                         warnings.warn(f"fastlora: non-finite loss in batch {engine.batch}; batch skipped",
-                                      RuntimeWarning, stacklevel=2)
+                                      RuntimeWarning, stacklevel=3)
                         for rec in records.values():
                             rec.skipped += 1
                         continue
@@ -676,8 +732,8 @@ def collect_gradients(
                         raise ValueError("the loss does not depend on any target layer: check targets "
                                          "and that the loss is computed from the model's output")
                     loss.backward()
-                    if pool is not None:
-                        pool.flush()
+                    if plan.pool is not None:
+                        plan.pool.flush()
                     if run_index == 0:
                         losses.append(value)
                     if bar is not None:
@@ -686,25 +742,30 @@ def collect_gradients(
                     bar.close()
                 if num_batches is not None and seen < num_batches:
                     warnings.warn(f"fastlora: only {seen} batches were available (num_batches={num_batches})",
-                                  RuntimeWarning, stacklevel=2)
+                                  RuntimeWarning, stacklevel=3)
                 if seen == 0:
                     raise ValueError("no batches: `batches` is empty")
             finally:
                 for h in handles:
                     h.remove()
+    return losses
 
-    # Sums over ranks, then means.
-    if distributed:
-        counts = torch.tensor([[r.count, r.tokens, r.skipped] for r in records.values()], dtype=torch.float64)
-        stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-        _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
-        _all_reduce_sum([counts, stats])
-        for rec, (c, t, s) in zip(records.values(), counts.tolist()):
-            rec.count, rec.tokens, rec.skipped = int(c), int(t), int(s)
-        loss_sum, loss_n = stats.tolist()
-    else:
-        loss_sum, loss_n = sum(losses), len(losses)
 
+def _reduce_across_ranks(records: dict[str, LayerGradient], updates, losses: list[float]) -> tuple[float, float]:
+    """Sums the accumulators, counts and losses over all ranks; returns (loss sum, loss count)."""
+    counts = torch.tensor([[r.count, r.tokens, r.skipped] for r in records.values()], dtype=torch.float64)
+    stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+    _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
+    _all_reduce_sum([counts, stats])
+    for rec, (c, t, s) in zip(records.values(), counts.tolist()):
+        rec.count, rec.tokens, rec.skipped = int(c), int(t), int(s)
+    loss_sum, loss_n = stats.tolist()
+    return loss_sum, loss_n
+
+
+def _finish(records: dict[str, LayerGradient], updates, mode: str, products: dict[str, Tensor]) -> None:
+    """Turns the sums into means (and the sketches into GradientSketch); warns about layers with
+    no or an all-zero gradient."""
     empty = []
     for name, rec in records.items():
         upd = updates[name]
@@ -728,24 +789,4 @@ def collect_gradients(
             empty.append(name)
     if empty:
         warnings.warn(f"fastlora: no (or an all-zero) gradient for {len(empty)} target layers: {empty[:6]}",
-                      RuntimeWarning, stacklevel=2)
-
-    acc_bytes = sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
-    summary = {
-        "mode": mode,
-        "layers": len(records),
-        "batches": int(loss_n),
-        "skipped_batches": max((r.skipped for r in records.values()), default=0),
-        "tokens": max((r.tokens for r in records.values()), default=0),
-        "mean_loss": loss_sum / loss_n if loss_n else float("nan"),
-        "time_s": time.perf_counter() - start,
-        "accumulator_bytes": acc_bytes,
-        "staging_bytes": pool.nbytes if pool is not None else 0,
-        "accumulators_on": placement if mode == "exact" else "device",
-        "passes": len(run_list),
-        **_peak_memory(device),
-    }
-    logger.info("fastlora: gradients of %d layers over %d batches (%d tokens) in %.2f s, %s mode, "
-                "accumulators %.1f MiB on %s", summary["layers"], summary["batches"], summary["tokens"],
-                summary["time_s"], mode, acc_bytes / 2**20, summary["accumulators_on"])
-    return GradientStats(records, mode, summary)
+                      RuntimeWarning, stacklevel=3)

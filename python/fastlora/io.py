@@ -317,6 +317,20 @@ def _saved_layers(config: dict[str, Any], path: Path) -> dict[str, tuple[Adapter
 BASE_WEIGHTS = {None: "recorded", True: "original", False: "offset"}
 
 
+def _target_problems(module: nn.Module, r: int, name: str) -> list[str]:
+    """Why an adapter of rank r cannot go into ``module`` (an existing LoRA layer of another rank,
+    or a linear layer fastlora cannot wrap)."""
+    if isinstance(module, LoRALinear):
+        if module.r != r:
+            return [f"{name}: rank {module.r} in the model, {r} in the adapter (load it into the base model)"]
+        return []
+    try:
+        check_base_layer(module, name)
+    except TypeError as exc:
+        return [str(exc)]
+    return []
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: bool | None = None) -> nn.Module:
     """Loads an adapter saved by :func:`save_adapter` into ``model`` and returns it.
@@ -356,13 +370,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
             problems.append(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
                             f"the adapter's {out_f}x{in_f}")
             continue
-        if isinstance(module, LoRALinear) and module.r != cfg.r:
-            problems.append(f"{name}: rank {module.r} in the model, {cfg.r} in the adapter (load it into the base model)")
-        if not isinstance(module, LoRALinear):
-            try:
-                check_base_layer(module, name)
-            except TypeError as exc:
-                problems.append(str(exc))
+        problems += _target_problems(module, cfg.r, name)
         keys = ("lora_A", "lora_B") + (("lora_A0", "lora_B0") if has_offset else ())
         shapes = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
         shapes.update({"lora_A0": shapes["lora_A"], "lora_B0": shapes["lora_B"]})
@@ -614,13 +622,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         except (AdapterFormatError, ValueError) as exc:
             problems.append(str(exc))
             continue
-        if isinstance(module, LoRALinear) and module.r != r:
-            problems.append(f"{name}: rank {module.r} in the model, {r} in the adapter (import it into the base model)")
-        elif not isinstance(module, LoRALinear):
-            try:
-                check_base_layer(module, name)
-            except TypeError as exc:
-                problems.append(str(exc))
+        problems += _target_problems(module, r, name)
         configs[name] = cfg
     if existing and set(existing) != set(factors):
         problems.append(f"the model's LoRA layers differ from the adapter's: {sorted(set(existing) ^ set(factors))[:4]}")
