@@ -402,9 +402,11 @@ def test_10_quantized_or_custom_linear_layers_are_refused():
     assert_unchanged(model, before)
 
 
-def test_10_bitsandbytes_layers_are_refused():
+@pytest.mark.parametrize("kind", ["Linear8bitLt", "Linear4bit"])
+def test_10_bitsandbytes_layers_are_refused(kind):
     bnb = pytest.importorskip("bitsandbytes")
-    model = nn.Sequential(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False))
+    layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False) if kind == "Linear8bitLt" else bnb.nn.Linear4bit(16, 16)
+    model = nn.Sequential(layer)
     before = snapshot(model)
     with pytest.raises(TypeError, match="quantized"):
         fastlora.inject(model, "all-linear", r=2)
