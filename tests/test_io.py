@@ -163,6 +163,10 @@ def test_sigkill_during_a_save_leaves_the_previous_adapter(tmp_path, fn):
     (fastlora.load_adapter if fn == "save_adapter" else fastlora.import_peft)(model, path)
     for name in ("1.lora_A", "1.lora_B", "3.lora_B"):
         assert torch.equal(dict(model.named_parameters())[name], first[name])
+    # The killed writer's temporary directory is there until the next save of that target.
+    assert [p.name for p in tmp_path.glob(".adapter.tmp-*")]
+    getattr(fastlora, fn)(model, path)
+    assert not list(tmp_path.glob(".adapter.tmp-*"))
 
 
 def test_writes_keep_other_files_in_the_directory(tmp_path):
