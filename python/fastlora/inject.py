@@ -50,8 +50,10 @@ def inject(
     gradients: GradientStats | None = None,
     init_config: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Replaces the matching ``nn.Linear`` modules of ``model`` by :class:`LoRALinear` in place,
-    freezes every other parameter, and returns the model.
+    """Replaces the matching ``nn.Linear`` modules of ``model`` by :class:`LoRALinear` in place
+    and returns the model. The first call freezes every other parameter; a later call (more
+    targets) leaves the existing adapters and flags as they are. Layers that already have an
+    adapter are skipped.
 
     Args:
         model: any ``nn.Module`` (a Hugging Face model included).
@@ -75,9 +77,13 @@ def inject(
         generator: RNG for the adapters' initial values.
 
     Raises:
-        ValueError: nothing matched, a matched module is not an ``nn.Linear``, a layer's
-            settings are invalid, or the gradients do not cover the targets (all checked before
-            anything is changed).
+        ValueError: nothing matched, a matched module is not an ``nn.Linear`` or its weight is
+            tied to another module's, a layer's settings are invalid, the gradients do not cover
+            the targets or are not finite, or PEFT has wrapped the model.
+        TypeError: a matched layer is quantized or has its own forward; bad ``adapter_dtype``
+            or ``generator``.
+        RuntimeError: the model's adapters are merged.
+        Everything is checked before anything changes; an error leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -164,8 +170,9 @@ def add_layers(
     then: Callable[[nn.Module], Any] | None = None,
 ) -> None:
     """Wraps the ``nn.Linear`` modules named (exactly) in ``configs`` in :class:`LoRALinear`
-    (``adapter_dtype`` for all, or per name), then runs ``then(model)``. The first adapters of a model freeze every other parameter; later
-    ones leave the existing flags alone. On any error the model is restored as it was."""
+    (``adapter_dtype`` for all, or per name), then runs ``then(model)``. The first adapters of a
+    model freeze every other parameter; later ones leave the existing flags alone. On any error
+    the model is restored as it was."""
     _refuse_tied(model, list(configs), "training a LoRA on it and merging")
     first = not lora_layers(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -80,6 +79,12 @@ def _exchange(a: Path, b: Path) -> None:
 
 
 def _locked(fd: int, blocking: bool = True) -> bool:
+    """Takes an exclusive flock on ``fd``; False if another process holds it (non-blocking), or
+    where flock does not exist (then nothing is ever taken for stale)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return blocking
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
