@@ -25,8 +25,19 @@ from ._extension import (
 )
 from .functional import lora_linear
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
-from .inject import adapter_state_dict, inject, merge, trainable_parameters, unmerge
+from .inject import (
+    adapter_state_dict,
+    disable_adapter,
+    inject,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
+from . import hf  # noqa: F401  (registers the Hugging Face save hook)
 from .optim import param_groups
 from .layer import AdapterConfig, LoRALinear, lora_layers
 
@@ -43,6 +54,7 @@ __all__ = [
     "collect_gradients",
     "cpu_isa",
     "cuda_layer_kernels",
+    "disable_adapter",
     "extension_available",
     "export_peft",
     "extension_error",
@@ -54,14 +66,17 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "merge",
+    "merge_and_unload",
     "ops",
     "optim",
     "param_groups",
+    "print_trainable_parameters",
     "reference",
     "save_adapter",
     "set_backend",
     "set_cuda_layer_kernels",
     "trainable_parameters",
+    "unload",
     "unmerge",
     "use_backend",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +22,11 @@ __all__ = [
     "lora_layers",
     "merge",
     "unmerge",
+    "unload",
+    "merge_and_unload",
+    "disable_adapter",
     "trainable_parameters",
+    "print_trainable_parameters",
     "adapter_state_dict",
 ]
 
@@ -31,6 +36,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastlora")
 
 GRADIENT_INITS = ("lora_ga", "gora")
+
+# Called with the model after adapters were added to it / after all were removed (the Hugging
+# Face integration, a module above this one, registers its save hook here).
+ON_ADAPTERS_ADDED: list[Callable[[nn.Module], None]] = []
+ON_ADAPTERS_REMOVED: list[Callable[[nn.Module], None]] = []
 
 
 def inject(
@@ -198,6 +208,8 @@ def add_layers(
                         param.requires_grad_(True)
         if then is not None:
             then(model)
+        for hook in ON_ADAPTERS_ADDED:
+            hook(model)
     except BaseException:
         for parent, child, module in reversed(replaced):
             setattr(parent, child, module)
@@ -253,6 +265,54 @@ def unmerge(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer.unmerge()
     return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replaces every LoRA layer by its base ``nn.Linear`` and returns the model: with the adapter
+    merged into the weight (``merge=True``, computed in float32 and rounded once) or with the
+    original weight (``merge=False``). ``save_pretrained`` then writes a standard checkpoint."""
+    layers = _layers_or_raise(model)
+    if merge:
+        _refuse_tied(model, list(layers), "merging")
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.unwrap(merge))
+    for hook in ON_ADAPTERS_REMOVED:
+        hook(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """``unload(model, merge=True)``, PEFT's name for it."""
+    return unload(model, merge=True)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every LoRA layer computes its original base layer (the reference model of DPO-style
+    training); the adapters come back afterwards, also after an exception. Refused while
+    merged. Parameters trained in place (``trainable_modules``) are not switched off."""
+    layers = _layers_or_raise(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} are merged: unmerge them before disabling the adapter")
+    before = {name: layer.adapter_enabled for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.set_adapter_enabled(False)
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.set_adapter_enabled(before[name])
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Prints (as PEFT does) and returns the numbers of trainable and of all parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -35,7 +35,7 @@ from .inject import add_layers, refuse_peft_model
 from .layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, lora_layers
 from .targets import name_matches, pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "AdapterFormatError"]
+__all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "AdapterFormatError", "infer_task_type"]
 
 logger = logging.getLogger("fastlora")
 
@@ -45,6 +45,7 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "fastlora_config.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+HF_WEIGHTS = "fastlora_adapter.safetensors"  # fastlora's format in a save_pretrained directory
 
 
 class AdapterFormatError(ValueError):
@@ -110,7 +111,7 @@ def _remove_stale(parent: Path, prefix: str) -> None:
             os.close(fd)
 
 
-def _write_directory(target: Path, write: Callable[[Path], None]) -> None:
+def write_directory(target: Path, write: Callable[[Path], None]) -> None:
     """Writes a directory's files with ``write(tmpdir)`` and puts them in place atomically; other
     files already in ``target`` are kept. A symlink is written through (its target directory is
     replaced); temporary directories left by killed saves of the same target are cleaned up."""
@@ -155,7 +156,7 @@ def _write_directory(target: Path, write: Callable[[Path], None]) -> None:
         os.close(tmp_fd)
 
 
-def _save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
@@ -205,13 +206,8 @@ def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in _plain_parameters(model).items() if p.requires_grad}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Saves every LoRA layer's adapters and configuration, and the model's other trainable
-    parameters, to the directory ``path`` (created or replaced atomically).
-
-    LoRA-GA layers also store ``A0``, ``B0``: loading onto the original base model re-applies the
-    base offset, and :func:`export_peft` can express the adapter relative to the original base.
-    """
+def fastlora_state(model: nn.Module) -> tuple[dict[str, Tensor], str]:
+    """The tensors and the JSON configuration of fastlora's format for ``model``'s adapters."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -239,22 +235,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, p in _trainable_extras(model).items():
         tensors[f"trainable.{name}"] = p
         config["trainable"].append(name)
-    text = json.dumps(config, indent=2, sort_keys=True)
+    return tensors, json.dumps(config, indent=2, sort_keys=True)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Saves every LoRA layer's adapters and configuration, and the model's other trainable
+    parameters, to the directory ``path`` (created or replaced atomically).
+
+    LoRA-GA layers also store ``A0``, ``B0``: loading onto the original base model re-applies the
+    base offset, and :func:`export_peft` can express the adapter relative to the original base.
+    """
+    tensors, text = fastlora_state(model)
 
     def write(tmp: Path) -> None:
-        _save_safetensors(tmp / WEIGHTS, tensors, {"fastlora": text})
+        save_safetensors(tmp / WEIGHTS, tensors, {"fastlora": text})
         (tmp / CONFIG).write_text(text)
 
     path = Path(path)
-    _write_directory(path, write)
-    logger.info("fastlora: saved %d LoRA layers to %s", len(layers), path)
+    write_directory(path, write)
+    logger.info("fastlora: saved %d LoRA layers to %s", len(lora_layers(model)), path)
     return path
 
 
 def _read_fastlora(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not path.is_dir():
         raise AdapterFormatError(f"{path} is missing or not an adapter directory")
-    tensors, metadata = _load_safetensors(path / WEIGHTS)
+    # A save_pretrained directory keeps fastlora's format beside PEFT's adapter_model.safetensors.
+    tensors, metadata = _load_safetensors(path / HF_WEIGHTS if (path / HF_WEIGHTS).is_file() else path / WEIGHTS)
     if "fastlora" not in metadata:
         raise AdapterFormatError(f"{path / WEIGHTS} has no fastlora configuration; for a PEFT adapter use import_peft")
     try:
@@ -429,24 +436,36 @@ def _peft_factors(layer: LoRALinear, fold_scaling: bool) -> tuple[Tensor, Tensor
     return a, b, r, alpha, layer.use_rslora
 
 
-def export_peft(
+# PEFT's task types by the model class's name (transformers' naming), longest suffix first.
+TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> "CAUSAL_LM",
+    ``BertForSequenceClassification`` -> "SEQ_CLS", ``BertModel`` -> "FEATURE_EXTRACTION"),
+    None for other modules."""
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        return None
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+
+
+def peft_state(
     model: nn.Module,
-    path: str | os.PathLike,
     fold_scaling: bool = False,
     base_model_name_or_path: str | None = None,
-) -> Path:
-    """Writes the adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``),
-    for ``peft.PeftModel.from_pretrained`` on the original base model.
-
-    Per-layer ranks and scales (GoRA) go to ``rank_pattern`` / ``alpha_pattern``; LoRA-GA layers
-    are written as rank-2r adapters relative to the original weights; other trainable modules
-    (a classifier head) as ``modules_to_save``.
-
-    ``fold_scaling=True`` writes ``s_i·B_i`` with ``lora_alpha = r`` (``alpha_pattern =
-    rank_pattern``) and no rsLoRA, so every layer's scale is 1: use it for loaders that ignore
-    ``rank_pattern`` / ``alpha_pattern`` and apply one global ``lora_alpha / r`` (vLLM and other
-    serving engines); use the default for PEFT itself, which keeps the adapters as trained.
-    """
+    task_type: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` of PEFT's format for ``model``'s adapters (see
+    :func:`export_peft`)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
@@ -474,7 +493,7 @@ def export_peft(
     alpha_default = Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type if task_type is not None else infer_task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
         "r": r_default,
         "lora_alpha": alpha_default,
@@ -490,14 +509,39 @@ def export_peft(
         "inference_mode": True,
         "use_dora": False,
     }
+    return tensors, config
+
+
+def export_peft(
+    model: nn.Module,
+    path: str | os.PathLike,
+    fold_scaling: bool = False,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Writes the adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``),
+    for ``peft.PeftModel.from_pretrained`` on the original base model.
+
+    Per-layer ranks and scales (GoRA) go to ``rank_pattern`` / ``alpha_pattern``; LoRA-GA layers
+    are written as rank-2r adapters relative to the original weights; other trainable modules
+    (a classifier head) as ``modules_to_save``. ``task_type`` (PEFT's, e.g. "CAUSAL_LM") is
+    inferred from a transformers model's class when not given, so ``AutoPeftModelFor*`` loads
+    the export.
+
+    ``fold_scaling=True`` writes ``s_i·B_i`` with ``lora_alpha = r`` (``alpha_pattern =
+    rank_pattern``) and no rsLoRA, so every layer's scale is 1: use it for loaders that ignore
+    ``rank_pattern`` / ``alpha_pattern`` and apply one global ``lora_alpha / r`` (vLLM and other
+    serving engines); use the default for PEFT itself, which keeps the adapters as trained.
+    """
+    tensors, config = peft_state(model, fold_scaling, base_model_name_or_path, task_type)
 
     def write(tmp: Path) -> None:
-        _save_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
+        save_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
 
     path = Path(path)
-    _write_directory(path, write)
-    logger.info("fastlora: exported %d LoRA layers in PEFT's format to %s%s", len(layers), path,
+    write_directory(path, write)
+    logger.info("fastlora: exported %d LoRA layers in PEFT's format to %s%s", len(lora_layers(model)), path,
                 " (scales folded into B)" if fold_scaling else "")
     return path
 

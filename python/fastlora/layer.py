@@ -187,6 +187,7 @@ class LoRALinear(nn.Module):
             base_layer.bias.requires_grad_(False)
         self._config = dataclasses.replace(config, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout))
         self._merged = False
+        self._enabled = True
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
         # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set.
@@ -251,6 +252,11 @@ class LoRALinear(nn.Module):
     def scaling(self) -> float:
         """The scale s applied to the adapter branch."""
         return self._config.scaling
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """False inside :func:`fastlora.disable_adapter`: the layer computes its original base."""
+        return self._enabled
 
     @property
     def base_offset(self) -> tuple[Tensor, Tensor] | None:
@@ -372,10 +378,32 @@ class LoRALinear(nn.Module):
         self._resize(r)
         self._config = config
 
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Switches the adapter off (the layer computes the original base layer, a LoRA-GA offset
+        added back on the fly) or on again. Refused while merged."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self._require_unmerged("switch its adapter off or on")
+        self._enabled = enabled
+
+    @torch.no_grad()
+    def unwrap(self, merge: bool = True) -> nn.Linear:
+        """The base layer, to put in this layer's place: with ``s·B A`` merged into its weight, or
+        (``merge=False``) with its original weight (unmerged, a LoRA-GA offset removed)."""
+        if merge and not self._merged:
+            self.merge()
+        if not merge:
+            if self._merged:
+                self.unmerge()
+            self._remove_base_offset()
+        return self.base_layer
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._merged:
-            return self.base_layer(x)
         base = self.base_layer
+        if self._merged or (not self._enabled and self.lora_A0 is None):
+            return base(x)
+        if not self._enabled:  # the original base: W x = (W - s·B0 A0) x + s·(x A0^T) B0^T
+            return lora_linear(x, base.weight, base.bias, self.lora_A0, self.lora_B0, self.scaling, 0.0)
         p = self.lora_dropout if self.training else 0.0
         return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
 
