@@ -19,7 +19,7 @@ fi
 quiet_pip install -q "scikit-build-core>=0.10" ninja
 log="$venv/fastlora-build.log"
 echo "building fastlora against torch $(python -c 'import torch; print(torch.__version__)') (log: $log)"
-if ! python -m pip install -v --no-build-isolation "$root[test,bench,examples]" >"$log" 2>&1; then
+if ! python -m pip install -v "$root[test,bench,examples]" >"$log" 2>&1; then  # isolated: docs/building.md
   tail -n 60 "$log"
   echo "fastlora build failed; full log in $log" >&2
   exit 1
