@@ -227,3 +227,40 @@ def test_trl_sft_trainer_trains_a_fastlora_model(base_dir, tmp_path):
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     trainer.save_model(str(tmp_path / "sft_out"))
     assert (tmp_path / "sft_out" / "adapter_model.safetensors").is_file()
+
+
+def test_modules_to_save_train_a_copy_and_keep_the_original(base_dir, tmp_path):
+    torch.manual_seed(0)
+    cfg = _config()
+    cfg.num_labels = 3
+    base = transformers.LlamaForSequenceClassification(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    base = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    model = copy.deepcopy(base)
+    fastlora.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, modules_to_save=["score"])
+    original = model.score.original_module.weight.detach().clone()
+    assert not model.score.original_module.weight.requires_grad and model.score.trained.weight.requires_grad
+    assert model.score.weight is model.score.trained.weight  # attributes read through to the copy
+    opt = torch.optim.AdamW(fastlora.trainable_parameters(model), lr=1e-2)
+    for _ in range(3):
+        model.train()(input_ids=IDS, labels=torch.tensor([0, 2])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.score.original_module.weight, original)
+    want = _logits(model)
+    with fastlora.disable_adapter(model):
+        torch.testing.assert_close(_logits(model), _logits(base), rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path / "out")
+    config = (tmp_path / "out" / "adapter_config.json").read_text()
+    assert '"modules_to_save": [\n    "score"\n  ]' in config and '"SEQ_CLS"' in config
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out"))
+    torch.testing.assert_close(_logits(peft_model), want, rtol=0, atol=1e-5)
+    for load in (fastlora.load_adapter, fastlora.import_peft):
+        loaded = load(copy.deepcopy(base), tmp_path / "out")
+        assert isinstance(loaded.score, fastlora.copies.TrainableCopy)
+        torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-5)
+    merged = fastlora.unload(copy.deepcopy(model), merge=True)
+    assert isinstance(merged.score, torch.nn.Linear)
+    torch.testing.assert_close(_logits(merged), want, rtol=0, atol=1e-5)
+    plain = fastlora.unload(model, merge=False)
+    torch.testing.assert_close(_logits(plain), _logits(base), rtol=0, atol=1e-6)

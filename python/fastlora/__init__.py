@@ -12,7 +12,7 @@ See docs/quickstart.md and docs/api.md.
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import init, ops, optim, reference
+from . import copies, init, ops, optim, reference
 from ._extension import (
     cpu_isa,
     cuda_layer_kernels,

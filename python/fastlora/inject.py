@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import SUPPORTED_DTYPES
+from .copies import COPY, TrainableCopy, trainable_copies
 from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
 from .init.common import check_gradients
 from .init.lora_ga import rank_fits
@@ -56,6 +57,7 @@ def inject(
     init: str = "lora",
     exclude_modules: Targets | None = None,
     trainable_modules: Targets | None = None,
+    modules_to_save: Targets | None = None,
     generator: torch.Generator | None = None,
     gradients: GradientStats | None = None,
     init_config: Mapping[str, Any] | None = None,
@@ -83,7 +85,11 @@ def inject(
             a regex matched against the end of the module name (as PEFT).
         exclude_modules: names, suffixes or a regex of modules never to adapt.
         trainable_modules: names, suffixes or a regex of modules whose parameters stay
-            trainable (a classification head, say); everything else but the adapters is frozen.
+            trainable in place (a classification head, say); everything else but the adapters is
+            frozen.
+        modules_to_save: names, suffixes or a regex of modules trained as a copy, as PEFT's
+            ``modules_to_save``: the original is kept (frozen) for :func:`disable_adapter` and
+            ``unload(merge=False)``; the copy is saved and exported with the adapter.
         generator: RNG for the adapters' initial values.
 
     Raises:
@@ -110,7 +116,8 @@ def inject(
         raise TypeError(f"adapter_dtype must be one of {SUPPORTED_DTYPES}, got {adapter_dtype}")
     if use_rslora is None:
         use_rslora = gradient_init
-    for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules)):
+    for what, value in (("exclude_modules", exclude_modules), ("trainable_modules", trainable_modules),
+                        ("modules_to_save", modules_to_save)):
         if value is not None:
             check_targets(value, what)
     merged = [name for name, layer in lora_layers(model).items() if layer.merged]
@@ -125,11 +132,29 @@ def inject(
                                lora_dropout, use_rslora, "lora" if gradient_init else init)
         config.check(module.in_features, module.out_features, name)
         configs[name] = config
+    copies = _modules_to_save(model, modules_to_save, configs) if modules_to_save is not None else []
     init_fn = _gradient_init(init, found, configs, gradients, init_config, r) if gradient_init else None
-    add_layers(model, configs, adapter_dtype, generator, trainable_modules, init_fn)
+    add_layers(model, configs, adapter_dtype, generator, trainable_modules, init_fn, copies)
     ranks = sorted({layer.r for layer in lora_layers(model).values()})
     logger.info("fastlora: added adapters to %d linear layers (init %s, ranks %s)", len(configs), init, ranks)
     return model
+
+
+def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, AdapterConfig]) -> list[str]:
+    """Names of the modules ``targets`` selects for trainable copies (outermost matches only),
+    checked: none adapted, none inside an adapted layer or another copy."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or not name_matches(name, targets) or any(name.startswith(f"{n}.") for n in names):
+            continue
+        if isinstance(module, (LoRALinear, TrainableCopy)) or name in configs:
+            raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which has or gets an adapter already")
+        if any(name.startswith(f"{n}.") for n in list(configs) + list(lora_layers(model)) + list(trainable_copies(model))):
+            raise ValueError(f"modules_to_save={targets!r} selects {name!r}, inside an adapted module")
+        names.append(name)
+    if not names:
+        raise ValueError(f"no module matched modules_to_save={targets!r}")
+    return names
 
 
 def refuse_peft_model(model: nn.Module) -> None:
@@ -178,11 +203,13 @@ def add_layers(
     generator: torch.Generator | None = None,
     trainable_modules: Targets | None = None,
     then: Callable[[nn.Module], Any] | None = None,
+    copies: list[str] | tuple[str, ...] = (),
 ) -> None:
     """Wraps the ``nn.Linear`` modules named (exactly) in ``configs`` in :class:`LoRALinear`
-    (``adapter_dtype`` for all, or per name), then runs ``then(model)``. The first adapters of a
-    model freeze every other parameter; later ones leave the existing flags alone. On any error
-    the model is restored as it was."""
+    (``adapter_dtype`` for all, or per name) and the modules named in ``copies`` in
+    :class:`TrainableCopy`, then runs ``then(model)``. The first adapters of a model freeze every
+    other parameter; later ones leave the existing flags alone. On any error the model is
+    restored as it was."""
     _refuse_tied(model, list(configs), "training a LoRA on it and merging")
     first = not lora_layers(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -200,6 +227,12 @@ def add_layers(
             lora = LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
                               dtype, init, generator)
             setattr(parent, child, lora)
+            replaced.append((parent, child, module))
+        for name in copies:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = getattr(parent, child)
+            setattr(parent, child, TrainableCopy(module))
             replaced.append((parent, child, module))
         if trainable_modules is not None:
             for name, module in model.named_modules():
@@ -270,7 +303,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replaces every LoRA layer by its base ``nn.Linear`` and returns the model: with the adapter
     merged into the weight (``merge=True``, computed in float32 and rounded once) or with the
-    original weight (``merge=False``). ``save_pretrained`` then writes a standard checkpoint."""
+    original weight (``merge=False``); ``modules_to_save`` copies by the trained copy or the
+    original. ``save_pretrained`` then writes a standard checkpoint."""
     layers = _layers_or_raise(model)
     if merge:
         _refuse_tied(model, list(layers), "merging")
@@ -278,6 +312,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.unwrap(merge))
+    for name, wrapper in trainable_copies(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(wrapper, COPY) if merge else wrapper.original_module)
     for hook in ON_ADAPTERS_REMOVED:
         hook(model)
     return model
@@ -290,21 +328,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside, every LoRA layer computes its original base layer (the reference model of DPO-style
-    training); the adapters come back afterwards, also after an exception. Refused while
-    merged. Parameters trained in place (``trainable_modules``) are not switched off."""
+    """Inside, every LoRA layer computes its original base layer and every ``modules_to_save``
+    copy its original module (the reference model of DPO-style training); the adapters come back
+    afterwards, also after an exception. Refused while merged. Parameters trained in place
+    (``trainable_modules``) are not switched off."""
     layers = _layers_or_raise(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"layers {merged[:4]} are merged: unmerge them before disabling the adapter")
     before = {name: layer.adapter_enabled for name, layer in layers.items()}
+    copies = trainable_copies(model)
+    copies_before = {name: wrapper.enabled for name, wrapper in copies.items()}
     try:
         for layer in layers.values():
             layer.set_adapter_enabled(False)
+        for wrapper in copies.values():
+            wrapper.set_enabled(False)
         yield model
     finally:
         for name, layer in layers.items():
             layer.set_adapter_enabled(before[name])
+        for name, wrapper in copies.items():
+            wrapper.set_enabled(copies_before[name])
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

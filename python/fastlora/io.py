@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .copies import COPY, trainable_copies
 from .functional import SUPPORTED_DTYPES
 from .inject import add_layers, refuse_peft_model
 from .layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, lora_layers
@@ -185,18 +186,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters outside the adapters by their names in the model without adapters (a LoRA
-    layer's ``<name>.base_layer.weight`` is ``<name>.weight``), so names survive (un)injection."""
+    layer's ``<name>.base_layer.weight`` is ``<name>.weight``, a ``modules_to_save`` copy's
+    ``<name>.trained.weight`` is ``<name>.weight``), so names survive (un)injection."""
     layers = lora_layers(model)
+    copies = trainable_copies(model)
     adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    originals = {id(p) for wrapper in copies.values() for p in wrapper.original_module.parameters()}
     out = {}
     for name, p in model.named_parameters():
-        if id(p) in adapters:
+        if id(p) in adapters or id(p) in originals:
             continue
         owner, _, leaf = name.rpartition(".")
         if owner.endswith(".base_layer") or owner == "base_layer":
             layer_name = owner.removesuffix("base_layer").removesuffix(".")
             if layer_name in layers:
                 name = f"{layer_name}.{leaf}" if layer_name else leaf
+        for copy_name in copies:
+            if name.startswith(f"{copy_name}.{COPY}."):
+                name = copy_name + name[len(copy_name) + len(COPY) + 1:]
         out[name] = p
     return out
 
@@ -235,6 +242,7 @@ def fastlora_state(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     for name, p in _trainable_extras(model).items():
         tensors[f"trainable.{name}"] = p
         config["trainable"].append(name)
+    config["modules_to_save"] = list(trainable_copies(model))
     return tensors, json.dumps(config, indent=2, sort_keys=True)
 
 
@@ -320,9 +328,10 @@ def _saved_layers(config: dict[str, Any], path: Path) -> dict[str, tuple[Adapter
                                   _field(cfg, "lora_dropout", (int, float), where),
                                   _field(cfg, "use_rslora", bool, where), init, in_f, out_f, where)
         out[name] = (adapter, in_f, out_f, dtype, _field(cfg, "base_offset", bool, where, False))
-    trainable = _field(config, "trainable", list, str(path), [])
-    if not all(isinstance(n, str) for n in trainable):
-        raise AdapterFormatError(f"{path}: 'trainable' must list parameter names")
+    for key in ("trainable", "modules_to_save"):
+        names = _field(config, key, list, str(path), [])
+        if not all(isinstance(n, str) for n in names):
+            raise AdapterFormatError(f"{path}: '{key}' must list names")
     return out
 
 
@@ -390,7 +399,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
             check_factors({k: tensors.get(f"{name}.{k}") for k in keys}, {k: shapes[k] for k in keys}, name)
         except ValueError as exc:
             problems.append(str(exc))
-    params = _plain_parameters(model)  # the same Parameter objects after any injection below
+    params = _plain_parameters(model)
     for name in config.get("trainable", []):
         t, p = tensors.get(f"trainable.{name}"), params.get(name)
         if t is None or p is None or t.shape != p.shape:
@@ -400,20 +409,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
     if problems:
         raise AdapterFormatError(f"{path} does not fit this model: " + "; ".join(problems[:6]))
 
+    copies = config.get("modules_to_save", [])
+    if not existing:
+        bad = [n for n in copies if n not in modules or n in saved or any(n.startswith(f"{s}.") for s in saved)]
+        if bad:
+            raise AdapterFormatError(f"{path} does not fit this model: modules_to_save {bad[:4]} are not modules "
+                                     "of the model apart from the adapted layers")
+
     def apply(model: nn.Module) -> None:
         layers = lora_layers(model)
         for name, (cfg, *_, has_offset) in saved.items():
             offset = (tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]) if has_offset else None
             layers[name].set_adapter(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset,
                                      BASE_WEIGHTS[apply_base_offset])
+        now = _plain_parameters(model)  # modules_to_save copies are new Parameters
         for name in config.get("trainable", []):
-            params[name].copy_(tensors[f"trainable.{name}"])
-            params[name].requires_grad_(True)
+            now[name].copy_(tensors[f"trainable.{name}"])
+            now[name].requires_grad_(True)
 
     if existing:
         apply(model)
     else:
-        add_layers(model, {n: v[0] for n, v in saved.items()}, {n: v[3] for n, v in saved.items()}, then=apply)
+        add_layers(model, {n: v[0] for n, v in saved.items()}, {n: v[3] for n, v in saved.items()}, then=apply,
+                   copies=copies)
     logger.info("fastlora: loaded %d LoRA layers from %s", len(saved), path)
     return model
 
@@ -692,15 +710,21 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         layers = lora_layers(model)
         for name, cfg in configs.items():
             layers[name].set_adapter(factors[name]["lora_A"], factors[name]["lora_B"], cfg)
+        now = _plain_parameters(model)  # modules_to_save copies are new Parameters
         for name, t in extras.items():
-            params[name].copy_(t)
-            params[name].requires_grad_(True)
+            now[name].copy_(t)
+            now[name].requires_grad_(True)
 
     if existing:
         apply(model)
     else:
         # float32 master adapters, as inject's default; float64 files keep their precision
         dtypes = {n: torch.float64 if factors[n]["lora_A"].dtype == torch.float64 else torch.float32 for n in configs}
-        add_layers(model, configs, dtypes, then=apply)
+        copies: list[str] = []  # PEFT's modules_to_save become trained copies, outermost matches
+        for m in modules:
+            if (m and name_matches(m, saved_modules) and not any(m.startswith(f"{c}.") for c in copies)
+                    and any(e.startswith(f"{m}.") for e in extras)):
+                copies.append(m)
+        add_layers(model, configs, dtypes, then=apply, copies=copies)
     logger.info("fastlora: imported %d LoRA layers from the PEFT adapter %s", len(factors), path)
     return model
