@@ -152,6 +152,16 @@ class AdapterSequences(RuleBasedStateMachine):
         self.check_function()
 
     @precondition(lambda self: self.ranks)
+    @rule()
+    def disable_adapter(self):
+        def look():
+            with fastlora.disable_adapter(self.model):
+                torch.testing.assert_close(self.model.eval()(X), self.base(X), rtol=1e-10, atol=1e-10)
+
+        self.expect(not self.merged, look)
+        self.check_function()
+
+    @precondition(lambda self: self.ranks)
     @rule(data=st.data())
     def reset(self, data):
         name = data.draw(st.sampled_from(sorted(self.ranks)))
