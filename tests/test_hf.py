@@ -264,3 +264,30 @@ def test_modules_to_save_train_a_copy_and_keep_the_original(base_dir, tmp_path):
     torch.testing.assert_close(_logits(merged), want, rtol=0, atol=1e-5)
     plain = fastlora.unload(model, merge=False)
     torch.testing.assert_close(_logits(plain), _logits(base), rtol=0, atol=1e-6)
+
+
+def test_trl_dpo_trainer_trains_a_fastlora_model(base_dir, tmp_path):
+    """DPO with the reference log-probabilities precomputed (TRL keeps a frozen copy of the model
+    at the start as the reference); the preference loss falls."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", unk_token="t1",
+                                                     eos_token="t2")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+    data = datasets.Dataset.from_list([{"prompt": text(6), "chosen": text(4), "rejected": text(4)} for _ in range(8)])
+    model = _adapted(base_dir)
+    config = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=8, per_device_train_batch_size=4,
+                           learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                           disable_tqdm=True, precompute_ref_log_probs=True)
+    trainer = trl.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0]
