@@ -101,6 +101,15 @@ def test_trainer_saves_the_adapter_only_and_every_loader_gets_the_trained_model(
     torch.testing.assert_close(_logits(fastlora.load_adapter(_base(base_dir), out)), want, rtol=0, atol=0)
 
 
+@pytest.fixture
+def single_thread():
+    """One thread for runs compared bit for bit (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _adapter_values(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -108,8 +117,7 @@ def _adapter_values(model):
 @pytest.mark.parametrize("init", ["lora", "lora_ga", "gora"])
 @pytest.mark.parametrize("optimizer", [None, lambda m: LoRAPro(m, lr=1e-2, moment_dtype=torch.float32)],
                          ids=["adamw", "lorapro"])
-def test_trainer_resume_is_bit_identical(base_dir, tmp_path, init, optimizer):
-    torch.set_num_threads(1)
+def test_trainer_resume_is_bit_identical(base_dir, tmp_path, init, optimizer, single_thread):
     model = _adapted(base_dir, init)
     _trainer(model, tmp_path / "a", optimizer).train()
     straight = _adapter_values(model)
@@ -124,9 +132,8 @@ def test_trainer_resume_is_bit_identical(base_dir, tmp_path, init, optimizer):
         assert torch.equal(again[name], straight[name]), name
 
 
-def test_trainer_resumes_into_a_model_rebuilt_by_inject(base_dir, tmp_path):
+def test_trainer_resumes_into_a_model_rebuilt_by_inject(base_dir, tmp_path, single_thread):
     """Trainer loads the checkpoint's adapter (model.safetensors, the trainable tensors only)."""
-    torch.set_num_threads(1)
     model = _adapted(base_dir)
     _trainer(model, tmp_path / "a").train()
     rebuilt = _adapted(base_dir)
