@@ -12,7 +12,9 @@ alternating within each round), in training mode with gradients for x as inside 
   fused       one autograd.Function over cuBLAS calls saving x, A, B and recomputing x A^T in
               backward (the op sequence of Unsloth's LoRA_W; no dropout, so p > 0 is skipped)
   fastlora    fastlora.LoRALinear (float32 adapters) on its CUDA kernels
-  reference   fastlora.LoRALinear on its PyTorch reference path (what CUDA runs with the kernels off)
+  composed    fastlora.LoRALinear on its composed path (cuBLAS calls in one autograd.Function; what
+              CUDA runs with the kernels off)
+  reference   fastlora.LoRALinear on its PyTorch reference path (plain autograd)
 "held MiB" is the device memory a forward leaves allocated (output plus what autograd keeps).
 A second table times each fastlora op against the cuBLAS calls it replaces and against the
 time to move its bytes at the copy bandwidth measured in the same process.
@@ -40,7 +42,7 @@ from layer_cpu import PlainLoRA, backend_of, build, timed_row  # noqa: E402
 
 import fastlora  # noqa: E402
 
-VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "reference")
+VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "composed", "reference")
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 HEADLINE = dict(T=8192, shape="4096->4096", r=16)  # the configuration issue 3's targets name
 

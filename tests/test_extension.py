@@ -45,7 +45,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import fastlora
     import fastlora.layer
-messages = [str(w.message) for w in caught if "reference path" in str(w.message)]
+messages = [str(w.message) for w in caught if "composed path" in str(w.message)]
 assert len(messages) == 1, messages
 assert not fastlora.extension_available() and "blocked by the test" in fastlora.extension_error()
 layer = fastlora.LoRALinear(torch.nn.Linear(8, 4), r=2, lora_dropout=0.1)
