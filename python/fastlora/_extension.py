@@ -102,11 +102,21 @@ def _kernel_table() -> dict[tuple[str, str], bool]:
 _kernels = _kernel_table()
 
 
-# The layer's CUDA kernels are compiled and registered (torch.ops.fastlora.* runs them on CUDA
-# tensors), but fastlora's own callers (the layer, the gradient engine) use them only when
-# switched on: they stay experimental until benchmarks/gpu_check.sh has validated them on a GPU.
+# The layer's CUDA kernels (the dropout mask's included) are compiled and registered
+# (torch.ops.fastlora.* runs them on CUDA tensors), but fastlora's own callers (the layer, the
+# gradient engine) use them only when switched on: they stay experimental until
+# benchmarks/gpu_check.sh has validated them on a GPU.
 _CUDA_LAYER_OPS = frozenset(
-    ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "lora_pro_moments")
+    (
+        "lora_down",
+        "lora_up",
+        "lora_forward",
+        "lora_dy_products",
+        "lora_grad_A",
+        "lora_grad_x",
+        "dropout_mask",
+        "lora_pro_moments",
+    )
 )
 _cuda_layer_kernels = _env_flag("FASTLORA_CUDA_LAYER")
 
@@ -132,8 +142,8 @@ def cuda_layer_kernels() -> bool:
 
 
 def set_cuda_layer_kernels(enabled: bool) -> bool:
-    """Switches the layer's CUDA kernels (and LoRA-Pro's moment kernel) on or off; returns the
-    previous setting.
+    """Switches the layer's CUDA kernels (the dropout mask's and LoRA-Pro's moment kernel
+    included) on or off; returns the previous setting.
 
     Off by default (``FASTLORA_CUDA_LAYER=1`` turns it on at import): CUDA tensors then run the
     composed path of library GEMMs (``fastlora.composed``). The kernels are experimental until ``benchmarks/gpu_check.sh`` has
