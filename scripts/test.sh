@@ -6,4 +6,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 cd "$root"
 bash benchmarks/gpu_check.sh --dry-run  # the GPU check's plan; tests/test_gpu_check.py checks its budget
-python -m pytest -q -p no:cacheprovider "$@"
+if [ $# -eq 0 ]; then
+  # The CUDA kernels under the host emulation first, one line per case, so the log shows what ran.
+  python -m pytest -v -p no:cacheprovider tests/test_cuda_emulated.py
+  python -m pytest -q -p no:cacheprovider --ignore=tests/test_cuda_emulated.py
+else
+  python -m pytest -q -p no:cacheprovider "$@"
+fi

@@ -228,7 +228,12 @@ LAYER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,n_in,n_out,r,dtype,p,layout,sms,per_sm", LAYER_CASES)
+def _case_id(case) -> str:
+    T, n_in, n_out, r, dtype, p, layout, sms, per_sm = case
+    return f"T{T}-{n_in}x{n_out}-r{r}-{str(dtype)[6:]}-p{p}-{layout}-{sms}SMx{per_sm}"
+
+
+@pytest.mark.parametrize("T,n_in,n_out,r,dtype,p,layout,sms,per_sm", LAYER_CASES, ids=map(_case_id, LAYER_CASES))
 def test_emulated_layer_kernels_match_reference(layer, T, n_in, n_out, r, dtype, p, layout, sms, per_sm):
     layer.set_gpu(sms, per_sm)
     g = torch.Generator().manual_seed(T + r)
