@@ -53,7 +53,8 @@ def _layer_reference(x, w, bias, a, b, s, dy, p, seed, which):
     return y if which == 0 else torch.autograd.grad(y, (x, a, b), dy)[which - 1]
 
 
-def run_case(T: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype, device: str) -> list[tuple[str, bool]]:
+def run_case(T: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype,
+             device: str) -> list[tuple[str, bool]]:
     g = torch.Generator(device=device).manual_seed(T + n_in + r)
     opt = dict(device=device, generator=g)
     x, dy = torch.randn(T, n_in, **opt).to(dtype), torch.randn(T, n_out, **opt).to(dtype)
@@ -97,7 +98,8 @@ def run_case(T: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype
             grads = torch.autograd.grad(y, (args[0], args[3], args[4]), dy)
 
         for i, (name, got) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads))):
-            out.append(check(f"layer[{path}] {name}", got, _layer_reference, (X, W, BIAS, a, b, s, DY, p, seed, i), dtype))
+            ref_args = (X, W, BIAS, a, b, s, DY, p, seed, i)
+            out.append(check(f"layer[{path}] {name}", got, _layer_reference, ref_args, dtype))
     return out
 
 

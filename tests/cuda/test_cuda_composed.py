@@ -31,7 +31,8 @@ def test_matches_float64_reference(dtype, p):
     a, b = torch.randn(r, n_in, generator=g) / n_in**0.5, torch.randn(n_out, r, generator=g)
     x, dy = torch.randn(T, n_in, generator=g), torch.randn(T, n_out, generator=g)
     seed = torch.tensor([5])
-    cuda = [t.to("cuda", dt) for t, dt in ((x, dtype), (w, dtype), (bias, dtype), (a, torch.float32), (b, torch.float32))]
+    dtypes = (dtype, dtype, dtype, torch.float32, torch.float32)
+    cuda = [t.to("cuda", dt) for t, dt in zip((x, w, bias, a, b), dtypes)]
     for i in (0, 3, 4):
         cuda[i].requires_grad_(True)
     y = fastlora.lora_linear(*cuda, 1.5, p, seed.cuda())
@@ -65,4 +66,4 @@ def test_memory_held_after_forward_is_frozen_plus_T_r():
     frozen, _ = held(base)
     ours, _ = held(layer)
     # xa (T x r) and the one-element seed, each rounded up to the allocator's 512-byte blocks.
-    assert ours - frozen <= T * r * 2 + 1024, f"the composed path holds {ours - frozen} bytes more than the frozen layer"
+    assert ours - frozen <= T * r * 2 + 1024, f"the composed path holds {ours - frozen} bytes beyond the frozen layer"
