@@ -12,13 +12,16 @@ alternating within each round), in training mode with gradients for x as inside 
   fused       one autograd.Function over cuBLAS calls saving x, A, B and recomputing x A^T in
               backward (the op sequence of Unsloth's LoRA_W; no dropout, so p > 0 is skipped)
   fastlora    fastlora.LoRALinear (float32 adapters) on its CUDA kernels
-  reference   fastlora.LoRALinear on its PyTorch reference path (what CUDA runs with the kernels off)
+  composed    fastlora.LoRALinear on its composed path (cuBLAS calls in one autograd.Function; what
+              CUDA runs with the kernels off)
+  reference   fastlora.LoRALinear on its PyTorch reference path (plain autograd)
 "held MiB" is the device memory a forward leaves allocated (output plus what autograd keeps).
 A second table times each fastlora op against the cuBLAS calls it replaces and against the
 time to move its bytes at the copy bandwidth measured in the same process.
 
     python benchmarks/layer.py            # issue 3's grid: T 2048/8192/32768, 3 shapes, r 8-128, p 0/0.05
-    python benchmarks/layer.py --quick    # T = 8192 subset with the headline configuration (gpu_check.sh)
+    python benchmarks/layer.py --quick    # T = 8192 subset with the headline configuration
+    python benchmarks/layer.py --headline # the headline configuration, p = 0 and 0.05 (gpu_check.sh)
 
 This switches fastlora's experimental CUDA layer kernels on (fastlora.set_cuda_layer_kernels).
 """
@@ -40,7 +43,7 @@ from layer_cpu import PlainLoRA, backend_of, build, timed_row  # noqa: E402
 
 import fastlora  # noqa: E402
 
-VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "reference")
+VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "composed", "reference")
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 HEADLINE = dict(T=8192, shape="4096->4096", r=16)  # the configuration issue 3's targets name
 
@@ -176,7 +179,8 @@ def summary(rows: list[dict], element_size: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the T = 8192 subset that gpu_check.sh runs")
+    parser.add_argument("--quick", action="store_true", help="the T = 8192 subset (every rank, every shape at r = 16)")
+    parser.add_argument("--headline", action="store_true", help="T = 8192, 4096->4096, r = 16, p = 0 and 0.05 only")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64, 128])
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
@@ -189,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     fastlora.set_cuda_layer_kernels(True)
     dtype = getattr(torch, args.dtype)
-    if args.quick:  # the headline shape at every rank, the other shapes at r = 16, dropout on the headline
+    if args.headline:
+        configs = [(HEADLINE["T"], 4096, 4096, HEADLINE["r"], p) for p in (0.0, 0.05)]
+    elif args.quick:  # the headline shape at every rank, the other shapes at r = 16, dropout on the headline
         configs = [(8192, 4096, 4096, r, 0.0) for r in args.ranks]
         configs += [(8192, n_in, n_out, 16, 0.0) for n_in, n_out in SHAPES[1:]]
         configs += [(8192, 4096, 4096, 16, 0.05)]
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(op_rows, ["op", "fastlora us", "cuBLAS us", "bytes floor us"]))
     print("\nfwd+bwd time / frozen fwd+bwd (x), fwd / frozen fwd, device memory held after forward")
     columns = ["T", "shape", "r", "p", "frozen f+b ms"] + [f"{v} f+b x" for v in VARIANTS[1:]]
-    columns += ["fastlora fwd x", "peft fwd x"] + [f"{v} held MiB" for v in ("frozen", "peft", "fastlora")]
+    columns += [f"{v} fwd x" for v in ("fastlora", "composed", "peft")]
+    columns += [f"{v} held MiB" for v in ("frozen", "peft", "composed", "fastlora")]
     print(format_table(rows, [c for c in columns if any(c in r for r in rows)]))
     print("\nissue 3 acceptance (fastlora, measured above)")
     print(format_table(accept, ["measure", "value", "target"]))

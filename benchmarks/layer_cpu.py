@@ -1,4 +1,5 @@
-"""CPU benchmark of one LoRA layer: fastlora vs its reference path vs PEFT vs plain PyTorch LoRA.
+"""CPU benchmark of one LoRA layer: fastlora vs its composed and reference paths vs PEFT vs plain
+PyTorch LoRA.
 
 All variants wrap copies of the same frozen nn.Linear, get the same input and output gradient,
 and are timed in one process (median of --repeat runs after warm-up), in training mode with
@@ -27,7 +28,7 @@ from _common import environment, format_table, measure_interleaved, plot_ratios,
 
 import fastlora  # noqa: E402
 
-VARIANTS = ("frozen", "fastlora", "reference", "peft", "plain")
+VARIANTS = ("frozen", "fastlora", "composed", "reference", "peft", "plain")
 
 
 class PlainLoRA(nn.Module):
@@ -54,7 +55,7 @@ def build(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
         return base
     if variant == "full":
         return base.requires_grad_(True)
-    if variant in ("fastlora", "reference"):
+    if variant in ("fastlora", "composed", "reference"):
         layer = fastlora.LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=p)
         nn.init.normal_(layer.lora_B, std=0.01)
         return layer
@@ -87,7 +88,7 @@ def saved_mib(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def backend_of(variant: str) -> str:
-    return "reference" if variant == "reference" else "auto"
+    return variant if variant in ("composed", "reference") else "auto"
 
 
 def timed_row(modules: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, device: str = "cpu",

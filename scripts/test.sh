@@ -5,4 +5,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$root/scripts/setup.sh"
 cd "$root"
-python -m pytest -q -p no:cacheprovider "$@"
+bash benchmarks/gpu_check.sh --dry-run  # the GPU check's plan; tests/test_gpu_check.py checks its budget
+if [ $# -eq 0 ]; then
+  # The CUDA kernels under the host emulation first, one line per case, so the log shows what ran.
+  python -m pytest -v -p no:cacheprovider tests/test_cuda_emulated.py
+  python -m pytest -q -p no:cacheprovider --ignore=tests/test_cuda_emulated.py
+else
+  python -m pytest -q -p no:cacheprovider "$@"
+fi

@@ -113,6 +113,10 @@ def test_dropout_mask_matches_reference_and_statistics():
     seed = seed_tensor(7)
     for rows, cols, p in [(1, 1, 0.5), (3, 5, 0.25), (17, 33, 0.9), (8, 8, 0.0)]:
         assert torch.equal(ops.dropout_mask(seed, rows, cols, p), reference.dropout_mask(seed, rows, cols, p))
+    # Rows of a taller matrix, starting at even and odd element counters.
+    full = reference.dropout_mask(seed, 9, 7, 0.5)
+    for first in (0, 1, 4):
+        assert torch.equal(reference.dropout_mask(seed, 3, 7, 0.5, first_row=first), full[first : first + 3])
     # Keep-rate within 1% of 1 - p over 10^6 draws; different seeds give different masks.
     for p in (0.05, 0.1, 0.5):
         m = ops.dropout_mask(seed, 1000, 1000, p)

@@ -2,8 +2,8 @@
 
 The extension registers ``torch.ops.fastlora.*``. It is compiled against one torch version;
 under another one it refuses to load with an error that says how to rebuild. If it is missing
-or fails to load for another reason, fastlora runs on the pure-PyTorch reference path and warns
-once; ``FASTLORA_REQUIRE_EXTENSION=1`` turns that into an error and
+or fails to load for another reason, fastlora runs on the composed path (library GEMMs, see
+``fastlora.composed``) and warns once; ``FASTLORA_REQUIRE_EXTENSION=1`` turns that into an error and
 ``FASTLORA_DISABLE_EXTENSION=1`` skips loading on purpose.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger("fastlora")
 
-_BACKENDS = ("auto", "reference")
+_BACKENDS = ("auto", "composed", "reference")
 _backend = "auto"
 _load_error: str | None = None
 
@@ -60,8 +60,8 @@ if _load_error is not None:
         raise ImportError(f"fastlora: {_load_error}, and FASTLORA_REQUIRE_EXTENSION is set. {_REBUILD}")
     if not _env_flag("FASTLORA_DISABLE_EXTENSION"):
         warnings.warn(
-            f"fastlora: {_load_error}; running on the pure-PyTorch reference path (slower, and "
-            "dropout stores its mask). Set FASTLORA_REQUIRE_EXTENSION=1 to make this an error.",
+            f"fastlora: {_load_error}; running on the composed path of library GEMMs (slower than "
+            "the kernels). Set FASTLORA_REQUIRE_EXTENSION=1 to make this an error.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -102,11 +102,21 @@ def _kernel_table() -> dict[tuple[str, str], bool]:
 _kernels = _kernel_table()
 
 
-# The layer's CUDA kernels are compiled and registered (torch.ops.fastlora.* runs them on CUDA
-# tensors), but fastlora's own callers (the layer, the gradient engine) use them only when
-# switched on: they stay experimental until benchmarks/gpu_check.sh has validated them on a GPU.
+# The layer's CUDA kernels (the dropout mask's included) are compiled and registered
+# (torch.ops.fastlora.* runs them on CUDA tensors), but fastlora's own callers (the layer, the
+# gradient engine) use them only when switched on: they stay experimental until
+# benchmarks/gpu_check.sh has validated them on a GPU.
 _CUDA_LAYER_OPS = frozenset(
-    ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x", "lora_pro_moments")
+    (
+        "lora_down",
+        "lora_up",
+        "lora_forward",
+        "lora_dy_products",
+        "lora_grad_A",
+        "lora_grad_x",
+        "dropout_mask",
+        "lora_pro_moments",
+    )
 )
 _cuda_layer_kernels = _env_flag("FASTLORA_CUDA_LAYER")
 
@@ -118,8 +128,8 @@ def compiled_kernel(op: str, device_type: str) -> bool:
 
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether fastlora routes ``op`` on ``device_type`` ("cpu", "cuda") to a compiled kernel: it
-    is compiled, the backend is not "reference", and (CUDA layer ops) they are switched on."""
-    if _backend == "reference":
+    is compiled, the backend is "auto", and (CUDA layer ops) they are switched on."""
+    if _backend != "auto":
         return False
     if device_type == "cuda" and op in _CUDA_LAYER_OPS and not _cuda_layer_kernels:
         return False
@@ -132,11 +142,11 @@ def cuda_layer_kernels() -> bool:
 
 
 def set_cuda_layer_kernels(enabled: bool) -> bool:
-    """Switches the layer's CUDA kernels (and LoRA-Pro's moment kernel) on or off; returns the
-    previous setting.
+    """Switches the layer's CUDA kernels (the dropout mask's and LoRA-Pro's moment kernel
+    included) on or off; returns the previous setting.
 
     Off by default (``FASTLORA_CUDA_LAYER=1`` turns it on at import): CUDA tensors then run the
-    PyTorch reference path. The kernels are experimental until ``benchmarks/gpu_check.sh`` has
+    composed path of library GEMMs (``fastlora.composed``). The kernels are experimental until ``benchmarks/gpu_check.sh`` has
     validated them on a GPU.
     """
     global _cuda_layer_kernels
@@ -150,14 +160,17 @@ def note_python_kernel(op: str, device_type: str) -> None:
 
 
 def get_backend() -> str:
-    """The current backend: "auto" (compiled kernels where they apply) or "reference"."""
+    """The current backend: "auto", "composed" or "reference" (see :func:`set_backend`)."""
     return _backend
 
 
 def set_backend(name: str) -> str:
-    """Selects the backend ("auto" or "reference") for all layers; returns the previous one.
+    """Selects the backend for all layers; returns the previous one.
 
-    "reference" forces the pure-PyTorch path everywhere (for comparisons and debugging).
+    "auto": compiled kernels where they apply, the composed path of library GEMMs elsewhere.
+    "composed": the composed path and no compiled kernel, as on a device without fastlora's
+    kernels (so CPU tests run what CUDA runs with the layer kernels off). "reference": the
+    pure-PyTorch definitions through ordinary autograd (for comparisons and debugging).
     """
     global _backend
     if name not in _BACKENDS:

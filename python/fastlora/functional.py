@@ -2,7 +2,8 @@
 
 :func:`lora_linear` validates its arguments, handles autocast and leading dimensions, and runs
 the compiled kernels (``torch.ops.fastlora.lora_forward`` with its fused backward) whenever
-they apply, otherwise the pure-PyTorch reference. :class:`fastlora.LoRALinear` calls it.
+they apply, otherwise the composed path of library GEMMs (or the pure-PyTorch reference when
+that backend is selected). :class:`fastlora.LoRALinear` calls it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from ._extension import has_kernel
+from . import composed, ops, reference
+from ._extension import get_backend, has_kernel
 
 __all__ = ["lora_linear", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
 
@@ -103,9 +104,11 @@ def lora_linear(
         under ``torch.autocast``).
     """
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    # Like autocast's own casts for F.linear: float64 is left alone.
+    # Like autocast's own casts for F.linear: float64 is left alone. Devices without autocast
+    # (meta) would make is_autocast_enabled raise.
     if (
         isinstance(x, Tensor)
+        and torch.amp.is_autocast_available(device_type)
         and torch.is_autocast_enabled(device_type)
         and x.is_floating_point()
         and x.dtype != torch.float64
@@ -120,9 +123,8 @@ def lora_linear(
     x2d = x.reshape(-1, x.shape[-1])
     if kernel_path_applies(x2d, weight, bias, lora_A, lora_B):
         y = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
+    elif get_backend() == "reference":
+        y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     else:
-        mask = None
-        if dropout_p > 0.0 and has_kernel("dropout_mask", x.device.type):
-            mask = ops.dropout_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p)
-        y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed, mask)
+        y = composed.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return y.reshape(*lead, weight.shape[0])

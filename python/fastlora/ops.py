@@ -41,7 +41,7 @@ def lora_forward(
 
 def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     """The keep-mask dropout applies for this seed (the compiled kernel where there is one)."""
-    if extension_available():
+    if has_kernel("dropout_mask", seed.device.type):
         return torch.ops.fastlora.dropout_mask(seed, rows, cols, p)
     return reference.dropout_mask(seed, rows, cols, p)
 

@@ -2,7 +2,8 @@
 
 Each function here computes what the same-named ``torch.ops.fastlora`` operator computes, on
 any device and in any floating dtype (float64 included), with ordinary autograd. Tests compare
-the compiled kernels against these in float64; the layer runs them when no kernel applies.
+the compiled kernels and the composed path (``fastlora.composed``) against these in float64;
+the layer runs them only under ``fastlora.use_backend("reference")``.
 
 Notation (as PEFT): x (T, in), weight W (out, in), lora_A A (r, in), lora_B B (out, r),
 ``xa = drop(x) A^T`` (T, r), dy (T, out), ``dxa = s dy B`` (T, r).
@@ -47,14 +48,18 @@ def _signed(v: int) -> int:
 
 def _shr(z: Tensor, s: int) -> Tensor:
     """Logical right shift of int64 bit patterns."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
-def _mix64(z: Tensor) -> Tensor:
-    # SplitMix64's finaliser; int64 products wrap modulo 2^64 like the uint64 ones in C++.
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    return z ^ _shr(z, 31)
+def _mix64_(z: Tensor) -> Tensor:
+    # SplitMix64's finaliser, in place (the mask's int64 temporaries dominate its memory); int64
+    # products wrap modulo 2^64 like the uint64 ones in C++.
+    z ^= _shr(z, 30)
+    z *= _signed(_MIX1)
+    z ^= _shr(z, 27)
+    z *= _signed(_MIX2)
+    z ^= _shr(z, 31)
+    return z
 
 
 def dropout_threshold(p: float) -> int:
@@ -73,11 +78,14 @@ def dropout_mask(seed: Tensor, rows: int, cols: int, p: float, first_row: int = 
     ``first_row`` gives rows [first_row, first_row + rows) of a taller matrix."""
     if p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=seed.device)
-    key = _mix64(seed.reshape(()).to(torch.int64) + _signed(_GAMMA))
-    index = torch.arange(rows * cols, dtype=torch.int64, device=seed.device) + first_row * cols
-    bits = _mix64(key + (index >> 1) * _signed(_GAMMA))
-    draw = torch.where((index & 1).bool(), _shr(bits, 32), bits & 0xFFFFFFFF)
-    return (draw >= dropout_threshold(p)).reshape(rows, cols)
+    key = _mix64_(seed.reshape(()).to(torch.int64) + _signed(_GAMMA))
+    # Element i draws the low (even i) or high (odd i) 32 bits of the hash of counter i >> 1.
+    first = first_row * cols
+    pairs = torch.arange(first >> 1, (first + rows * cols + 1) >> 1, dtype=torch.int64, device=seed.device)
+    bits = _mix64_(pairs.mul_(_signed(_GAMMA)).add_(key))
+    threshold = dropout_threshold(p)
+    keep = torch.stack(((bits & 0xFFFFFFFF) >= threshold, _shr(bits, 32) >= threshold), dim=1).reshape(-1)
+    return keep[first & 1 : (first & 1) + rows * cols].reshape(rows, cols)
 
 
 def dropout(x: Tensor, p: float, seed: Tensor | None, mask: Tensor | None = None) -> Tensor:
@@ -155,11 +163,10 @@ def lora_linear(
     scale: float,
     dropout_p: float = 0.0,
     seed: Tensor | None = None,
-    mask: Tensor | None = None,
 ) -> Tensor:
     """The whole layer on a 2-D x through ordinary autograd (gradients for every input that
     requires them, the frozen weight included). The adapter branch runs in x's dtype."""
-    return lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, mask)[0]
+    return lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
 
 def accumulate_outer(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:

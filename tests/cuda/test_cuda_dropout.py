@@ -7,12 +7,12 @@ import torch
 
 import fastlora
 from fastlora import reference
-from fastlora._extension import has_kernel
+from fastlora._extension import compiled_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.skipif(not has_kernel("dropout_mask", "cuda"), reason="extension built without CUDA")
+@pytest.mark.skipif(not compiled_kernel("dropout_mask", "cuda"), reason="extension built without CUDA")
 @pytest.mark.parametrize("rows,cols,p", [(1, 1, 0.5), (3, 7, 0.1), (129, 257, 0.05), (1000, 1000, 0.9), (5, 5, 0.0)])
 def test_cuda_mask_equals_cpu_mask(rows, cols, p):
     seed = torch.tensor([123456789], dtype=torch.int64)
@@ -22,7 +22,7 @@ def test_cuda_mask_equals_cpu_mask(rows, cols, p):
     assert torch.equal(cpu, reference.dropout_mask(seed, rows, cols, p))
 
 
-@pytest.mark.skipif(not has_kernel("dropout_mask", "cuda"), reason="extension built without CUDA")
+@pytest.mark.skipif(not compiled_kernel("dropout_mask", "cuda"), reason="extension built without CUDA")
 def test_cuda_graph_replay_reads_the_seed_on_the_device():
     seed = torch.tensor([1], dtype=torch.int64, device="cuda")
     torch.ops.fastlora.dropout_mask(seed, 64, 64, 0.5)  # warm up outside the graph

@@ -369,9 +369,10 @@ def test_switch_gates_layer_and_gradient_engine():
     args = (t["x"], t["w"], t["bias"], t["a"], t["b"])
     fastlora.set_cuda_layer_kernels(False)
     assert not kernel_path_applies(*args) and not has_kernel("lora_dy_products", "cuda")
-    assert has_kernel("dropout_mask", "cuda")
+    assert not has_kernel("dropout_mask", "cuda")
     fastlora.set_cuda_layer_kernels(True)
     assert fastlora.cuda_layer_kernels() and kernel_path_applies(*args) and has_kernel("lora_dy_products", "cuda")
+    assert has_kernel("dropout_mask", "cuda")
 
 
 @pytest.mark.skipif(QUICK, reason="reads 2^31 elements")

@@ -34,7 +34,7 @@ struct DyShape {
 };
 
 template <class Tr, int RT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kIsF32<Tr> ? 1 : kMinBlocks)
     dy_products_kernel(Operand<Tr> dy, Operand<Tr> xa, Operand<F32> b, int64_t rows_per_group,
                        float* __restrict__ dxa_part, float* __restrict__ db_part) {
   using S = DyShape<RT>;
@@ -106,18 +106,18 @@ cudaError_t launch_fused(const Matrix& dy, const void* xa, int64_t rx, const voi
                          float* dxa, float* db, const Scratch& scratch, cudaStream_t stream) {
   using S = DyShape<RT>;
   const int64_t T = dy.rows, n = dy.cols;
-  int sms = 1;
-  if (cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
+  constexpr auto kernel = dy_products_kernel<Tr, RT>;
+  if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
+  int64_t resident = 1;
+  if (cudaError_t err = resident_blocks<kernel>(S::kSmem, &resident); err != cudaSuccess) return err;
   const int64_t chunks = ceil_div(n, S::kCO), ranks = ceil_div(rx > rb ? rx : rb, S::kRC);
   const int64_t row_tiles = ceil_div(T, S::kBM);
-  // Two blocks per SM: more row groups would only add dB partials.
-  const int64_t per_group = group_size(row_tiles, ceil_div(2 * static_cast<int64_t>(sms), chunks * ranks));
+  // One wave of resident blocks: more row groups would only add dB partials.
+  const int64_t per_group = group_size(row_tiles, ceil_div(resident, chunks * ranks));
   const int64_t groups = ceil_div(row_tiles, per_group);
   const int64_t dxa_count = T * rb;
   auto* dxa_part = static_cast<float*>(scratch(sizeof(float) * (chunks * dxa_count + groups * rx * n)));
   float* db_part = dxa_part + chunks * dxa_count;
-  constexpr auto kernel = dy_products_kernel<Tr, RT>;
-  if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(groups), static_cast<unsigned>(ranks));
   kernel<<<grid, kThreads, S::kSmem, stream>>>(operand<Tr>(dy), contiguous<Tr>(xa, T, rx), contiguous<F32>(b, n, rb),
                                                per_group * S::kBM, dxa_part, db_part);

@@ -23,7 +23,7 @@ struct RankShape {
 };
 
 template <class Xr, class Ur, int RT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kIsF32<Xr> || kIsF32<Ur> || RT >= 4 ? 1 : kMinBlocks)
     rank_kernel(Operand<Xr> x, Operand<Ur> u, DropoutArgs drop_args, int64_t rows_per_group,
                 float* __restrict__ part) {
   using S = RankShape<RT>;
@@ -56,15 +56,15 @@ cudaError_t launch_rank(const Matrix& x, const void* u, int64_t r, const Dropout
                         bool transposed, float* out, const Scratch& scratch, cudaStream_t stream) {
   using S = RankShape<RT>;
   const int64_t T = x.rows, n = x.cols;
-  int sms = 1;
-  if (cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
-  const int64_t chunks = ceil_div(n, S::kCO), ranks = ceil_div(r, S::kRC), row_tiles = ceil_div(T, S::kBM);
-  // About two resident blocks per SM; more row groups would only add partials.
-  const int64_t per_group = group_size(row_tiles, ceil_div(2 * static_cast<int64_t>(sms), chunks * ranks));
-  const int64_t groups = ceil_div(row_tiles, per_group);
-  auto* part = static_cast<float*>(scratch(sizeof(float) * groups * r * n));
   constexpr auto kernel = rank_kernel<Xr, Ur, RT>;
   if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
+  int64_t resident = 1;
+  if (cudaError_t err = resident_blocks<kernel>(S::kSmem, &resident); err != cudaSuccess) return err;
+  const int64_t chunks = ceil_div(n, S::kCO), ranks = ceil_div(r, S::kRC), row_tiles = ceil_div(T, S::kBM);
+  // One wave of resident blocks; more row groups would only add partials.
+  const int64_t per_group = group_size(row_tiles, ceil_div(resident, chunks * ranks));
+  const int64_t groups = ceil_div(row_tiles, per_group);
+  auto* part = static_cast<float*>(scratch(sizeof(float) * groups * r * n));
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(groups), static_cast<unsigned>(ranks));
   kernel<<<grid, kThreads, S::kSmem, stream>>>(operand<Xr>(x), contiguous<Ur>(u, T, r), dropout_args(drop),
                                                per_group * S::kBM, part);

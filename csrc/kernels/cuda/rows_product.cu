@@ -28,7 +28,7 @@ struct RowsShape {
 
 // w: r x n (kWByK false) or n x r (true). Block (row block, split, rank chunk).
 template <class Xr, class Wr, class Or, bool kWByK, int RT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, RT >= 8 && (kIsF32<Xr> || kIsF32<Wr>) ? 1 : kMinBlocks)
     rows_kernel(Operand<Xr> x, Operand<Wr> w, DropoutArgs drop_args, int64_t k_per_split, float alpha,
                 typename Or::raw* __restrict__ out, float* __restrict__ partial) {
   using S = RowsShape<kWByK, RT>;
@@ -93,15 +93,15 @@ cudaError_t launch_rows(const Matrix& x, const void* w, int64_t r, const Dropout
                         void* out, const Scratch& scratch, cudaStream_t stream) {
   using S = RowsShape<kWByK, RT>;
   const int64_t T = x.rows, n = x.cols;
-  int sms = 1;
-  if (cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
-  const int64_t row_blocks = ceil_div(T, kBM), chunks = ceil_div(r, S::kRC), k_tiles = ceil_div(n, kBK);
-  // About four resident blocks per SM keep enough loads in flight to stream x at full speed.
-  const int64_t per_split = group_size(k_tiles, ceil_div(4 * static_cast<int64_t>(sms), row_blocks * chunks));
-  const int64_t splits = ceil_div(k_tiles, per_split);
-  float* partial = splits > 1 ? static_cast<float*>(scratch(sizeof(float) * splits * T * r)) : nullptr;
   constexpr auto kernel = rows_kernel<Xr, Wr, Or, kWByK, RT>;
   if (cudaError_t err = allow_smem<kernel>(S::kSmem); err != cudaSuccess) return err;
+  int64_t resident = 1;
+  if (cudaError_t err = resident_blocks<kernel>(S::kSmem, &resident); err != cudaSuccess) return err;
+  const int64_t row_blocks = ceil_div(T, kBM), chunks = ceil_div(r, S::kRC), k_tiles = ceil_div(n, kBK);
+  // Split K until every SM holds as many blocks as fit: enough loads in flight to stream x.
+  const int64_t per_split = group_size(k_tiles, ceil_div(resident, row_blocks * chunks));
+  const int64_t splits = ceil_div(k_tiles, per_split);
+  float* partial = splits > 1 ? static_cast<float*>(scratch(sizeof(float) * splits * T * r)) : nullptr;
   const Operand<Wr> wop = kWByK ? contiguous<Wr>(w, n, r) : contiguous<Wr>(w, r, n);
   auto* o = static_cast<typename Or::raw*>(out);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits), static_cast<unsigned>(chunks));

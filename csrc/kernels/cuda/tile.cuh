@@ -29,7 +29,10 @@ namespace fastlora::cuda::detail {
 constexpr int kThreads = 256;  // every tiled kernel runs 8 warps per block
 constexpr int kWarps = kThreads / 32;
 // Two resident blocks per SM at least: caps registers at 128 a thread, so the unrolled tile
-// products cannot crowd out the other block whose loads hide memory latency.
+// products cannot crowd out the other block whose loads hide memory latency. Instantiations
+// whose state does not fit 128 registers (float32 operands split into two tf32 halves, many rank
+// tiles) ask for one block instead: ptxas spilled them, and a spill fails the build. Launchers
+// size their grids from the occupancy a kernel gets (resident_blocks), so either way fills the GPU.
 constexpr int kMinBlocks = 2;
 
 // ---- dtypes --------------------------------------------------------------------------------
@@ -346,6 +349,28 @@ inline cudaError_t sm_count(int* count) {
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
   return err;
+}
+
+// Blocks of kKernel (kThreads threads, `smem` bytes of dynamic shared memory, already allowed)
+// resident on the whole GPU at once, as the occupancy calculator finds for the compiled kernel:
+// its register count decides, not an assumed number per SM. Asked once per kernel and device
+// (smem is fixed per kernel), so a CUDA graph capture makes no such call.
+template <auto kKernel>
+cudaError_t resident_blocks(size_t smem, int64_t* blocks) {
+  static std::atomic<int> per_sm_of[64]{};  // per device; 0: not asked yet
+  int device = 0, sms = 1;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
+  int per_sm = device < 64 ? per_sm_of[device].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, smem);
+        err != cudaSuccess)
+      return err;
+    per_sm = per_sm > 1 ? per_sm : 1;
+    if (device < 64) per_sm_of[device].store(per_sm, std::memory_order_relaxed);
+  }
+  *blocks = static_cast<int64_t>(sms) * per_sm;
+  return cudaSuccess;
 }
 
 // Splits `tiles` units of work into at most `want` contiguous groups; returns the group size

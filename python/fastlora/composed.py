@@ -1,0 +1,105 @@
+"""The layer as one autograd Function of library GEMMs and in-place updates.
+
+This is what runs wherever fastlora's own kernels do not apply (CUDA while the layer kernels are
+switched off, other accelerators, CPU without the extension). It computes what
+:func:`fastlora.reference.lora_linear` defines, with the backward of ``lora_layer.md``:
+
+    forward   y = addmm(b, x, W^T);  xa = drop(x) A^T;  y += s xa B^T      (in place)
+    backward  dxa = s dy B;  dB = s dy^T xa;  dA = dxa^T drop(x);  dx = dy W;  dx += drop'(dxa A)
+
+Saved for backward: ``x`` (a reference), ``xa`` (T x r), the seed, and the parameters. The
+dropout mask is regenerated from the seed in backward, never kept across forward/backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops import dropout_mask
+
+__all__ = ["lora_linear"]
+
+
+def _keep_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
+    return dropout_mask(seed, x.shape[0], x.shape[1], p)
+
+
+def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
+    # where, not a product: a dropped element is exactly zero even where t is infinite.
+    return t if mask is None else torch.where(mask, t, t.new_zeros(()))
+
+
+class _ComposedLoRA(torch.autograd.Function):
+    # Temporaries without a kernel (transient, none saved): with dropout, the bool mask and
+    # mask ⊙ x (T x in) in forward and again in backward, and dxa A (T x in) for dx.
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scale: float,
+        dropout_p: float,
+        seed: Tensor | None,
+    ) -> Tensor:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        mask = _keep_mask(seed, x, dropout_p) if dropout_p > 0.0 else None
+        # 1/(1-p) scales the T x r product, not x: one fewer T x in pass.
+        xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
+        if dropout_p > 0.0:
+            xa.mul_(inv_keep)
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
+        ctx.scale = scale
+        ctx.dropout_p = dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
+        p, s = ctx.dropout_p, ctx.scale
+        inv_keep = 1.0 / (1.0 - p)
+        dx = d_w = d_bias = d_a = d_b = None
+        if need_b_lora:
+            d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
+        if need_x or need_a:
+            mask = _keep_mask(seed, x, p) if p > 0.0 else None
+            dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
+            if need_a:
+                d_a = torch.mm(dxa.t(), _masked(x, mask))
+                d_a = (d_a.mul_(inv_keep) if mask is not None else d_a).to(lora_A.dtype)
+            if need_x:
+                dx = torch.mm(dy, weight)
+                if mask is None:
+                    dx.addmm_(dxa, lora_A.to(x.dtype))
+                else:
+                    low_rank = torch.mm(dxa, lora_A.to(x.dtype)).masked_fill_(mask.logical_not_(), 0.0)
+                    dx.add_(low_rank, alpha=inv_keep)
+        if need_w:
+            d_w = torch.mm(dy.t(), x)
+        if need_b:
+            d_bias = dy.sum(0)
+        return dx, d_w, d_bias, d_a, d_b, None, None, None
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> Tensor:
+    """``x W^T + b + scale * (drop(x) A^T) B^T`` for a 2-D x (arguments checked by the caller);
+    differentiable in every tensor argument but the seed."""
+    return _ComposedLoRA.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)

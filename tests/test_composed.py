@@ -1,0 +1,190 @@
+"""The composed path (fastlora.composed): values and gradients against the float64 reference,
+gradcheck, what it saves for backward, torch.compile, and where it is the default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import reference
+from conftest import RTOL, assert_matches, make_matrix, seed_tensor, traced_graphs
+
+# (T, in, out, r, leading shape, layout): T = 1, r = 1, 3-D and non-contiguous inputs.
+CASES = [
+    (1, 5, 3, 1, (1,), "contiguous"),
+    (6, 7, 9, 2, (2, 3), "contiguous"),
+    (10, 13, 6, 5, (10,), "transposed"),
+    (12, 17, 11, 3, (3, 4), "strided"),
+]
+
+
+@pytest.fixture(autouse=True)
+def composed_backend():
+    with fastlora.use_backend("composed"):
+        yield
+
+
+def _params(n_in, n_out, r, dtype=torch.float64, adapter_dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, dt=dtype):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dt)
+
+    w, b = draw(n_out, n_in), (draw(n_out) if bias else None)
+    return w, b, draw(r, n_in, dt=adapter_dtype), draw(n_out, r, dt=adapter_dtype), 1.7
+
+
+def _input(T, n_in, lead, layout, dtype=torch.float64):
+    x2d = make_matrix(T, n_in, dtype, layout, torch.Generator().manual_seed(1))
+    return x2d.reshape(*lead, n_in)
+
+
+def _is_composed(y: torch.Tensor) -> bool:
+    node = y.grad_fn
+    while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "_ComposedLoRABackward"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("T,n_in,n_out,r,lead,layout", CASES)
+def test_matches_float64_reference_with_the_same_mask(T, n_in, n_out, r, lead, layout, p):
+    w, b, a, bb, s = _params(n_in, n_out, r)
+    x = _input(T, n_in, lead, layout).requires_grad_(True)
+    inputs = (x, w, b, a, bb)
+    for t in inputs[1:]:
+        t.requires_grad_(True)
+    seed = seed_tensor(7)
+    y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
+    assert _is_composed(y)
+    ref = reference.lora_linear(x.reshape(-1, n_in), w, b, a, bb, s, p, seed).reshape(y.shape)
+    assert_matches(y, ref, torch.float64, "y")
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for name, u, v in zip(("dx", "dW", "db", "dA", "dB"), got, want):
+        assert_matches(u, v, torch.float64, name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("T,n_in,n_out,r,lead,layout", CASES)
+def test_gradcheck(T, n_in, n_out, r, lead, layout, p):
+    w, b, a, bb, s = _params(n_in, n_out, r, bias=T > 1)
+    x = _input(T, n_in, lead, layout).requires_grad_(True)
+    seed = seed_tensor(11)
+
+    def f(x, a, bb):
+        return fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
+
+    assert _is_composed(f(x, a.requires_grad_(True), bb.requires_grad_(True)))
+    assert torch.autograd.gradcheck(f, (x, a, bb))
+
+
+def test_gradcheck_with_trainable_base_and_dropout():
+    w, b, a, bb, s = _params(6, 5, 2)
+    args = [t.requires_grad_(True) for t in (torch.randn(4, 6, dtype=torch.float64), w, b, a, bb)]
+    seed = seed_tensor(5)
+    assert torch.autograd.gradcheck(lambda *t: fastlora.lora_linear(*t, s, 0.3, seed), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_low_precision_matches_float64_reference(dtype, p):
+    w, b, a, bb, s = _params(96, 80, 8, dtype=dtype, adapter_dtype=torch.float32)
+    x = torch.randn(3, 20, 96, dtype=torch.float64).to(dtype).requires_grad_(True)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    seed = seed_tensor(21)
+    y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
+    assert y.dtype == dtype
+    g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    dx, da, db = torch.autograd.grad(y, (x, a, bb), g)
+    assert da.dtype == torch.float32 and db.dtype == torch.float32 and dx.dtype == dtype
+
+    x64 = x.detach().double().requires_grad_(True)
+    a64, b64 = a.detach().double().requires_grad_(True), bb.detach().double().requires_grad_(True)
+    y64 = reference.lora_linear(x64.reshape(-1, 96), w.double(), b.double(), a64, b64, s, p, seed).reshape(y.shape)
+    want = torch.autograd.grad(y64, (x64, a64, b64), g.double())
+    assert_matches(y, y64, dtype, "y")
+    # Gradients pass through rounded intermediates (xa, dxa in x's dtype): two roundings.
+    for name, u, v in zip(("dx", "dA", "dB"), (dx, da, db), want):
+        err = (u.double() - v).abs().max() / v.abs().max()
+        assert err <= 2 * RTOL[dtype], f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_only_x_xa_and_seed(p, dtype):
+    T, n_in, n_out, r = 48, 64, 40, 4
+    w, b, a, bb, s = _params(n_in, n_out, r, dtype=dtype, adapter_dtype=torch.float32)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    x = torch.randn(2, T // 2, n_in, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed_tensor(3))
+    params = {t.data_ptr() for t in (w, b, a, bb)}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert not any(t.dtype == torch.bool for t in saved), "no mask is kept"
+    assert sum(t.data_ptr() == x.data_ptr() for t in activations) == 1, "x is saved once, by reference"
+    elsize = x.element_size()
+    seed_bytes = 8 if p > 0 else 0
+    assert sum(t.numel() * t.element_size() for t in activations) == x.numel() * elsize + T * r * elsize + seed_bytes
+    y.sum().backward()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
+    for layer in fastlora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    params = fastlora.trainable_parameters(model)
+    x = torch.randn(2, 9, 32)
+    compiled = torch.compile(model, fullgraph=True)  # a graph break raises
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+    g_eager = torch.autograd.grad(model(x).square().sum(), params)
+    g_comp = torch.autograd.grad(compiled(x).square().sum(), params)
+    for u, v in zip(g_comp, g_eager):  # inductor fuses and reorders the float32 arithmetic
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * v.abs().max().item())
+    model.train()  # with dropout: same mask as eager for the same torch seed, fresh masks per call
+    torch.manual_seed(4)
+    y_eager = model(x)
+    torch.manual_seed(4)
+    y1 = compiled(x)
+    torch.testing.assert_close(y1, y_eager)
+    assert not torch.equal(y1, compiled(x))
+    torch.autograd.grad(y1.sum(), params)
+    assert traced_graphs(model, x)
+
+
+def test_default_on_devices_without_kernels():
+    # The meta device stands for any device fastlora has no kernels for (CUDA with the kernels
+    # off goes the same way: has_kernel is false there).
+    with fastlora.use_backend("auto"):
+        w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in _params(8, 6, 2))
+        x = torch.empty(5, 8, dtype=torch.float64, device="meta", requires_grad=True)
+        assert _is_composed(fastlora.lora_linear(x, w, b, a, bb, s, 0.1, seed_tensor().to("meta")))
+        # and on the CPU where the kernels do not apply (the base weight requires grad)
+        w, b, a, bb, s = _params(8, 6, 2)
+        x = torch.randn(5, 8, dtype=torch.float64)
+        assert _is_composed(fastlora.lora_linear(x, w.requires_grad_(True), b, a, bb, s))
+
+
+def test_default_without_the_extension():
+    code = (
+        "import torch, fastlora\n"
+        "assert not fastlora.extension_available()\n"
+        "layer = fastlora.LoRALinear(torch.nn.Linear(8, 6), r=2, lora_dropout=0.1)\n"
+        "print(type(layer(torch.randn(3, 8, requires_grad=True)).grad_fn.next_functions[0][0]).__name__)\n"
+    )
+    env = dict(os.environ, FASTLORA_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "_ComposedLoRABackward"
