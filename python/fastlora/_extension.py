@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger("fastlora")
 
-_BACKENDS = ("auto", "composed", "reference")
+_BACKENDS = ("auto", "composed", "fused", "reference")
 _backend = "auto"
 _load_error: str | None = None
 
@@ -160,17 +160,19 @@ def note_python_kernel(op: str, device_type: str) -> None:
 
 
 def get_backend() -> str:
-    """The current backend: "auto", "composed" or "reference" (see :func:`set_backend`)."""
+    """The current backend: "auto", "composed", "fused" or "reference" (see :func:`set_backend`)."""
     return _backend
 
 
 def set_backend(name: str) -> str:
     """Selects the backend for all layers; returns the previous one.
 
-    "auto": compiled kernels where they apply, the composed path of library GEMMs elsewhere.
+    "auto": compiled kernels where they apply, the fused Triton path for CUDA tensors when Triton
+    is installed, the composed path of library GEMMs elsewhere.
     "composed": the composed path and no compiled kernel, as on a device without fastlora's
-    kernels (so CPU tests run what CUDA runs with the layer kernels off). "reference": the
-    pure-PyTorch definitions through ordinary autograd (for comparisons and debugging).
+    kernels (so CPU tests run what CUDA runs with the layer kernels off). "fused": the fused
+    Triton path everywhere (on CPU through Triton's interpreter: slow, for tests). "reference":
+    the pure-PyTorch definitions through ordinary autograd (for comparisons and debugging).
     """
     global _backend
     if name not in _BACKENDS:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import composed, ops, reference
+from . import composed, fused, ops, reference
 from ._extension import get_backend, has_kernel
 
 __all__ = ["lora_linear", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
@@ -121,9 +121,14 @@ def lora_linear(
         seed = new_dropout_seed(x.device, generator)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    backend = get_backend()
     if kernel_path_applies(x2d, weight, bias, lora_A, lora_B):
         y = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
-    elif get_backend() == "reference":
+    elif backend == "fused" or (backend == "auto" and fused.applies(x2d, weight, lora_A)):
+        if not fused.available():
+            raise RuntimeError("the fused backend needs Triton: pip install triton")
+        y = fused.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    elif backend == "reference":
         y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     else:
         y = composed.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
