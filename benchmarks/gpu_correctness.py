@@ -89,8 +89,9 @@ def run_case(T: int, n_in: int, n_out: int, r: int, p: float, dtype: torch.dtype
     out.append(check("accumulate_outer", acc, lambda *v: reference.accumulate_outer(*v) or v[0],
                      (torch.zeros(n_out, n_in, device=device), DY, X, 0.5), dtype))
 
-    # The layer on the kernels and on the composed path: y and every gradient.
-    for path, backend in (("kernels", "auto"), ("composed", "composed")):
+    # The layer on the kernels, the composed path and (with Triton) the fused path: y and every gradient.
+    paths = [("kernels", "auto"), ("composed", "composed")] + ([("fused", "fused")] if fastlora.fused.available() else [])
+    for path, backend in paths:
         with fastlora.use_backend(backend):
             args = [x.clone().requires_grad_(True), w, bias, a.clone().requires_grad_(True),
                     b.clone().requires_grad_(True)]

@@ -15,6 +15,8 @@ alternating within each round), in training mode with gradients for x as inside 
   composed    fastlora.LoRALinear on its composed path (cuBLAS calls in one autograd.Function; what
               CUDA runs with the kernels off)
   reference   fastlora.LoRALinear on its PyTorch reference path (plain autograd)
+  triton      fastlora.LoRALinear on its fused Triton path (the rank-r terms inside the two big
+              GEMMs; what CUDA runs by default when Triton is installed), if Triton is present
 "held MiB" is the device memory a forward leaves allocated (output plus what autograd keeps).
 A second table times each fastlora op against the cuBLAS calls it replaces and against the
 time to move its bytes at the copy bandwidth measured in the same process.
@@ -43,7 +45,8 @@ from layer_cpu import PlainLoRA, backend_of, build, timed_row  # noqa: E402
 
 import fastlora  # noqa: E402
 
-VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "composed", "reference")
+VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "composed", "reference") + (
+    ("triton",) if fastlora.fused.available() else ())
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 HEADLINE = dict(T=8192, shape="4096->4096", r=16)  # the configuration issue 3's targets name
 
@@ -150,6 +153,21 @@ def op_timings(tokens: int, n_in: int, n_out: int, r: int, dtype: torch.dtype, r
     return rows, bandwidth
 
 
+def fused_gemm_tflops(tokens: int, n_in: int, n_out: int, r: int, dtype: torch.dtype, repeat: int) -> dict:
+    """The fused forward GEMM's TFLOP/s (its 2 T (in + r) out flops) next to torch.matmul's on
+    the frozen product x W^T (2 T in out flops), same process, same inputs."""
+    torch.manual_seed(0)
+    opt = dict(device="cuda", dtype=dtype)
+    x, w, xa = torch.randn(tokens, n_in, **opt), torch.randn(n_out, n_in, **opt), torch.randn(tokens, r, **opt)
+    b = torch.randn(n_out, r, device="cuda")
+    times = measure_interleaved({"fused": lambda: fastlora.fused.forward(x, w, None, xa, b, 2.0),
+                                 "matmul": lambda: torch.matmul(x, w.t())}, "cuda", warmup=5, repeat=repeat)
+    fused = 2 * tokens * (n_in + r) * n_out / times["fused"] / 1e12
+    matmul = 2 * tokens * n_in * n_out / times["matmul"] / 1e12
+    return {"shape": f"T{tokens} {n_in}->{n_out} r{r}", "fused TFLOP/s": fused, "matmul TFLOP/s": matmul,
+            "ratio": fused / matmul}
+
+
 def summary(rows: list[dict], element_size: int) -> list[dict]:
     """Issue 3's acceptance measures, from the rows that exist."""
     def find(**kw):
@@ -171,6 +189,9 @@ def summary(rows: list[dict], element_size: int) -> list[dict]:
             extra_mib = drop["fastlora held MiB"] - head["fastlora held MiB"]
             out.append({"measure": "p=0.05 extra f+b time", "value": extra_time, "target": "<= 0.03"})
             out.append({"measure": "p=0.05 extra held MiB", "value": extra_mib, "target": "~0 (an 8-byte seed)"})
+        if "triton f+b x" in head:
+            out.append({"measure": "triton (fused) fwd+bwd / frozen (headline)", "value": head["triton f+b x"],
+                        "target": "<= 1.15"})
         t_r = head["T"] * head["r"] * element_size / 2**20
         held = head["fastlora held MiB"] - head["frozen held MiB"]
         out.append({"measure": "held MiB - frozen held MiB", "value": held, "target": f"<= {t_r:.3f} (T*r elements)"})
@@ -214,20 +235,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     op_rows, bandwidth = op_timings(8192, 4096, 4096, 16, dtype, args.repeat)
     accept = summary(rows, torch.empty((), dtype=dtype).element_size())
+    gemm = fused_gemm_tflops(8192, 4096, 4096, 16, dtype, args.repeat) if fastlora.fused.available() else None
+    if gemm is not None:
+        accept.append({"measure": "fused GEMM TFLOP/s / matmul's", "value": gemm["ratio"], "target": ">= 0.90"})
 
     out = Path(args.out)
     write_json(out / "layer.json", {"environment": env, "command": " ".join(sys.argv), "copy_bandwidth": bandwidth,
-                                    "rows": rows, "ops": op_rows, "summary": accept})
+                                    "rows": rows, "ops": op_rows, "fused_gemm": gemm, "summary": accept})
     for r in rows:
         r["config"] = f"T{r['T']} {r['shape']} r{r['r']} p{r['p']}"
     plot_ratios(out / "layer.png", rows, "config", [f"{v} f+b x" for v in VARIANTS[1:]],
                 f"LoRA layer fwd+bwd / frozen, {args.dtype}, {env['device']} (torch {env['torch']})")
     print(f"\nops at T=8192, 4096->4096, r=16 (copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
     print(format_table(op_rows, ["op", "fastlora us", "cuBLAS us", "bytes floor us"]))
+    if gemm is not None:
+        print("\nfused forward GEMM vs torch.matmul (x W^T)")
+        print(format_table([gemm], ["shape", "fused TFLOP/s", "matmul TFLOP/s", "ratio"]))
     print("\nfwd+bwd time / frozen fwd+bwd (x), fwd / frozen fwd, device memory held after forward")
     columns = ["T", "shape", "r", "p", "frozen f+b ms"] + [f"{v} f+b x" for v in VARIANTS[1:]]
-    columns += [f"{v} fwd x" for v in ("fastlora", "composed", "peft")]
-    columns += [f"{v} held MiB" for v in ("frozen", "peft", "composed", "fastlora")]
+    columns += [f"{v} fwd x" for v in ("fastlora", "composed", "triton", "peft")]
+    columns += [f"{v} held MiB" for v in ("frozen", "peft", "composed", "fastlora", "triton")]
     print(format_table(rows, [c for c in columns if any(c in r for r in rows)]))
     print("\nissue 3 acceptance (fastlora, measured above)")
     print(format_table(accept, ["measure", "value", "target"]))

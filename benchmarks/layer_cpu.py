@@ -55,7 +55,7 @@ def build(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
         return base
     if variant == "full":
         return base.requires_grad_(True)
-    if variant in ("fastlora", "composed", "reference"):
+    if variant in ("fastlora", "composed", "reference", "triton"):
         layer = fastlora.LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=p)
         nn.init.normal_(layer.lora_B, std=0.01)
         return layer
@@ -88,7 +88,8 @@ def saved_mib(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def backend_of(variant: str) -> str:
-    return variant if variant in ("composed", "reference") else "auto"
+    """The fastlora backend a variant runs under ("triton": the fused Triton path)."""
+    return {"composed": "composed", "reference": "reference", "triton": "fused"}.get(variant, "auto")
 
 
 def timed_row(modules: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, device: str = "cpu",

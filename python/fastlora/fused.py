@@ -15,6 +15,7 @@ wrong). The dropout hash is ``csrc/kernels/common/dropout_rng.h``'s, bit for bit
 """
 
 import functools
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -74,7 +75,14 @@ def _kernel(name: str, interpret: bool) -> Any:
         return InterpretedFunction(fn)
     configs = [triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"],
                              num_stages=c["num_stages"]) for c in _CONFIGS]
-    return triton.autotune(configs, key=["M", "N", "K", "R"])(triton.jit(fn))
+    # The tuning result per shape persists on disk where this Triton can (cache_results).
+    persist = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=["M", "N", "K", "R"], **persist)(triton.jit(fn))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 products in full float32, as torch.mm does by default (TF32 off)
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _launch(name: str, out: Tensor, rank: int, *args: Any, **flags: Any) -> None:
@@ -101,7 +109,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor,
     _launch("forward", y, r, x, weight, bias if bias is not None else weight, xa, lora_B, y, m, n, k, r,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scale,
-            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
+            HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype))
     return y
 
 
@@ -115,7 +123,7 @@ def _grad_x_impl(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: 
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0), dxa.stride(1),
             lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
             dropout_threshold(dropout_p) if drop else 0, 1.0 / (1.0 - dropout_p),
-            DROPOUT=drop, IEEE=dy.dtype == torch.float32)
+            DROPOUT=drop, PRECISION=_precision(dy.dtype))
     return dx
 
 
