@@ -52,14 +52,16 @@ def _check(T, n_in, n_out, r, dtype, layout, bias, p, seed):
     # the compute dtype's rounding; the rank-r parts pass through one extra rounding (xa, dxa).
     terms = {
         "y": (x64.detach().abs() @ w.double().abs().t() + s * (x64.detach().abs() @ a64.detach().abs().t())
-              @ b64.detach().abs().t()),
+              @ b64.detach().abs().t() + (0.0 if b is None else b.double().abs())),
         "dx": dy.double().abs() @ w.double().abs() + s * (dy.double().abs() @ b64.detach().abs()) @ a64.detach().abs(),
+        "dA": s * (dy.double().abs() @ b64.detach().abs()).t() @ x64.detach().abs(),
+        "dB": s * dy.double().abs().t() @ (x64.detach().abs() @ a64.detach().abs().t()),
     }
     for name, got, want, scale in (
         ("y", y, y64, terms["y"].max()),
         ("dx", xs.grad, x64.grad, terms["dx"].max()),
-        ("dA", a_s.grad, a64.grad, a64.grad.abs().max()),
-        ("dB", b_s.grad, b64.grad, b64.grad.abs().max()),
+        ("dA", a_s.grad, a64.grad, terms["dA"].max()),
+        ("dB", b_s.grad, b64.grad, terms["dB"].max()),
     ):
         assert got.shape == want.shape and torch.isfinite(got).all(), name
         err = (got.double() - want).abs().max().item()
