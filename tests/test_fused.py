@@ -132,3 +132,28 @@ def test_dispatch_takes_the_fused_path_for_cuda_tensors(monkeypatch):
     assert _path(y) == "_ComposedLoRABackward"
     with fastlora.use_backend("fused"), pytest.raises(RuntimeError, match="pip install triton"):
         fastlora.lora_linear(x, w, b, a, bb, 1.0)
+
+
+def test_torch_compile_fullgraph_through_the_fused_ops():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
+    for layer in fastlora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 9, 32)
+    params = fastlora.trainable_parameters(model)
+    with fastlora.use_backend("fused"):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break raises
+        for training in (False, True):
+            model.train(training)
+            torch.manual_seed(1)
+            want = model(x)
+            g_want = torch.autograd.grad(want.square().sum(), params)
+            torch.manual_seed(1)
+            got = compiled(x)
+            g_got = torch.autograd.grad(got.square().sum(), params)
+            torch.testing.assert_close(got, want)
+            for u, v in zip(g_got, g_want):
+                torch.testing.assert_close(u, v)

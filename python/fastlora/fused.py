@@ -128,11 +128,28 @@ def _grad_x_impl(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: 
 
 
 if available():
-    # Custom ops, so torch.compile and CUDA graphs see through them (wrap_triton inside).
-    forward = torch.library.triton_op("fastlora::fused_forward", mutates_args=())(_forward_impl)
-    grad_x = torch.library.triton_op("fastlora::fused_grad_x", mutates_args=())(_grad_x_impl)
-else:
-    forward, grad_x = _forward_impl, _grad_x_impl
+    # Custom ops, so torch.compile and CUDA graphs see through them: on CUDA a triton_op (its
+    # kernel launch traced through wrap_triton), under the interpreter an opaque custom op.
+    _ops = {
+        (name, device): op
+        for name, impl in (("forward", _forward_impl), ("grad_x", _grad_x_impl))
+        for device, op in (
+            ("cuda", torch.library.triton_op(f"fastlora::fused_{name}", mutates_args=())(impl)),
+            ("cpu", torch.library.custom_op(f"fastlora::fused_{name}_interpreted", mutates_args=())(impl)),
+        )
+    }
+    _ops["forward", "cpu"].register_fake(lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
+    _ops["grad_x", "cpu"].register_fake(lambda dy, weight, *args: dy.new_empty(dy.shape[0], weight.shape[1]))
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """``x W^T + b + (s·xa) B^T`` in one GEMM (2-D x, x's dtype)."""
+    return _ops["forward", "cuda" if x.is_cuda else "cpu"](x, weight, bias, xa, lora_B, scale)
+
+
+def grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[Tensor], dropout_p: float) -> Tensor:
+    """``dy W + mask/(1-p) ⊙ (dxa A)`` in one kernel, the mask regenerated from ``seed``."""
+    return _ops["grad_x", "cuda" if dy.is_cuda else "cpu"](dy, weight, dxa, lora_A, seed, dropout_p)
 
 
 class _FusedLoRA(torch.autograd.Function):

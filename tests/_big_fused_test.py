@@ -1,0 +1,134 @@
+"""The fused Triton path (fastlora.fused) under Triton's interpreter on the CPU: values and
+gradients against the float64 reference (hypothesis, odd shapes and layouts, float32/float16,
+with and without dropout), the dropout mask bit for bit, what it saves, and the dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlora
+from fastlora import fused, reference
+from conftest import RTOL, make_matrix, seed_tensor
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")
+
+DTYPES = (torch.float32, torch.float16)  # the interpreter gets bfloat16 wrong; a GPU checks it
+
+
+def _problem(T, n_in, n_out, r, dtype, layout, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = make_matrix(T, n_in, dtype, layout, g)
+    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n_out, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    a = torch.randn(r, n_in, generator=g, dtype=torch.float64).float()  # float32 master adapters
+    bb = torch.randn(n_out, r, generator=g, dtype=torch.float64).float()
+    dy = torch.randn(T, n_out, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, a, bb, dy
+
+
+def _path(y: torch.Tensor) -> str:
+    node = y.grad_fn
+    while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def _check(T, n_in, n_out, r, dtype, layout, bias, p, seed):
+    x, w, b, a, bb, dy = _problem(T, n_in, n_out, r, dtype, layout, bias, seed)
+    s, drop_seed = 1.3, seed_tensor(seed)
+    xs, a_s, b_s = x.detach().requires_grad_(True), a.clone().requires_grad_(True), bb.clone().requires_grad_(True)
+    with fastlora.use_backend("fused"):
+        y = fastlora.lora_linear(xs, w, b, a_s, b_s, s, p, drop_seed)
+    assert _path(y) == "_FusedLoRABackward"
+    y.backward(dy)
+    x64 = x.double().requires_grad_(True)
+    a64, b64 = a.double().requires_grad_(True), bb.double().requires_grad_(True)
+    y64 = reference.lora_linear(x64, w.double(), None if b is None else b.double(), a64, b64, s, p, drop_seed)
+    y64.backward(dy.double())
+    # Relative to the largest term that enters each result (sums of products may cancel), with
+    # the compute dtype's rounding; the rank-r parts pass through one extra rounding (xa, dxa).
+    terms = {
+        "y": (x64.detach().abs() @ w.double().abs().t() + s * (x64.detach().abs() @ a64.detach().abs().t())
+              @ b64.detach().abs().t() + (0.0 if b is None else b.double().abs())),
+        "dx": dy.double().abs() @ w.double().abs() + s * (dy.double().abs() @ b64.detach().abs()) @ a64.detach().abs(),
+        "dA": s * (dy.double().abs() @ b64.detach().abs()).t() @ x64.detach().abs(),
+        "dB": s * dy.double().abs().t() @ (x64.detach().abs() @ a64.detach().abs().t()),
+    }
+    for name, got, want, scale in (
+        ("y", y, y64, terms["y"].max()),
+        ("dx", xs.grad, x64.grad, terms["dx"].max()),
+        ("dA", a_s.grad, a64.grad, terms["dA"].max()),
+        ("dB", b_s.grad, b64.grad, terms["dB"].max()),
+    ):
+        assert got.shape == want.shape and torch.isfinite(got).all(), name
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2 * RTOL[dtype] * max(scale.item(), 1e-30), f"{name}: {err:.3g} (scale {scale.item():.3g})"
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    T=st.integers(1, 70), n_in=st.integers(1, 80), n_out=st.integers(1, 80), r=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+    bias=st.booleans(), p=st.sampled_from([0.0, 0.25]), seed=st.integers(0, 2**20),
+)
+def test_fused_matches_float64_reference(T, n_in, n_out, r, dtype, layout, bias, p, seed):
+    _check(T, n_in, n_out, r, dtype, layout, bias, p, seed)
+
+
+@pytest.mark.parametrize("T,n_in,n_out,r", [(1, 1, 1, 1), (1, 33, 17, 1), (37, 45, 29, 3), (64, 64, 48, 16), (5, 130, 70, 33)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_odd_shapes(T, n_in, n_out, r, p, dtype):
+    _check(T, n_in, n_out, r, dtype, "strided", True, p, seed=3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_grad_x_regenerates_dropout_mask_bit_for_bit(p):
+    """With W = 0, dx = mask/(1-p) ⊙ (dxa A): its zeros are exactly the dropped elements."""
+    T, n_in, r = 23, 41, 3
+    g = torch.Generator().manual_seed(0)
+    dy, w = torch.randn(T, 7, generator=g), torch.zeros(7, n_in)
+    dxa, a = torch.randn(T, r, generator=g), torch.randn(r, n_in, generator=g)
+    seed = seed_tensor(99)
+    dx = fused.grad_x(dy, w, dxa, a, seed, p)
+    keep = reference.dropout_mask(seed, T, n_in, p)
+    assert torch.equal(dx != 0, keep)
+    torch.testing.assert_close(dx, torch.where(keep, dxa @ a / (1 - p), 0.0), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_saves_only_x_xa_and_seed():
+    T, n_in, n_out, r = 12, 16, 10, 2
+    x, w, b, a, bb, _ = _problem(T, n_in, n_out, r, torch.float32, "contiguous", True, 0)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with fastlora.use_backend("fused"):
+            y = fastlora.lora_linear(x, w, b, a, bb, 1.0, 0.2, seed_tensor(1))
+    params = {t.data_ptr() for t in (w, b, a, bb)}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert not any(t.dtype == torch.bool for t in saved)
+    assert sum(t.numel() * t.element_size() for t in activations) == (T * n_in + T * r) * 4 + 8
+    y.sum().backward()
+
+
+def test_dispatch_takes_the_fused_path_for_cuda_tensors(monkeypatch):
+    x, w, b, a, bb, _ = _problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
+    assert not fused.applies(x, w, a)  # CPU tensors: not on their own
+    monkeypatch.setattr(fused, "_device_type", lambda t: "cuda")  # a CUDA tensor, as the dispatch sees it
+    assert fused.applies(x, w, a)
+    monkeypatch.setattr(fastlora.functional, "kernel_path_applies", lambda *args: False)
+    with fastlora.use_backend("auto"):
+        y = fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)
+    assert _path(y) == "_FusedLoRABackward"
+    assert not fused.applies(x.double(), w.double(), a)  # float64 stays on the composed path
+    monkeypatch.setattr(fused, "available", lambda: False)  # no Triton: the composed path
+    assert not fused.applies(x, w, a)
+    with fastlora.use_backend("auto"):
+        y = fastlora.lora_linear(x, w, b, a, bb, 1.0)
+    assert _path(y) == "_ComposedLoRABackward"
+    with fastlora.use_backend("fused"), pytest.raises(RuntimeError, match="pip install triton"):
+        fastlora.lora_linear(x, w, b, a, bb, 1.0)
