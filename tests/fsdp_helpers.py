@@ -12,18 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import fastlora
 from fastlora._distributed import full
 
 try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # torch 2.4 and 2.5
-    try:
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:
-        fully_shard = MixedPrecisionPolicy = None
+    from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, shard_model
+except ImportError:  # no FSDP2 in this torch (it came with 2.4)
+    fully_shard = None
 
 needs_fsdp2 = pytest.mark.skipif(
     fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
@@ -33,50 +29,16 @@ needs_fsdp2 = pytest.mark.skipif(
 WORLD = 2
 
 
-class Block(nn.Module):
-    """A residual MLP block, the FSDP unit (like a decoder layer)."""
-
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.up = nn.Linear(d, h)
-        self.down = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(self.norm(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 12, h: int = 21, depth: int = 2, out: int = 5) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d, h) for _ in range(depth))
-        self.head = nn.Linear(d, out)
-        self.checkpointing = False
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
-        return self.head(x)
-
-
-def make_model() -> Net:
+def make_model() -> TinyDecoder:
     """Adapters of rank 3 on every up/down projection (21 and 12 rows: uneven shards on two
     ranks), and a trainable head (an ordinary parameter next to the adapters)."""
     torch.manual_seed(0)
-    model = Net()
+    model = TinyDecoder(d=12, h=21, depth=2, out=5)
     fastlora.inject(model, target_modules=["up", "down"], r=3, lora_alpha=6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # start away from B = 0 so that every term of every method is exercised
         for layer in fastlora.lora_layers(model).values():
             layer.lora_B.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(layer.out_features))
     model.head.requires_grad_(True)
-    return model
-
-
-def shard(model: Net, **kwargs) -> Net:
-    """fully_shard on every block, then on the root (the recipe of docs/fsdp.md)."""
-    for block in model.blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
     return model
 
 
@@ -110,6 +72,7 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     try:
         result = fn(rank, world, out_dir, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

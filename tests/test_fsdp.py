@@ -12,8 +12,8 @@ from torch import nn
 
 import fastlora
 from fsdp_helpers import (
-    MixedPrecisionPolicy, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2, reference_grads, shard,
-    spawn,
+    MixedPrecisionPolicy, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2, reference_grads,
+    shard_model, spawn,
 )
 
 pytestmark = needs_fsdp2
@@ -31,7 +31,7 @@ def _train(rank, world, out_dir):
     for variant in ("plain", "checkpointing"):
         model = make_model()
         model.checkpointing = variant == "checkpointing"
-        shard(model)
+        shard_model(model)
         opt = _adamw(model)
         for step in range(STEPS):
             loss_of(model, rank, step).backward()
@@ -71,7 +71,7 @@ def _state_dicts(rank, world, out_dir):
             opt.step()
             opt.zero_grad()
 
-    model = shard(make_model())
+    model = shard_model(make_model())
     opt = _adamw(model)
     run(model, opt, range(2))
     model_sd, optim_sd = get_state_dict(model, opt)
@@ -82,7 +82,7 @@ def _state_dicts(rank, world, out_dir):
     continued = full_params(model)
 
     # Sharded: a fresh model and optimizer resume from the DCP checkpoint, bit for bit.
-    resumed = shard(make_model())
+    resumed = shard_model(make_model())
     resumed_opt = _adamw(resumed)
     model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
     state = {"model": model_sd, "optim": optim_sd}
@@ -92,7 +92,7 @@ def _state_dicts(rank, world, out_dir):
     resumed_params = full_params(resumed)
 
     # Full: rank 0's whole state dict broadcast into a fresh sharded model.
-    loaded = shard(make_model())
+    loaded = shard_model(make_model())
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(loaded, dict(whole) if rank == 0 else {}, options=options)  # it replaces entries
     return {
@@ -122,7 +122,8 @@ def test_fsdp2_sharded_and_full_state_dicts(tmp_path):
 
 
 def _mixed_precision_and_units(rank, world, out_dir):
-    model = shard(make_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = shard_model(make_model(), mp_policy=policy)
     opt = _adamw(model)
     losses = []
     for _ in range(4):

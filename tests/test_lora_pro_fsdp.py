@@ -14,7 +14,7 @@ import fastlora
 from fastlora._distributed import full, is_dtensor, local
 from fastlora.optim import LoRAPro, LoRAProSGD
 from fsdp_helpers import (
-    MixedPrecisionPolicy, full_params, loss_of, make_model, needs_fsdp2, reference_grads, shard, spawn,
+    MixedPrecisionPolicy, full_params, loss_of, make_model, needs_fsdp2, reference_grads, shard_model, spawn,
 )
 
 pytestmark = needs_fsdp2
@@ -47,7 +47,7 @@ def _full_state(opt) -> dict:
 def _train(rank, world, out_dir):
     results = {}
     for name in CONFIGS:
-        model = shard(make_model())
+        model = shard_model(make_model())
         opt = _optimizer(name, model)
         records = []
         for step in range(STEPS):
@@ -60,7 +60,8 @@ def _train(rank, world, out_dir):
         for layer in fastlora.lora_layers(model).values():
             state = opt.state[layer.lora_A]
             if name.startswith("full"):
-                assert is_dtensor(state["exp_avg"]) and state["exp_avg"].shape == (layer.out_features, layer.in_features)
+                assert is_dtensor(state["exp_avg"])
+                assert state["exp_avg"].shape == (layer.out_features, layer.in_features)
                 for key in ("exp_avg", "exp_avg_sq"):
                     size = state[key].element_size()
                     mine += local(state[key]).numel() * size
@@ -162,7 +163,7 @@ def _checkpoint(rank, world, out_dir):
     out = {}
     for name in ("full-bf16", "efficient"):
         path = os.path.join(out_dir, name)
-        model = shard(make_model())
+        model = shard_model(make_model())
         opt = _optimizer(name, model)
         run(model, opt, range(2))
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -171,17 +172,19 @@ def _checkpoint(rank, world, out_dir):
         run(model, opt, [2])
         continued = (full_params(model), _full_state(opt))
 
-        resumed = shard(make_model())
+        resumed = shard_model(make_model())
         resumed_opt = _optimizer(name, resumed)
         model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         run(resumed, resumed_opt, [2])
-        out[name] = {"saved": saved, "continued": continued, "resumed": (full_params(resumed), _full_state(resumed_opt))}
+        resumed_state = (full_params(resumed), _full_state(resumed_opt))
+        out[name] = {"saved": saved, "continued": continued, "resumed": resumed_state}
 
     # bfloat16 compute with float32 gradient reduction: LoRA-Pro trains, ranks in step.
-    mixed = shard(make_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = shard_model(make_model(), mp_policy=policy)
     mixed_opt = _optimizer("full-bf16", mixed)
     losses = []
     for _ in range(3):
