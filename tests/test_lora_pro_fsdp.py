@@ -219,3 +219,42 @@ def test_lora_pro_fsdp2_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
         dcp.load(state, checkpoint_id=os.path.join(tmp_path, name))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         _assert_same((full_params(model), _full_state(opt)), ranks[0][name]["saved"], f"{name}: loading on one process")
+
+
+def _errors(rank, world, out_dir):
+    import inspect
+
+    from fsdp_helpers import fully_shard
+
+    # A NaN in one rank's shard of a gradient: every rank raises, nothing changes anywhere.
+    model = shard_model(make_model())
+    opt = _optimizer("full", model)
+    loss_of(model, rank, 0).backward()
+    before = full_params(model)
+    if rank == 0:
+        local(model.blocks[1].down.lora_A.grad).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    unchanged = all(torch.equal(value, before[name]) for name, value in full_params(model).items())
+    assert unchanged and not opt.state
+
+    # Adapters sharded by columns (not fully_shard's default): refused when the optimizer is built.
+    refused = None
+    if "shard_placement_fn" in inspect.signature(fully_shard).parameters:
+        from torch.distributed.tensor import Shard
+
+        def by_columns(p):  # FSDP2 shards dim 1 only evenly: the 3 x 12 lora_A of each block's up
+            return Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None
+
+        model = make_model()
+        for block in model.blocks:
+            fully_shard(block, shard_placement_fn=by_columns)
+        with pytest.raises(ValueError, match="row-sharded") as info:
+            _optimizer("full", model)
+        refused = str(info.value)
+    return {"refused": refused}
+
+
+def test_lora_pro_fsdp2_errors_leave_everything_unchanged(tmp_path):
+    ranks = spawn(_errors, tmp_path)
+    assert ranks[0]["refused"] is None or "placements" in ranks[0]["refused"]

@@ -247,10 +247,10 @@ class _LoRAProBase(torch.optim.Optimizer):
             flags += [torch.isfinite(full(n)) for n in norms]
         if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
             return
-        for b in blocks:
-            for layer in b.layers:
-                for pname, p in (("lora_A", layer.A), ("lora_B", layer.B)):
-                    if not torch.isfinite(p.grad).all():
+        for b in blocks:  # the stacked gradients are whole (gathered) on every rank: no collectives here
+            for k, layer in enumerate(b.layers):
+                for pname, grad in (("lora_A", b.grad_A[k]), ("lora_B", b.grad_B[k])):
+                    if not torch.isfinite(grad).all():
                         raise ValueError(
                             f"layer {layer.name!r}: {pname}.grad contains NaN or Inf; the step was not applied. Lower "
                             "the learning rate, clip gradients, or use a GradScaler with float16 (it skips such steps)."
@@ -566,6 +566,7 @@ class LoRAPro(_LoRAProBase):
         if group["weight_decay"] > 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         torch._foreach_add_(params, [d.to(p.dtype) for d, p in zip(directions, params)], alpha=-group["lr"])
+
 
 def _new_moment(layer: _Layer, dtype: torch.dtype) -> Tensor:
     """A zero ``out x in`` moment of the layer's weight; under FSDP2 a DTensor sharded by rows as
