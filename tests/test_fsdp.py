@@ -1,6 +1,6 @@
 """FSDP2 (fully_shard) recipes on two CPU processes with gloo (docs/fsdp.md): training with
 AdamW, with gradient checkpointing and with a mixed-precision policy; sharded (DCP) and full
-state dicts; and the refusal to shard a wrapped base layer alone."""
+state dicts; the refusal to shard a wrapped base layer alone; collect_gradients on a sharded model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import fastlora
 from fsdp_helpers import (
-    MixedPrecisionPolicy, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2, reference_grads,
-    shard_model, spawn,
+    MixedPrecisionPolicy, TinyDecoder, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2,
+    reference_grads, shard_model, spawn,
 )
 
 pytestmark = needs_fsdp2
@@ -153,3 +153,67 @@ def test_fsdp2_mixed_precision_and_which_modules_to_shard(tmp_path):
     assert ranks[0]["dtype"] == torch.float32  # bfloat16 compute, float32 sharded parameters
     for r in ranks:
         assert r["losses"][-1] < r["losses"][0]
+
+
+def _loss(model, b):
+    x, y = b
+    return (model(x) - y).pow(2).mean()
+
+
+def _plain_model():
+    torch.manual_seed(0)
+    return TinyDecoder(d=12, h=21, depth=2, out=5)
+
+
+def _collect(rank, world, out_dir):
+    model = shard_model(_plain_model())
+    stats = fastlora.collect_gradients(
+        model, [batch(rank, s) for s in range(2)], targets=["up", "down"], loss_fn=_loss, progress=False
+    )
+    return {name: (g.mean, g.count) for name, g in stats.items()}
+
+
+def _token_magnitudes(model, batches, names) -> dict[str, torch.Tensor]:
+    """sum over every token t of |dy_t|^T |x_t| for each named layer: what bounds the rounding of
+    any order of adding up the layer's weight gradient dy^T x over those tokens."""
+    mags, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        mags[name] = torch.zeros_like(module.weight)
+
+        def tap(mod, inputs, output, name=name):
+            x = inputs[0].detach()
+
+            def add(dy):
+                mags[name].add_(dy.abs().T @ x.abs())
+
+            output.register_hook(add)
+
+        handles.append(module.register_forward_hook(tap))
+    for b in batches:
+        _loss(model, b).backward()
+    for h in handles:
+        h.remove()
+    return mags
+
+
+def test_collect_gradients_on_an_fsdp2_model(tmp_path):
+    """Exact mode on a sharded model (the accumulators stay whole on every rank): the ranks agree
+    and equal one process over both ranks' batches, to the rounding of adding the same token
+    terms in another order."""
+    ranks = spawn(_collect, tmp_path)
+    torch.set_num_threads(1)
+    model = _plain_model()
+    batches = [batch(rank, s) for rank in range(2) for s in range(2)]
+    whole = fastlora.collect_gradients(model, batches, targets=["up", "down"], loss_fn=_loss, progress=False)
+    mags = _token_magnitudes(model, batches, list(whole))
+    u = torch.finfo(torch.float32).eps / 2
+    n = len(batches)
+    terms = n * batches[0][0].shape[0] + 2  # every token's dy_t x_t^T, plus the two ranks' sums
+    for name, g in whole.items():
+        mean, count = ranks[0][name]
+        assert torch.equal(mean, ranks[1][name][0]) and count == g.count == n
+        # Both sums are within gamma_terms * sum |dy_t| |x_t| of the exact one; dividing by n
+        # rounds once more on each side.
+        bound = 2 * terms * u / (1 - terms * u) * mags[name] / n + 2 * u * g.mean.abs()
+        assert bool(((mean - g.mean).abs() <= bound).all()), name
