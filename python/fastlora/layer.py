@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._distributed import is_dtensor
 from .functional import SUPPORTED_DTYPES, lora_linear
 
 __all__ = [
@@ -402,6 +403,14 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self._merged or (not self._enabled and self.lora_A0 is None):
             return base(x)
+        if not torch.compiler.is_compiling() and is_dtensor(base.weight):
+            # base_layer.forward never runs here, so FSDP hooks on base_layer alone never unshard it.
+            raise TypeError(
+                "LoRALinear: the base layer's weight is still a DTensor at forward time: fully_shard was applied to "
+                "base_layer alone (or the weight is tensor-parallel). fastlora computes the base layer inside its own "
+                "kernel, so apply fully_shard to the LoRALinear or to a module that contains it (a decoder layer, "
+                "the root); see docs/fsdp.md"
+            )
         if not self._enabled:  # the original base: W x = (W - s·B0 A0) x + s·(x A0^T) B0^T
             return lora_linear(x, base.weight, base.bias, self.lora_A0, self.lora_B0, self.scaling, 0.0)
         p = self.lora_dropout if self.training else 0.0

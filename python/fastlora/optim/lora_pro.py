@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._distributed import check_row_sharded, full, gather_rows, is_dtensor, local, row_range, rows_like, sum_over_mesh
 from ..layer import lora_layers
 from ..layer import LoRALinear
 from ..reference import adam_directions
@@ -43,15 +44,29 @@ ModelOrLayers = nn.Module | Mapping[str, LoRALinear] | Iterable[LoRALinear]
 
 @dataclass
 class _Layer:
+    """A LoRA layer. Under FSDP2 its adapters are DTensors sharded by rows; this rank holds rows
+    ``rows_A`` of A and ``rows_B`` of B (and of the layer's out x in moments)."""
+
     name: str
     module: LoRALinear
     A: nn.Parameter
     B: nn.Parameter
+    rows_A: tuple[int, int] = field(init=False)
+    rows_B: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows_A, self.rows_B = row_range(self.A), row_range(self.B)
+
+    @property
+    def sharded(self) -> bool:
+        return is_dtensor(self.B)
 
 
 @dataclass
 class _Block:
-    """Layers of one shape (r, out, in) on one device, their tensors stacked in the compute dtype."""
+    """Layers of one shape (r, out, in) on one device, their tensors stacked in the compute dtype
+    (whole tensors: sharded adapters and their reduced gradients are gathered, so the closed form
+    runs identically on every rank)."""
 
     layers: list[_Layer]
     groups: list[dict]
@@ -63,10 +78,10 @@ class _Block:
     s: Tensor = field(init=False)
 
     def stack(self, dtype: torch.dtype) -> None:
-        self.A = torch.stack([layer.A.detach() for layer in self.layers]).to(dtype)
-        self.B = torch.stack([layer.B.detach() for layer in self.layers]).to(dtype)
-        self.grad_A = torch.stack([layer.A.grad for layer in self.layers]).to(dtype)
-        self.grad_B = torch.stack([layer.B.grad for layer in self.layers]).to(dtype)
+        self.A = torch.stack([full(layer.A.detach()) for layer in self.layers]).to(dtype)
+        self.B = torch.stack([full(layer.B.detach()) for layer in self.layers]).to(dtype)
+        self.grad_A = torch.stack([full(layer.A.grad) for layer in self.layers]).to(dtype)
+        self.grad_B = torch.stack([full(layer.B.grad) for layer in self.layers]).to(dtype)
         self.s = torch.tensor(self.scales, dtype=dtype, device=self.A.device)
 
     def per_layer(self, key: str) -> Tensor:
@@ -96,6 +111,16 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
     for name, module in named.items():
         a, b = module.lora_A, module.lora_B
         adapter_ids.update((id(a), id(b)))
+        if is_dtensor(a) != is_dtensor(b):
+            raise ValueError(
+                f"layer {name!r}: only one of lora_A and lora_B is sharded (a DTensor); shard the whole LoRALinear "
+                "(fully_shard on it or on a module that contains it) or neither"
+            )
+        if is_dtensor(a):
+            check_row_sharded(a, f"layer {name!r}: lora_A")
+            check_row_sharded(b, f"layer {name!r}: lora_B")
+            if a.device_mesh != b.device_mesh:
+                raise ValueError(f"layer {name!r}: lora_A and lora_B are sharded over different device meshes")
         if a.requires_grad and b.requires_grad:
             layers.append(_Layer(name, module, a, b))
         elif a.requires_grad or b.requires_grad:
@@ -103,11 +128,6 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
             raise ValueError(
                 f"layer {name!r} has a frozen {frozen}: LoRA-Pro adjusts lora_A and lora_B together, so both must "
                 "require gradients (or neither, to leave the layer out)"
-            )
-        if isinstance(a, _dtensor_type()) or isinstance(b, _dtensor_type()):
-            raise ValueError(
-                f"layer {name!r} has sharded (DTensor) adapters: LoRA-Pro needs each layer's full lora_A and lora_B. "
-                "Keep the adapters replicated (shard only the base weights, or use DDP)."
             )
     if not layers:
         raise ValueError(
@@ -118,17 +138,6 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
     if others_from is not None:
         others = [p for p in others_from.parameters() if p.requires_grad and id(p) not in adapter_ids]
     return layers, others
-
-
-def _dtensor_type() -> tuple[type, ...]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        try:  # torch 2.4
-            from torch.distributed._tensor import DTensor
-        except ImportError:  # built without distributed
-            return ()
-    return (DTensor,)
 
 
 def _check_hyperparameters(
@@ -234,21 +243,21 @@ class _LoRAProBase(torch.optim.Optimizer):
         flags = [torch.isfinite(t).all() for b in blocks for t in (b.grad_A, b.grad_B)]
         grads = [p.grad for _, params in plain for p in params]
         if grads:
-            norms = torch._foreach_norm(grads)
-            flags += [torch.isfinite(n) for n in norms]
+            norms = torch._foreach_norm(grads)  # the norm of a sharded gradient is reduced by full()
+            flags += [torch.isfinite(full(n)) for n in norms]
         if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
             return
-        for b in blocks:
-            for layer in b.layers:
-                for pname, p in (("lora_A", layer.A), ("lora_B", layer.B)):
-                    if not torch.isfinite(p.grad).all():
+        for b in blocks:  # the stacked gradients are whole (gathered) on every rank: no collectives here
+            for k, layer in enumerate(b.layers):
+                for pname, grad in (("lora_A", b.grad_A[k]), ("lora_B", b.grad_B[k])):
+                    if not torch.isfinite(grad).all():
                         raise ValueError(
                             f"layer {layer.name!r}: {pname}.grad contains NaN or Inf; the step was not applied. Lower "
                             "the learning rate, clip gradients, or use a GradScaler with float16 (it skips such steps)."
                         )
         for _, params in plain:
             for p in params:
-                if not torch.isfinite(p.grad).all():
+                if not torch.isfinite(full(p.grad)).all():
                     raise ValueError(
                         f"a parameter of shape {tuple(p.shape)} has a gradient with NaN or Inf; "
                         "the step was not applied"
@@ -292,6 +301,11 @@ class _LoRAProBase(torch.optim.Optimizer):
                 changes.append(self._apply(block, d_a, d_b))
         for group, params in plain:
             self._plain_step(group, params)
+        # An entry for every adapter stepped, also where it keeps nothing of its own (full mode's
+        # lora_B, SGD): torch.distributed.checkpoint's set_state_dict requires one per trainable parameter.
+        for layer in (layer for block in blocks for layer in block.layers):
+            self.state.setdefault(layer.A, {})
+            self.state.setdefault(layer.B, {})
         self._report_changes(blocks, changes)
         return loss
 
@@ -332,10 +346,17 @@ class _LoRAProBase(torch.optim.Optimizer):
         change = None
         if self._steps_taken <= _WATCHED_STEPS or logger.isEnabledFor(logging.DEBUG):
             change = (new_a - block.A).flatten(1).norm(dim=1) / block.A.flatten(1).norm(dim=1).clamp_min(1e-30)
-        torch._foreach_copy_([layer.A for layer in block.layers], list(new_a.unbind(0)))
-        torch._foreach_copy_([layer.B for layer in block.layers], list(new_b.unbind(0)))
+        # Every rank computed the same whole new_a, new_b; each writes the rows it holds.
+        torch._foreach_copy_(
+            [local(layer.A) for layer in block.layers],
+            [a[slice(*layer.rows_A)] for layer, a in zip(block.layers, new_a.unbind(0))],
+        )
+        torch._foreach_copy_(
+            [local(layer.B) for layer in block.layers],
+            [b[slice(*layer.rows_B)] for layer, b in zip(block.layers, new_b.unbind(0))],
+        )
         bases = [
-            (layer.module.base_layer.weight, 1.0 - g["lr"] * g["weight_decay"])
+            (local(layer.module.base_layer.weight), 1.0 - g["lr"] * g["weight_decay"])
             for layer, g in zip(block.layers, block.groups)
             if g.get("decay_base_weight") and g["weight_decay"] > 0
         ]
@@ -376,10 +397,24 @@ class _LoRAProBase(torch.optim.Optimizer):
                     saved_state = exact.get(id(param), {})
                     for key, value in saved_state.items():
                         if isinstance(value, Tensor) and key != "step":
-                            self.state[param][key] = value.to(device=param.device)
+                            self.state[param][key] = self._placed(param, group["mode"], value)
         except BaseException:
             self.state, self.param_groups = before  # Optimizer.load_state_dict builds new ones
             raise
+
+    def _placed(self, param: Tensor, mode: str, value: Tensor) -> Tensor:
+        """A loaded LoRA moment laid out as this optimizer keeps it: a full-mode ``out x in``
+        moment of a sharded layer as a DTensor sharded by rows like lora_B (taking this rank's rows
+        of a whole tensor), every other one whole (gathered if it was saved sharded)."""
+        layer = self._layers.get(id(param))
+        if mode != "full" or layer is None or not layer.sharded:
+            return full(value).to(device=local(param).device)
+        like = layer.B
+        if is_dtensor(value) and value.device_mesh == like.device_mesh and value.placements == like.placements:
+            return value.to(device=local(like).device)
+        start, stop = layer.rows_B
+        rows = full(value)[start:stop].to(device=local(like).device).clone()
+        return rows_like(rows, like, tuple(value.shape))
 
     def _check_moments(self, a: Tensor, b: Tensor, mode: str, states: dict[int, dict[str, Any]]) -> None:
         """ValueError unless the saved moments of the layer (A, B) fit it in ``mode``: ``out x in``
@@ -481,16 +516,18 @@ class LoRAPro(_LoRAProBase):
                 state = self.state[layer.A]
                 if not state:
                     state["step"] = 0
-                    shape = (layer.B.shape[0], layer.A.shape[1])
-                    dtype = group["moment_dtype"]
-                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=layer.A.device)
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=layer.A.device)
+                    state["exp_avg"] = _new_moment(layer, group["moment_dtype"])
+                    state["exp_avg_sq"] = _new_moment(layer, group["moment_dtype"])
                 state["step"] += 1
                 beta1, beta2 = group["betas"]
+                rows = slice(*layer.rows_B)  # the moments' rows this rank holds (all without FSDP)
                 g_a, g_b = ops.lora_pro_moments(
-                    state["exp_avg"], state["exp_avg_sq"], block.A[k], block.B[k], h_a0[k], h_b0[k],
-                    block.scales[k], beta1, beta2, group["eps"], state["step"],
+                    local(state["exp_avg"]), local(state["exp_avg_sq"]), block.A[k], block.B[k][rows], h_a0[k],
+                    h_b0[k][rows], block.scales[k], beta1, beta2, group["eps"], state["step"],
                 )
+                if layer.sharded:  # s B^T D sums over all rows; s D A^T has one row per row of B
+                    g_a = sum_over_mesh(g_a, layer.B)
+                    g_b = gather_rows(g_b, layer.B, tuple(layer.B.shape))
                 out_a.append(g_a)
                 out_b.append(g_b)
             pulled_A.append(torch.stack(out_a).to(block.A.dtype))
@@ -529,6 +566,16 @@ class LoRAPro(_LoRAProBase):
         if group["weight_decay"] > 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         torch._foreach_add_(params, [d.to(p.dtype) for d, p in zip(directions, params)], alpha=-group["lr"])
+
+
+def _new_moment(layer: _Layer, dtype: torch.dtype) -> Tensor:
+    """A zero ``out x in`` moment of the layer's weight; under FSDP2 a DTensor sharded by rows as
+    lora_B (and the weight) is, so each rank stores ``out x in / world`` elements."""
+    shape = (layer.B.shape[0], layer.A.shape[1])
+    start, stop = layer.rows_B
+    rows = torch.zeros((stop - start, shape[1]), dtype=dtype, device=local(layer.B).device)
+    return rows_like(rows, layer.B, shape) if layer.sharded else rows
+
 
 def _grouped_adam(states: list[dict], grads: list[Tensor], steps: list[int], groups: list[dict]) -> list[Tensor]:
     """:func:`fastlora.reference.adam_directions` over tensors whose groups may differ in betas/eps."""

@@ -1,0 +1,88 @@
+"""What fastlora needs to know about sharded tensors (``DTensor``, as FSDP2's ``fully_shard``
+makes them), without importing ``torch.distributed`` for programs that do not use it.
+
+A tensor can only be a DTensor once ``torch.distributed.tensor`` (``torch.distributed._tensor``
+before torch 2.5) has been imported, so :func:`is_dtensor` looks the class up in ``sys.modules``
+instead of importing it (importing it costs most of a second).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_dtensor", "full", "local", "row_range", "check_row_sharded", "rows_like", "gather_rows", "sum_over_mesh"]
+
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a sharded or replicated distributed tensor)."""
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(t, getattr(module, "DTensor", ())):
+            return True
+    return False
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: ``t`` itself, or a DTensor gathered (a collective: every rank must call it)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` (``t`` itself unless it is a DTensor); in-place changes to it
+    change ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_row_sharded(t: Tensor, where: str) -> None:
+    """ValueError unless the DTensor ``t`` is sharded by rows over a 1-D mesh (``fully_shard``'s
+    default layout), the only layout fastlora's sharded code paths handle."""
+    placements = tuple(t.placements)
+    if t.device_mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(dim=0):
+        raise ValueError(
+            f"{where} is a DTensor with placements {placements} on a {t.device_mesh.ndim}-D mesh; fastlora handles "
+            "row-sharded tensors on a 1-D mesh (fully_shard's default, no shard_placement_fn, no HSDP)"
+        )
+    start, stop = row_range(t)
+    if t.to_local().shape[0] != stop - start:
+        raise ValueError(f"{where}: the local shard has {t.to_local().shape[0]} rows, expected {stop - start}")
+
+
+def row_range(t: Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of ``t`` this rank holds: all of them for an ordinary tensor;
+    ``torch.chunk``'s split (what ``fully_shard`` uses) for a DTensor sharded by rows."""
+    rows = t.shape[0]
+    if not is_dtensor(t):
+        return 0, rows
+    mesh = t.device_mesh
+    chunk = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def rows_like(rows: Tensor, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A DTensor of global ``shape`` sharded by rows as ``like`` is, from this rank's ``rows``."""
+    return type(like).from_local(
+        rows, like.device_mesh, like.placements, run_check=False, shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )
+
+
+def gather_rows(rows: Tensor, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The whole tensor of global ``shape`` whose rows are spread over the ranks as those of the
+    DTensor ``like`` are; this rank holds ``rows`` (a collective)."""
+    return rows_like(rows.contiguous(), like, shape).full_tensor()
+
+
+def sum_over_mesh(partial: Tensor, like: Tensor) -> Tensor:
+    """The sum of every rank's ``partial`` over the mesh of the DTensor ``like``, added in rank
+    order, so that every rank gets the same bits (an all-reduce need not promise that)."""
+    group = like.device_mesh.get_group()
+    parts = [torch.empty_like(partial) for _ in range(like.device_mesh.size())]
+    torch.distributed.all_gather(parts, partial.contiguous(), group=group)
+    return reduce(torch.add, parts)

@@ -1,0 +1,112 @@
+"""FSDP2 training with fastlora adapters (docs/fsdp.md): a small decoder-style model, adapters
+on its projections, ``fully_shard`` on every block and on the root, AdamW or LoRA-Pro, optional
+gradient checkpointing and bfloat16 compute, and a sharded checkpoint at the end.
+
+    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --optimizer lora-pro --steps 20   # CPU, gloo
+    torchrun --nproc_per_node 8 -m fastlora.examples.fsdp --device cuda --bf16              # GPUs, nccl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fastlora
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 and 2.5
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+__all__ = ["Block", "TinyDecoder", "shard_model", "main"]
+
+
+class Block(nn.Module):
+    """A residual MLP block: the FSDP unit, as a decoder layer is in a real model."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.tanh(self.up(self.norm(x))))
+
+
+class TinyDecoder(nn.Module):
+    """Blocks and a head; ``checkpointing`` recomputes each block in backward."""
+
+    def __init__(self, d: int, h: int, depth: int, out: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, h) for _ in range(depth))
+        self.head = nn.Linear(d, out)
+        self.checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
+        return self.head(x)
+
+
+def shard_model(model: TinyDecoder, **fully_shard_kwargs) -> TinyDecoder:
+    """``fully_shard`` on every block (its adapters are sharded with it), then on the root."""
+    for block in model.blocks:
+        fully_shard(block, **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizer", choices=("adamw", "lora-pro"), default="adamw")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 gradient reduction")
+    parser.add_argument("--checkpointing", action="store_true", help="recompute each block in backward")
+    parser.add_argument("--save", default=None, help="write a torch.distributed.checkpoint folder here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+
+    torch.manual_seed(0)  # the same initial model on every rank
+    model = TinyDecoder(d=64, h=256, depth=4, out=8).to(device)
+    fastlora.inject(model, target_modules=["up", "down"], r=8, lora_alpha=16)
+    model.checkpointing = args.checkpointing
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
+    shard_model(model, **({"mp_policy": policy} if policy else {}))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = fastlora.optim.LoRAPro(model, lr=1e-2) if args.optimizer == "lora-pro" else torch.optim.AdamW(trainable, 1e-2)
+
+    target = nn.Linear(64, 8).to(device)  # a fixed teacher to regress onto
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(1000 * rank + step)  # each rank its own data
+        x = torch.randn(32, 64, generator=g).to(device)
+        loss = (model(x).float() - target(x).detach()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
+            print(f"step {step}: rank-0 loss {loss.item():.4f}", flush=True)
+    if args.save:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=args.save)
+        if rank == 0:
+            print(f"saved a sharded checkpoint to {args.save}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Shared pieces of the FSDP2 tests: a small decoder-style model with fastlora adapters, a
+2-process gloo launcher, and the single-process reference (each rank's half-batch gradient
+averaged, which is what FSDP2's reduce-scatter gives for two ranks: halving is exact)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastlora
+from fastlora._distributed import full
+
+try:
+    from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, shard_model
+except ImportError:  # no FSDP2 in this torch (it came with 2.4)
+    fully_shard = None
+
+needs_fsdp2 = pytest.mark.skipif(
+    fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with gloo and FSDP2 (fully_shard, torch >= 2.4)",
+)
+
+WORLD = 2
+
+
+def make_model() -> TinyDecoder:
+    """Adapters of rank 3 on every up/down projection (21 and 12 rows: uneven shards on two
+    ranks), and a trainable head (an ordinary parameter next to the adapters)."""
+    torch.manual_seed(0)
+    model = TinyDecoder(d=12, h=21, depth=2, out=5)
+    fastlora.inject(model, target_modules=["up", "down"], r=3, lora_alpha=6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # start away from B = 0 so that every term of every method is exercised
+        for layer in fastlora.lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(layer.out_features))
+    model.head.requires_grad_(True)
+    return model
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(6, 12, generator=g), torch.randn(6, 5, generator=g)
+
+
+def loss_of(model: nn.Module, rank: int, step: int) -> torch.Tensor:
+    x, y = batch(rank, step)
+    return (model(x).float() - y).pow(2).mean()
+
+
+def reference_grads(model: nn.Module, step: int) -> None:
+    """Sets each trainable parameter's grad to the mean of the two ranks' half-batch gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    halves = [torch.autograd.grad(loss_of(model, rank, step), params) for rank in range(WORLD)]
+    for p, g0, g1 in zip(params, *halves):
+        p.grad = (g0 + g1) / 2
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered whole (a collective under FSDP), by name."""
+    return {name: full(p).detach().clone() for name, p in model.named_parameters()}
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, out_dir, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, out_dir, *args, world: int = WORLD) -> list:
+    """Runs ``fn(rank, world, out_dir, *args)`` on ``world`` gloo processes; returns what each returned."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_entry, args=(world, port, str(out_dir), fn, args), nprocs=world, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
