@@ -13,6 +13,7 @@ dropout mask is regenerated from the seed in backward, never kept across forward
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,62 +33,65 @@ def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
     return t if mask is None else torch.where(mask, t, t.new_zeros(()))
 
 
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None, xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scale)
+
+
+def _grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Tensor | None, p: float,
+            mask: Tensor | None) -> Tensor:
+    dx = torch.mm(dy, weight)
+    if p == 0.0:
+        return dx.addmm_(dxa, lora_A.to(dy.dtype))
+    mask = _keep_mask(seed, dx, p) if mask is None else mask
+    low_rank = torch.mm(dxa, lora_A.to(dy.dtype)).masked_fill_(mask.logical_not_(), 0.0)
+    return dx.add_(low_rank, alpha=1.0 / (1.0 - p))
+
+
+def lora_forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 scale: float, dropout_p: float, seed: Tensor | None, product: Callable = _product) -> Tensor:
+    """The forward of the layer's autograd Functions: ``xa`` here, ``y`` by ``product`` (the
+    composed path's addmm pair, or the fused path's single GEMM)."""
+    mask = _keep_mask(seed, x, dropout_p) if dropout_p > 0.0 else None
+    # 1/(1-p) scales the T x r product, not x: one fewer T x in pass.
+    xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
+    if dropout_p > 0.0:
+        xa.mul_(1.0 / (1.0 - dropout_p))
+    y = product(x, weight, bias, xa, lora_B, scale)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    return y
+
+
+def lora_backward(ctx: Any, dy: Tensor, grad_x: Callable = _grad_x) -> tuple:
+    """The matching backward; ``dx`` by ``grad_x`` (given the mask when it was built for dA)."""
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
+    p, s = ctx.dropout_p, ctx.scale
+    dx = d_w = d_bias = d_a = d_b = None
+    if need_b_lora:
+        d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
+    if need_x or need_a:
+        mask = _keep_mask(seed, x, p) if p > 0.0 and need_a else None
+        dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
+        if need_a:
+            d_a = torch.mm(dxa.t(), _masked(x, mask))
+            d_a = (d_a.mul_(1.0 / (1.0 - p)) if mask is not None else d_a).to(lora_A.dtype)
+        if need_x:
+            dx = grad_x(dy, weight, dxa, lora_A, seed, p, mask)
+    if need_w:
+        d_w = torch.mm(dy.t(), x)
+    if need_b:
+        d_bias = dy.sum(0)
+    return dx, d_w, d_bias, d_a, d_b, None, None, None
+
+
 class _ComposedLoRA(torch.autograd.Function):
     # Temporaries without a kernel (transient, none saved): with dropout, the bool mask and
     # mask ⊙ x (T x in) in forward and again in backward, and dxa A (T x in) for dx.
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_A: Tensor,
-        lora_B: Tensor,
-        scale: float,
-        dropout_p: float,
-        seed: Tensor | None,
-    ) -> Tensor:
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        mask = _keep_mask(seed, x, dropout_p) if dropout_p > 0.0 else None
-        # 1/(1-p) scales the T x r product, not x: one fewer T x in pass.
-        xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
-        if dropout_p > 0.0:
-            xa.mul_(inv_keep)
-        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-        y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scale)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
-        ctx.scale = scale
-        ctx.dropout_p = dropout_p
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
-        p, s = ctx.dropout_p, ctx.scale
-        inv_keep = 1.0 / (1.0 - p)
-        dx = d_w = d_bias = d_a = d_b = None
-        if need_b_lora:
-            d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
-        if need_x or need_a:
-            mask = _keep_mask(seed, x, p) if p > 0.0 else None
-            dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
-            if need_a:
-                d_a = torch.mm(dxa.t(), _masked(x, mask))
-                d_a = (d_a.mul_(inv_keep) if mask is not None else d_a).to(lora_A.dtype)
-            if need_x:
-                dx = torch.mm(dy, weight)
-                if mask is None:
-                    dx.addmm_(dxa, lora_A.to(x.dtype))
-                else:
-                    low_rank = torch.mm(dxa, lora_A.to(x.dtype)).masked_fill_(mask.logical_not_(), 0.0)
-                    dx.add_(low_rank, alpha=inv_keep)
-        if need_w:
-            d_w = torch.mm(dy.t(), x)
-        if need_b:
-            d_bias = dy.sum(0)
-        return dx, d_w, d_bias, d_a, d_b, None, None, None
+    forward = staticmethod(lora_forward)
+    backward = staticmethod(lora_backward)
 
 
 def lora_linear(

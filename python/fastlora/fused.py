@@ -5,8 +5,9 @@
                                                         mask regenerated in the epilogue
 
 so ``y`` and ``dx`` are written once and never read back. The rest is as on the composed path
-(:mod:`fastlora.composed`): ``xa = drop(x) A^T`` in forward, ``dxa = s dy B``, ``dB = s dy^T xa``
-and ``dA = dxa^T drop(x)`` in backward, saving only ``x``, ``xa`` and the seed.
+(:mod:`fastlora.composed`, whose forward and backward it shares): ``xa = drop(x) A^T`` in forward,
+``dxa = s dy B``, ``dB = s dy^T xa`` and ``dA = dxa^T drop(x)`` in backward, saving only ``x``,
+``xa`` and the seed.
 
 The kernels are written once in Triton's language: compiled (autotuned per shape, results cached
 by Triton) for CUDA tensors, run by Triton's interpreter for CPU tensors, which is how CI checks
@@ -21,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .composed import _keep_mask, _masked
+from .composed import lora_backward, lora_forward
 from .reference import dropout_threshold
 
 __all__ = ["available", "applies", "lora_linear", "forward", "grad_x"]
@@ -152,40 +153,20 @@ def grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Option
     return _ops["grad_x", "cuda" if dy.is_cuda else "cpu"](dy, weight, dxa, lora_A, seed, dropout_p)
 
 
+def _fused_grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[Tensor], p: float,
+                  mask: Optional[Tensor]) -> Tensor:
+    return grad_x(dy, weight, dxa, lora_A, seed, p)  # the kernel regenerates the mask itself
+
+
 class _FusedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-        mask = _keep_mask(seed, x, dropout_p) if dropout_p > 0.0 else None
-        xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
-        if dropout_p > 0.0:
-            xa.mul_(1.0 / (1.0 - dropout_p))
-        y = forward(x, weight, bias, xa, lora_B, scale)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-        return y
+        return lora_forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, product=forward)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        p, s = ctx.dropout_p, ctx.scale
-        dx = d_w = d_bias = d_a = d_b = None
-        if need_b:
-            d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
-        if need_x or need_a:
-            dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
-            if need_a:
-                mask = _keep_mask(seed, x, p) if p > 0.0 else None
-                d_a = torch.mm(dxa.t(), _masked(x, mask))
-                d_a = (d_a.mul_(1.0 / (1.0 - p)) if mask is not None else d_a).to(lora_A.dtype)
-            if need_x:
-                dx = grad_x(dy, weight, dxa, lora_A, seed, p)
-        if need_w:
-            d_w = torch.mm(dy.t(), x)
-        if need_bias:
-            d_bias = dy.sum(0)
-        return dx, d_w, d_bias, d_a, d_b, None, None, None
+        return lora_backward(ctx, dy, grad_x=_fused_grad_x)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
