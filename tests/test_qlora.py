@@ -1,0 +1,206 @@
+"""LoRA on quantized (bitsandbytes) bases: forward, gradients against PEFT's QLoRA layer, dropout,
+saved memory, merge with and without re-quantisation. CPU; skipped without bitsandbytes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import reference
+from fastlora.quantized import dense_weight
+
+from conftest import assert_matches, magnitude
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+
+IN, OUT, R, ALPHA = 48, 40, 4, 8.0
+# (quant_type, double quantization, compute dtype); "int8" is Linear8bitLt.
+KINDS = [("nf4", False, torch.float32), ("nf4", True, torch.float32), ("nf4", True, torch.bfloat16),
+         ("fp4", False, torch.float32), ("fp4", True, torch.bfloat16), ("int8", False, None)]
+KIND_IDS = [f"{q}-{'dq' if d else 'nodq'}-{str(c).replace('torch.', '')}" for q, d, c in KINDS]
+
+
+def quantized_linear(kind=KINDS[0], seed: int = 0, bias: bool = True) -> nn.Linear:
+    """A quantized layer built from a seeded float weight: the same arguments give the same layer."""
+    quant_type, double, compute = kind
+    torch.manual_seed(seed)
+    if quant_type == "int8":
+        layer = bnb.nn.Linear8bitLt(IN, OUT, bias=bias, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=compute, compress_statistics=double,
+                                  quant_type=quant_type)
+    return layer.to("cpu")  # bitsandbytes quantizes on .to(device)
+
+
+def adapted(kind=KINDS[0], dropout: float = 0.0, seed: int = 0) -> nn.Sequential:
+    model = fastlora.inject(nn.Sequential(quantized_linear(kind, seed)), "all-linear", r=R, lora_alpha=ALPHA,
+                            lora_dropout=dropout)
+    with torch.no_grad():  # B = 0 would hide every error of the branch
+        model[0].lora_B.copy_(torch.randn(OUT, R, generator=torch.Generator().manual_seed(seed + 1)))
+    return model
+
+
+def branch(x, a, b, s):
+    return s * (x @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_forward_is_the_quantized_forward_plus_the_branch(kind):
+    model = adapted(kind)
+    layer = model[0]
+    x = torch.randn(3, 5, IN)
+    y = model(x)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    expected = base.double() + branch(x.double(), a, b, layer.scaling)
+    assert y.dtype == x.dtype and y.shape == (3, 5, OUT)
+    assert_matches(y, expected, torch.float32, "y", magnitude(branch, x, a, b, layer.scaling))
+
+
+def peft_twin(kind, layer: fastlora.LoRALinear) -> nn.Module:
+    """PEFT's QLoRA layer on an identical quantized base, with the same A and B."""
+    peft = pytest.importorskip("peft")
+    peft_bnb = pytest.importorskip("peft.tuners.lora.bnb")
+    cls = peft_bnb.Linear8bitLt if kind[0] == "int8" else peft_bnb.Linear4bit
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0)
+    twin = cls(quantized_linear(kind), "default", config, r=R, lora_alpha=ALPHA)
+    twin.lora_A.float(), twin.lora_B.float()  # PEFT stores them in a bfloat16 compute dtype; ours are float32
+    with torch.no_grad():
+        twin.lora_A["default"].weight.copy_(layer.lora_A)
+        twin.lora_B["default"].weight.copy_(layer.lora_B)
+    return twin
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_gradients_match_peft_qlora(kind):
+    model = adapted(kind)
+    layer = model[0]
+    twin = peft_twin(kind, layer)
+    x = torch.randn(7, IN)
+    dy = torch.randn(7, OUT)
+    results = []
+    for module, a, b in ((layer, layer.lora_A, layer.lora_B),
+                         (twin, twin.lora_A["default"].weight, twin.lora_B["default"].weight)):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, a.grad, b.grad))
+    s = layer.scaling
+    w = dense_weight(layer.base_layer).double()
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    bounds = {  # the size of the summed terms of each result
+        "y": magnitude(lambda x_, w_, a_, b_: x_ @ w_.t() + branch(x_, a_, b_, s), x, w, a, b),
+        "dx": magnitude(lambda d, w_, a_, b_: d @ w_ + s * (d @ b_) @ a_, dy, w, a, b),
+        "dA": magnitude(lambda d, x_, b_: s * (d @ b_).t() @ x_, dy, x, b),
+        "dB": magnitude(lambda d, x_, a_: s * d.t() @ (x_ @ a_.t()), dy, x, a),
+    }
+    compute = kind[2] or torch.float32
+    for what, ours, theirs in zip(("y", "dx", "dA", "dB"), results[0], results[1]):
+        # dx runs through the base's backward, in its compute dtype in both layers
+        dtype = compute if what in ("y", "dx") else torch.float32
+        assert_matches(ours, theirs.double(), dtype, what, bounds[what])
+
+
+def test_dropout_mask_is_the_same_in_forward_and_backward():
+    p = 0.5
+    model = adapted(dropout=p).train()
+    layer = model[0]
+    x = torch.randn(9, IN, requires_grad=True)
+    dy = torch.randn(9, OUT)
+    torch.manual_seed(123)
+    y = model(x)
+    y.backward(dy)
+    torch.manual_seed(123)  # the seed the layer drew (the quantized forward draws no random numbers)
+    seed = fastlora.functional.new_dropout_seed("cpu")
+    keep = reference.dropout_mask(seed, 9, IN, p).double() / (1 - p)
+    s = layer.scaling
+    w = dense_weight(layer.base_layer).double()
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    xd, dyd = x.detach().double(), dy.double()
+    with torch.no_grad():
+        base = layer.base_layer(x).double()
+    assert keep.min() == 0 and keep.max() > 0  # some dropped, some kept
+    assert_matches(y, base + branch(xd * keep, a, b, s), torch.float32, "y", magnitude(branch, xd, a, b, s))
+    assert_matches(layer.lora_A.grad, s * (dyd @ b).t() @ (xd * keep), torch.float32, "dA",
+                   magnitude(lambda d, x_, b_: s * (d @ b_).t() @ x_, dyd, xd, b))
+    assert_matches(layer.lora_B.grad, s * dyd.t() @ ((xd * keep) @ a.t()), torch.float32, "dB",
+                   magnitude(lambda d, x_, a_: s * d.t() @ (x_ @ a_.t()), dyd, xd, a))
+    assert_matches(x.grad, dyd @ w + s * ((dyd @ b) @ a) * keep, torch.float32, "dx",
+                   magnitude(lambda d, w_, a_, b_: d @ w_ + s * (d @ b_) @ a_, dyd, w, a, b))
+
+
+def test_the_branch_saves_x_and_a_T_by_r_tensor_only():
+    model = adapted(dropout=0.1).train()
+    layer = model[0]
+    x = torch.randn(11, IN, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    own = {t.data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    others = [t for t in saved if t.data_ptr() not in own and t.data_ptr() != x.data_ptr() and t.numel() > 1]
+    assert all(tuple(t.shape) == (11, R) for t in others), [tuple(t.shape) for t in others]
+    assert sum(t.numel() for t in others) <= 11 * R
+
+
+@pytest.mark.parametrize("kind", [KINDS[0], KINDS[-1]], ids=[KIND_IDS[0], KIND_IDS[-1]])
+def test_merge_is_refused_and_explains_rounding(kind):
+    model = adapted(kind)
+    x = torch.randn(4, IN)
+    before = model(x).detach()
+    weight = dense_weight(model[0].base_layer).clone()
+    with pytest.raises(ValueError, match="rounds W"):
+        fastlora.merge(model)
+    with pytest.raises(ValueError, match="allow_requantize=True"):
+        fastlora.merge_and_unload(model)
+    assert not model[0].merged and isinstance(model[0], fastlora.LoRALinear)
+    assert torch.equal(dense_weight(model[0].base_layer), weight)
+    assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("kind", [KINDS[0], KINDS[3], KINDS[-1]], ids=[KIND_IDS[0], KIND_IDS[3], KIND_IDS[-1]])
+def test_merge_with_requantize_reports_its_error_and_unmerges_exactly(kind):
+    model = adapted(kind)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.mul_(1e-2)
+    x = torch.randn(4, IN)
+    before = model(x).detach()
+    quantized = dense_weight(layer.base_layer).clone()
+    target = quantized + layer.delta_weight()
+    with pytest.warns(RuntimeWarning, match="re-quantized 1 merged layers"):
+        fastlora.merge(model, allow_requantize=True)
+    assert layer.merged
+    merged = dense_weight(layer.base_layer)
+    error = merged - target
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge(allow_requantize=True)
+    fastlora.unmerge(model)
+    report = layer.merge(allow_requantize=True)  # the same merge again gives the same report
+    assert report["max_abs_error"] == pytest.approx(error.abs().max().item(), rel=1e-6)
+    assert report["relative_error"] == pytest.approx((error.norm() / target.norm()).item(), rel=1e-5)
+    assert 0 < report["relative_error"] < 1
+    # merged, the layer is the re-quantized base alone
+    y = model(x)
+    with torch.no_grad():
+        assert torch.equal(y, layer.base_layer(x))
+    fastlora.unmerge(model)
+    assert torch.equal(dense_weight(layer.base_layer), quantized)
+    assert torch.equal(model(x), before)
+
+
+def test_merge_and_unload_with_requantize_gives_a_quantized_layer():
+    model = adapted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fastlora.unload(model, merge=True, allow_requantize=True)
+    assert type(model[0]) is bnb.nn.Linear4bit
