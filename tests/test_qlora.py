@@ -11,7 +11,7 @@ from torch import nn
 
 import fastlora
 from fastlora import reference
-from fastlora.quantized import dense_weight
+from fastlora.quantized import cpu_repacking, dense_weight
 
 from conftest import assert_matches, magnitude
 
@@ -24,14 +24,14 @@ KINDS = [("nf4", False, torch.float32), ("nf4", True, torch.float32), ("nf4", Tr
 KIND_IDS = [f"{q}-{'dq' if d else 'nodq'}-{str(c).replace('torch.', '')}" for q, d, c in KINDS]
 
 
-def quantized_linear(kind=KINDS[0], seed: int = 0, bias: bool = True) -> nn.Linear:
+def quantized_linear(kind=KINDS[0], seed: int = 0, in_f: int = IN, out_f: int = OUT) -> nn.Linear:
     """A quantized layer built from a seeded float weight: the same arguments give the same layer."""
     quant_type, double, compute = kind
     torch.manual_seed(seed)
     if quant_type == "int8":
-        layer = bnb.nn.Linear8bitLt(IN, OUT, bias=bias, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=compute, compress_statistics=double,
+        layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=compute, compress_statistics=double,
                                   quant_type=quant_type)
     return layer.to("cpu")  # bitsandbytes quantizes on .to(device)
 
@@ -204,3 +204,158 @@ def test_merge_and_unload_with_requantize_gives_a_quantized_layer():
         warnings.simplefilter("ignore", RuntimeWarning)
         fastlora.unload(model, merge=True, allow_requantize=True)
     assert type(model[0]) is bnb.nn.Linear4bit
+
+
+def test_an_adapted_layer_is_never_repacked_and_a_repacked_one_is_refused():
+    model = adapted().eval()
+    x = torch.randn(3, IN)
+    with torch.no_grad():  # bitsandbytes would repack the weight for CPU inference here
+        model(x)
+    assert not getattr(model[0].base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    layer = quantized_linear(in_f=64, out_f=32).eval()  # shapes bitsandbytes' CPU layout takes
+    layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU (the repacking runs on any CPU)
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    with pytest.raises(TypeError, match="repacked"):
+        fastlora.inject(nn.Sequential(layer), "all-linear", r=2)
+
+
+# ---- gradients and gradient inits on quantized bases -------------------------------------------------
+
+HIDDEN, TOKENS, BATCHES = 32, 16, 3
+
+
+def quantized_mlp(kind=KINDS[0]) -> nn.Sequential:
+    return nn.Sequential(quantized_linear(kind, 0, IN, HIDDEN), nn.Tanh(), quantized_linear(kind, 1, HIDDEN, OUT))
+
+
+def dequantized_twin(model: nn.Sequential, dtype=torch.float32) -> nn.Sequential:
+    """The same network with plain layers holding the dequantized weights."""
+    twin = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            plain = nn.Linear(m.in_features, m.out_features, dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(dense_weight(m))
+                plain.bias.copy_(m.bias)
+            m = plain
+        twin.append(m)
+    return nn.Sequential(*twin)
+
+
+def problem():
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(TOKENS, IN, generator=g), torch.randn(TOKENS, OUT, generator=g)) for _ in range(BATCHES)]
+    return batches, lambda model, batch: nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def reference_gradients(model: nn.Sequential, batches, loss_fn):
+    """{layer name: (mean gradient, mean of |dy|^T |x|)} in float64 through the dequantized weights."""
+    twin = dequantized_twin(model, torch.float64)
+    sums = {}
+    for x, t in batches:
+        inputs, outputs = {}, {}
+
+        def keep(module, args, y, name):
+            y.retain_grad()
+            inputs[name], outputs[name] = args[0], y
+
+        hooks = [m.register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n))
+                 for n, m in twin.named_children() if isinstance(m, nn.Linear)]
+        loss_fn(twin, (x.double(), t.double())).backward()
+        for h in hooks:
+            h.remove()
+        for n in inputs:
+            dy, xi = outputs[n].grad, inputs[n].detach()
+            g, size = sums.get(n, (0, 0))
+            sums[n] = (g + dy.t() @ xi, size + dy.abs().t() @ xi.abs())
+    return {n: (g / len(batches), size / len(batches)) for n, (g, size) in sums.items()}
+
+
+def test_collect_gradients_on_a_quantized_model_is_the_gradient_through_the_dequantized_weights():
+    model = quantized_mlp()
+    batches, loss_fn = problem()
+    expected = reference_gradients(model, batches, loss_fn)
+    exact = fastlora.collect_gradients(model, batches, loss_fn=loss_fn, progress=False)
+    sketch = fastlora.collect_gradients(model, batches, loss_fn=loss_fn, mode="sketch", sketch_rank=4,
+                                        progress=False)
+    assert set(exact) == set(expected) == {"0", "2"}
+    for name, (g, size) in expected.items():
+        assert exact[name].mean.dtype == torch.float32 and exact[name].mean.shape == g.shape
+        assert_matches(exact[name].mean, g, torch.float32, name, size.max().item())
+        omega = sketch[name].sketch.omega.double()
+        assert_matches(sketch[name].sketch.range, g @ omega, torch.float32, f"{name} sketch",
+                       (size @ omega.abs()).max().item())
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def merged_change_of_one_step(model, batches, loss_fn, lr=0.1):
+    """{layer: s·(B1 A1 - B0 A0)} in float64 after one SGD step on the first batch, and the size
+    of the terms it is the difference of."""
+    layers = fastlora.lora_layers(model)
+    before = {n: (l.lora_A.detach().double().clone(), l.lora_B.detach().double().clone()) for n, l in layers.items()}
+    opt = torch.optim.SGD(fastlora.trainable_parameters(model), lr=lr)
+    loss_fn(model, batches[0]).backward()
+    opt.step()
+    out = {}
+    for n, l in layers.items():
+        a0, b0 = before[n]
+        a1, b1 = l.lora_A.detach().double(), l.lora_B.detach().double()
+        out[n] = (l.scaling * (b1 @ a1 - b0 @ a0), l.scaling * (b0.abs() @ a0.abs()).max().item())
+    return out
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "gora"])
+def test_gradient_inits_on_a_quantized_base_match_the_dequantized_float_base(init):
+    batches, loss_fn = problem()
+    model = quantized_mlp()
+    twin = dequantized_twin(model)
+    x = batches[0][0]
+    base_output = model(x).detach()
+    options = dict(r=4, lora_alpha=8.0, init=init)
+    if init == "gora":
+        options["init_config"] = {"r_min": 2, "r_max": 8}
+    for m in (model, twin):
+        stats = fastlora.collect_gradients(m, batches, loss_fn=loss_fn, progress=False)
+        fastlora.inject(m, "all-linear", gradients=stats, **options)
+    layers, twin_layers = fastlora.lora_layers(model), fastlora.lora_layers(twin)
+    assert all(layer.quantized for layer in layers.values())
+    assert {n: l.r for n, l in layers.items()} == {n: l.r for n, l in twin_layers.items()}
+    if init == "lora_ga":
+        # the offset is exact: the model still computes its base
+        assert all(layer.base_offset is not None for layer in layers.values())
+        sizes = [l.scaling * (l.lora_B.abs() @ l.lora_A.abs()).max().item() for l in layers.values()]
+        assert_matches(model(x), base_output.double(), torch.float32, "output at init",
+                       max(sizes) * x.abs().sum(-1).max().item())
+    ours = merged_change_of_one_step(model, batches, loss_fn)
+    theirs = merged_change_of_one_step(twin, batches, loss_fn)
+    for name, (delta, size) in ours.items():
+        assert delta.abs().max() > 0
+        assert_matches(delta, theirs[name][0], torch.float32, f"{name} first step", size)
+
+
+def test_lora_ga_on_a_quantized_base_saves_loads_and_exports(tmp_path):
+    peft = pytest.importorskip("peft")
+    batches, loss_fn = problem()
+    model = quantized_mlp()
+    stats = fastlora.collect_gradients(model, batches, loss_fn=loss_fn, progress=False)
+    fastlora.inject(model, "all-linear", r=4, lora_alpha=8.0, init="lora_ga", gradients=stats)
+    merged_change_of_one_step(model, batches, loss_fn)  # trained: A != A0
+    x = batches[1][0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    fastlora.save_adapter(model, tmp_path / "fl")
+    loaded = fastlora.load_adapter(quantized_mlp(), tmp_path / "fl")
+    assert all(l.base_offset is not None for l in fastlora.lora_layers(loaded).values())
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), expected)
+    fastlora.export_peft(model, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(quantized_mlp(), str(tmp_path / "peft")).eval()
+    for m in peft_model.modules():  # the same (portable) weight layout as fastlora's layers
+        cpu_repacking(m, False)
+    with torch.no_grad():
+        theirs = peft_model(x)
+    size = max(l.scaling * (l.lora_B.abs() @ l.lora_A.abs()).max().item()
+               for l in fastlora.lora_layers(model).values()) * x.abs().sum(-1).max().item()
+    assert_matches(theirs, expected.double(), torch.float32, "PEFT's output", size)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
-from .quantized import check_quantized_layer, dense_weight, is_quantized, quantization_kind, requantize, swap_weight
+from .quantized import check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind, requantize, swap_weight
 
 __all__ = [
     "AdapterConfig",
@@ -194,6 +194,8 @@ class LoRALinear(nn.Module):
         self._merged = False
         self._enabled = True
         self._quantized = is_quantized(base_layer)
+        if self._quantized:
+            cpu_repacking(base_layer, False)
         self._premerge_weight: nn.Parameter | None = None  # a quantized base's weight while merged
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["is_quantized", "check_quantized_layer", "dense_weight", "requantize", "quantization_kind",
-           "swap_weight"]
+           "swap_weight", "cpu_repacking"]
 
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -48,6 +48,10 @@ def check_quantized_layer(module: nn.Module, where: str) -> None:
         if not getattr(w, "bnb_quantized", False):
             raise TypeError(f"{where}: this Linear4bit is not quantized yet (bitsandbytes quantizes on .to(device)); "
                             "move the model to its device first")
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            raise TypeError(f"{where}: this Linear4bit's weight was repacked for bitsandbytes' CPU inference (an eval "
+                            "forward without gradients does that on AVX512-BF16 CPUs), which rounds its scales to "
+                            "bfloat16 and breaks its backward; adapt the freshly loaded model before running it")
         if w.quant_type not in QUANT_TYPES_4BIT:
             raise TypeError(f"{where}: 4-bit quant_type {w.quant_type!r} is not one of {QUANT_TYPES_4BIT}")
         if module.compute_dtype not in COMPUTE_DTYPES:
@@ -77,10 +81,7 @@ def dense_weight(module: nn.Module) -> Tensor:
     linear4bit, _ = _bnb_classes()
     w = module.weight
     if isinstance(module, linear4bit):
-        data, state = w.data, w.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-        return bnbf.dequantize_4bit(data, state).float()
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     cb, scb = _int8_parts(module)
     return cb.float() * (scb.float()[:, None] / 127.0)
 
@@ -112,10 +113,6 @@ def swap_weight(module: nn.Module, weight: nn.Parameter) -> nn.Parameter:
     linear4bit, _ = _bnb_classes()
     old = module.weight
     if isinstance(module, linear4bit):
-        if getattr(old.quant_state, "packing_format_for_cpu", False):  # back to the portable layout
-            import bitsandbytes.functional as bnbf
-
-            old.data, old.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(old.data, old.quant_state)
         module.weight = weight
         module.quant_state = weight.quant_state
         return old
@@ -123,3 +120,16 @@ def swap_weight(module: nn.Module, weight: nn.Parameter) -> nn.Parameter:
     module.state.CB = module.state.SCB = None  # the next forward takes them from the new weight
     module.weight = weight
     return old
+
+
+def cpu_repacking(module: nn.Module, enabled: bool) -> bool:
+    """Switches bitsandbytes' repacking of a ``Linear4bit`` weight for CPU inference on or off and
+    returns the previous setting (False for other layers). On AVX512-BF16 CPUs bitsandbytes
+    repacks the weight in place on an eval forward without gradients: its scales are rounded to
+    bfloat16 and a later forward with gradients computes wrong values (bitsandbytes 0.50), so the
+    layers fastlora adapts or collects gradients of keep the portable layout."""
+    if not hasattr(module, "support_avx512bf16_for_cpu"):
+        return False
+    previous = bool(module.support_avx512bf16_for_cpu)
+    module.support_avx512bf16_for_cpu = enabled
+    return previous
