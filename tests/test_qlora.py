@@ -359,3 +359,46 @@ def test_lora_ga_on_a_quantized_base_saves_loads_and_exports(tmp_path):
     size = max(l.scaling * (l.lora_B.abs() @ l.lora_A.abs()).max().item()
                for l in fastlora.lora_layers(model).values()) * x.abs().sum(-1).max().item()
     assert_matches(theirs, expected.double(), torch.float32, "PEFT's output", size)
+
+
+def lora_ga_model():
+    batches, loss_fn = problem()
+    model = quantized_mlp()
+    stats = fastlora.collect_gradients(model, batches, loss_fn=loss_fn, progress=False)
+    return fastlora.inject(model, "all-linear", r=4, lora_alpha=8.0, init="lora_ga", gradients=stats), batches
+
+
+def test_transitions_of_a_lora_ga_layer_on_a_quantized_base():
+    model, batches = lora_ga_model()
+    x = batches[0][0]
+    base = quantized_mlp()
+    with torch.no_grad():
+        original = base(x)
+        with fastlora.disable_adapter(model):  # the weight never held the offset
+            assert torch.equal(model(x), original)
+        layer = model[0]
+        layer.lora_B.add_(0.1)
+        target = dense_weight(layer.base_layer) + layer.delta_weight() - layer.delta_weight(*layer.base_offset)
+        report = layer.merge(allow_requantize=True)  # the offset is merged too
+        assert report["max_abs_error"] == pytest.approx((dense_weight(layer.base_layer) - target).abs().max().item(),
+                                                        rel=1e-6)
+        layer.unmerge()
+        assert layer.base_offset is not None and torch.equal(dense_weight(layer.base_layer), dense_weight(base[0]))
+        layer.reset_lora_parameters()
+        model[2].set_rank(2)
+        assert all(l.base_offset is None for l in fastlora.lora_layers(model).values())
+        assert torch.equal(model(x), original)  # B = 0, no offset left
+
+
+def test_lora_pro_trains_on_a_quantized_base():
+    model, batches = lora_ga_model()
+    _, loss_fn = problem()
+    opt = fastlora.optim.LoRAPro(model, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn(model, batches[0])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -294,8 +294,9 @@ class LoRALinear(nn.Module):
         w.copy_(w.to(dtype) + delta)
 
     def _remove_base_offset(self) -> None:
-        if self.lora_A0 is not None and not self._quantized:
-            self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
+        if self.lora_A0 is not None:
+            if not self._quantized:  # a quantized weight never held it
+                self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
             self.lora_A0 = self.lora_B0 = None
 
     def _draw(self, init: str, generator: torch.Generator | None) -> None:
