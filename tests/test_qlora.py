@@ -216,6 +216,7 @@ def test_an_adapted_layer_is_never_repacked_and_a_repacked_one_is_refused():
     layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU (the repacking runs on any CPU)
     with torch.no_grad():
         layer(torch.randn(3, 64))
+    assert layer.weight.quant_state.absmax.dtype == torch.bfloat16  # the scales were rounded
     with pytest.raises(TypeError, match="repacked"):
         fastlora.inject(nn.Sequential(layer), "all-linear", r=2)
 
@@ -402,3 +403,13 @@ def test_lora_pro_trains_on_a_quantized_base():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_unsupported_quantized_layers_are_refused_before_any_change():
+    fp16_compute = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float16).to("cpu")
+    float_int8 = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=True).to("cpu")
+    for layer, match in ((fp16_compute, "compute dtype"), (float_int8, "has_fp16_weights")):
+        model = nn.Sequential(layer)
+        with pytest.raises(TypeError, match=match):
+            fastlora.inject(model, "all-linear", r=2)
+        assert model[0] is layer and all(not p.requires_grad or p.grad is None for p in model.parameters())
