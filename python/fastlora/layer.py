@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
-from .quantized import check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind, requantize, swap_weight
+from .quantized import (check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind,
+                        requantize, swap_weight)
 
 __all__ = [
     "AdapterConfig",

@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {k: Encoded(tokenizer, getattr(split, v), args.max_length)
             for k, v in (("train", "train"), ("val", "validation"), ("test", "test"))}
     quantized = "" if args.quantize == "none" else f" ({args.quantize}-quantized encoder)"
-    print(f"# fastlora main job: all-MiniLM-L6-v2{quantized} on {len(split.train)}/{len(split.validation)}/{len(split.test)} "
+    sizes = f"{len(split.train)}/{len(split.validation)}/{len(split.test)}"
+    print(f"# fastlora main job: all-MiniLM-L6-v2{quantized} on {sizes} "
           f"movie-review sentences, {args.steps} steps x {args.batch_size}, {args.seeds} seed(s), device {device}, "
           f"torch {torch.__version__}, fastlora kernels: {fastlora.extension_available()}", flush=True)
     probe = linear_probe(data, device, args.quantize)
