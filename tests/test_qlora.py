@@ -3,6 +3,7 @@ saved memory, merge with and without re-quantisation. CPU; skipped without bitsa
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -134,9 +135,14 @@ def test_dropout_mask_is_the_same_in_forward_and_backward():
                    magnitude(lambda d, w_, a_, b_: d @ w_ + s * (d @ b_) @ a_, dyd, w, a, b))
 
 
-def test_the_branch_saves_x_and_a_T_by_r_tensor_only():
+@pytest.mark.parametrize("offset", [False, True], ids=["lora", "lora_ga_offset"])
+def test_the_branch_saves_x_and_a_T_by_r_tensor_only(offset):
     model = adapted(dropout=0.1).train()
     layer = model[0]
+    if offset:  # the offset term keeps its own T x r product
+        config = dataclasses.replace(layer.config, init="lora_ga")
+        layer.set_adapter(layer.lora_A.detach(), layer.lora_B.detach(), config,
+                          (layer.lora_A.detach(), layer.lora_B.detach()))
     x = torch.randn(11, IN, requires_grad=True)
     saved = []
 
@@ -149,7 +155,7 @@ def test_the_branch_saves_x_and_a_T_by_r_tensor_only():
     own = {t.data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
     others = [t for t in saved if t.data_ptr() not in own and t.data_ptr() != x.data_ptr() and t.numel() > 1]
     assert all(tuple(t.shape) == (11, R) for t in others), [tuple(t.shape) for t in others]
-    assert sum(t.numel() for t in others) <= 11 * R
+    assert sum(t.numel() for t in others) <= (2 if offset else 1) * 11 * R
 
 
 @pytest.mark.parametrize("kind", [KINDS[0], KINDS[-1]], ids=[KIND_IDS[0], KIND_IDS[-1]])

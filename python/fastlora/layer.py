@@ -141,7 +141,9 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
 class LoRALinear(nn.Module):
     """A frozen linear layer with a LoRA adapter: ``y = x W^T + b + s (drop(x) A^T) B^T``.
 
-    The wrapped layer is kept as ``base_layer`` (not copied; its weight and bias are frozen).
+    The wrapped layer is kept as ``base_layer`` (not copied; its weight and bias are frozen). It
+    may be a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA, docs/qlora.md): its own forward
+    computes the base product and fastlora's ops add the branch.
     ``lora_A`` (r x in) and ``lora_B`` (out x r) are the trainable adapters, stored in
     ``adapter_dtype`` (float32 by default) while the branch runs in the input's dtype with
     float32 accumulation. Dropout masks are regenerated from a seed in backward, never stored.
@@ -200,7 +202,8 @@ class LoRALinear(nn.Module):
         self._premerge_weight: nn.Parameter | None = None  # a quantized base's weight while merged
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
-        # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set.
+        # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set (a quantized
+        # base: forward subtracts s·B0 A0 x).
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
         self._draw(init, generator)
