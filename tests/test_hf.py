@@ -306,3 +306,6 @@ def test_qlora_from_transformers_4bit_loader_trains_saves_exports_and_imports(ba
     torch.testing.assert_close(_logits(theirs), want, rtol=0, atol=1e-4)
     imported = fastlora.import_peft(_quantized_base(base_dir), tmp_path / "peft")
     torch.testing.assert_close(_logits(imported), want, rtol=0, atol=1e-4)
+    assert imported._hf_peft_config_loaded  # what Trainer asks of a quantized model
+    fastlora.unload(imported, merge=False)
+    assert not imported._hf_peft_config_loaded
