@@ -419,3 +419,20 @@ def test_unsupported_quantized_layers_are_refused_before_any_change():
         with pytest.raises(TypeError, match=match):
             fastlora.inject(model, "all-linear", r=2)
         assert model[0] is layer and all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", ["LinearNF4", "LinearFP4"])
+def test_the_4bit_subclasses_with_an_unset_compute_dtype(cls):
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(getattr(bnb.nn, cls)(IN, OUT).to("cpu")), "all-linear", r=R, lora_alpha=ALPHA)
+    layer = model[0]
+    assert layer.base_layer.compute_dtype is None and layer.quantized
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, IN)
+    y = model(x)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    assert_matches(y, base.double() + branch(x.double(), a, b, layer.scaling), torch.float32, "y",
+                   magnitude(branch, x, a, b, layer.scaling))
