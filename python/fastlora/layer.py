@@ -464,8 +464,8 @@ class LoRALinear(nn.Module):
         if self._quantized and not allow_requantize:
             raise ValueError(
                 f"{where} has a quantized base ({quantization_kind(self.base_layer)}): merging rounds W + s·B A back "
-                "onto the quantization grid, an error usually far larger than the adapter's own change. Keep the "
-                "adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
+                "onto the quantization grid, so the merged layer no longer computes the trained adapter exactly. "
+                "Keep the adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
                 "dequantize, merge in float32 and re-quantize (the error is reported)"
             )
 
