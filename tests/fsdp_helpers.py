@@ -4,17 +4,14 @@ averaged, which is what FSDP2's reduce-scatter gives for two ranks: halving is e
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastlora
 from fastlora._distributed import full
+from gloo import spawn  # noqa: F401  (the FSDP tests' launcher)
 
 try:
     from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, shard_model
@@ -63,24 +60,3 @@ def reference_grads(model: nn.Module, step: int) -> None:
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered whole (a collective under FSDP), by name."""
     return {name: full(p).detach().clone() for name, p in model.named_parameters()}
-
-
-def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        result = fn(rank, world, out_dir, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, out_dir, *args, world: int = WORLD) -> list:
-    """Runs ``fn(rank, world, out_dir, *args)`` on ``world`` gloo processes; returns what each returned."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_entry, args=(world, port, str(out_dir), fn, args), nprocs=world, join=True)
-    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -403,14 +403,21 @@ def test_10_quantized_or_custom_linear_layers_are_refused():
 
 
 @pytest.mark.parametrize("kind", ["Linear8bitLt", "Linear4bit"])
-def test_10_bitsandbytes_layers_are_refused(kind):
+def test_10_bitsandbytes_layers_are_adapted_unless_unquantized(kind):
     bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False) if kind == "Linear8bitLt" else bnb.nn.Linear4bit(16, 16)
-    model = nn.Sequential(layer)
+
+    def layer():
+        if kind == "Linear8bitLt":
+            return bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
+        return bnb.nn.Linear4bit(16, 16)
+
+    model = nn.Sequential(layer())  # not quantized until moved to a device
     before = snapshot(model)
-    with pytest.raises(TypeError, match="quantized"):
+    with pytest.raises(TypeError, match="not quantized"):
         fastlora.inject(model, "all-linear", r=2)
     assert_unchanged(model, before)
+    model = fastlora.inject(nn.Sequential(layer().to("cpu")), "all-linear", r=2)
+    assert model[0].quantized
 
 
 # ---- 11. meta, complex and infinite values ---------------------------------------------------------

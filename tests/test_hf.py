@@ -298,3 +298,47 @@ def test_trl_dpo_trainer_trains_a_fastlora_model(base_dir, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def _quantized_base(base_dir):
+    """The base loaded in 4 bits (NF4, double quantization, float32 compute) by transformers, with
+    bitsandbytes' CPU repacking off (fastlora's layers keep it off; see fastlora.quantized)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config,
+                                                                  device_map="cpu", dtype=torch.float32)
+    except (ImportError, RuntimeError, ValueError) as exc:  # a bitsandbytes or transformers without CPU 4-bit
+        pytest.skip(f"transformers cannot load a 4-bit model on this CPU: {exc}")
+    for m in model.modules():
+        fastlora.quantized.cpu_repacking(m, False)
+    return model.eval()
+
+
+def test_qlora_from_transformers_4bit_loader_trains_saves_exports_and_imports(base_dir, tmp_path, single_thread):
+    model = _quantized_base(base_dir)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+    batches = [{"input_ids": IDS, "labels": IDS}]
+    stats = fastlora.collect_gradients(model, batches, progress=False)
+    fastlora.inject(model, "all-linear", r=4, lora_alpha=8, init="lora_ga", gradients=stats)
+    layers = fastlora.lora_layers(model)
+    assert len(layers) == 14 and all(layer.quantized and layer.base_offset is not None for layer in layers.values())
+    torch.testing.assert_close(_logits(model), _logits(_quantized_base(base_dir)), rtol=0, atol=1e-4)
+    _trainer(model, tmp_path / "run", lambda m: LoRAPro(m, lr=1e-2, moment_dtype=torch.float32), max_steps=2,
+             save_steps=100).train()
+    out = tmp_path / "final"
+    _trainer(model, tmp_path / "run", max_steps=0).save_model(str(out))
+    want = _logits(model)
+    assert (want - _logits(_quantized_base(base_dir))).abs().max() > 1e-4  # training moved the model
+    torch.testing.assert_close(_logits(fastlora.load_adapter(_quantized_base(base_dir), out)), want, rtol=0, atol=0)
+    fastlora.export_peft(model, tmp_path / "peft")  # LoRA-GA as the rank-2r adapter on the quantized base
+    theirs = peft.PeftModel.from_pretrained(_quantized_base(base_dir), str(tmp_path / "peft"))
+    for m in theirs.modules():
+        fastlora.quantized.cpu_repacking(m, False)
+    torch.testing.assert_close(_logits(theirs), want, rtol=0, atol=1e-4)
+    imported = fastlora.import_peft(_quantized_base(base_dir), tmp_path / "peft")
+    torch.testing.assert_close(_logits(imported), want, rtol=0, atol=1e-4)
+    assert imported._hf_peft_config_loaded  # what Trainer asks of a quantized model
+    fastlora.unload(imported, merge=False)
+    assert not imported._hf_peft_config_loaded

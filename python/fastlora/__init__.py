@@ -12,7 +12,7 @@ See docs/quickstart.md and docs/api.md.
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import copies, init, ops, optim, reference
+from . import copies, init, ops, optim, quantized, reference
 from ._extension import (
     cpu_isa,
     cuda_layer_kernels,
@@ -23,7 +23,7 @@ from ._extension import (
     set_cuda_layer_kernels,
     use_backend,
 )
-from .functional import lora_linear
+from .functional import lora_linear, lora_update
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
 from .inject import (
     adapter_state_dict,
@@ -65,6 +65,7 @@ __all__ = [
     "lora_layers",
     "load_adapter",
     "lora_linear",
+    "lora_update",
     "merge",
     "merge_and_unload",
     "ops",

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import composed, fused, ops, reference
 from ._extension import get_backend, has_kernel
 
-__all__ = ["lora_linear", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
+__all__ = ["lora_linear", "lora_update", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -133,3 +133,34 @@ def lora_linear(
     else:
         y = composed.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return y.reshape(*lead, weight.shape[0])
+
+
+def lora_update(
+    x: Tensor,
+    y: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """``y + scale * (drop(x) A^T) B^T``: the adapter branch added to a base output ``y`` computed
+    elsewhere (a quantized layer's own forward), for x of shape (..., in) and y (..., out).
+
+    The branch runs in x's dtype through ``lora_down`` then ``lora_up``; autograd saves x, the
+    seed and ``xa`` (T x r) only, and backward regenerates the dropout mask from the seed. The
+    gradient reaching y flows on to whatever produced it (the base's own backward gives its dx).
+    """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"LoRA layers take float32, bfloat16, float16 or float64 inputs, got {x.dtype}")
+    if x.shape[-1] != lora_A.shape[1] or y.shape[:-1] != x.shape[:-1] or y.shape[-1] != lora_B.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit lora_A {tuple(lora_A.shape)} "
+                         f"and lora_B {tuple(lora_B.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        seed = new_dropout_seed(x.device)
+    x2d = x.reshape(-1, x.shape[-1])
+    xa = ops.lora_down(x2d, lora_A, dropout_p, seed)
+    out = ops.lora_up(y.reshape(-1, y.shape[-1]).to(x.dtype), xa, lora_B, scale)
+    return out.reshape(y.shape)

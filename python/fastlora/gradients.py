@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import reference
 from ._extension import has_kernel
 from .layer import LoRALinear
+from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .targets import Targets, find_linear_targets
 
 __all__ = ["GradientSketch", "GradientStats", "LayerGradient", "collect_gradients"]
@@ -213,7 +214,7 @@ class _ExactUpdate:
     """acc += dy^T x, with acc on the layer's device or in (pinned) host memory; float32 (float64
     for a float64 layer)."""
 
-    def __init__(self, weight: Tensor, pool: _StagingPool | None) -> None:
+    def __init__(self, weight: _Target, pool: _StagingPool | None) -> None:
         out_f, in_f = weight.shape
         self.pool = pool
         device = weight.device
@@ -249,7 +250,7 @@ class _SketchUpdate:
     """Y += dy^T (x Ω), Z += (Ψ dy^T) x and P_i += dy^T (x M_i), from one pass over dy and two
     over x; the products of ``x`` with Ω and every M_i share one pass."""
 
-    def __init__(self, weight: Tensor, k: int, gen: torch.Generator, products: dict[str, Tensor]) -> None:
+    def __init__(self, weight: _Target, k: int, gen: torch.Generator, products: dict[str, Tensor]) -> None:
         # Ω^T and the M_i^T stacked: one lora_down forms all of x [Ω | M_1 | ...]. Ω and Ψ are
         # kept once, in the layout the kernels read; the sketch exposes transposed views.
         out_f, in_f = weight.shape
@@ -396,10 +397,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 @contextlib.contextmanager
 def _frozen_and_restored(model: nn.Module, train_mode: bool) -> Iterator[None]:
-    """No parameter requires grad and the model is in eval (or train) mode inside; the flags and
-    modes come back afterwards, also after an exception."""
+    """No parameter requires grad and the model is in eval (or train) mode inside, with
+    bitsandbytes' CPU repacking of 4-bit weights off (see :func:`fastlora.quantized.cpu_repacking`);
+    the flags and modes come back afterwards, also after an exception."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
+    repacking = [(m, cpu_repacking(m, False)) for m in model.modules() if is_quantized(m)]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -410,11 +413,24 @@ def _frozen_and_restored(model: nn.Module, train_mode: bool) -> Iterator[None]:
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
+        for m, enabled in repacking:
+            cpu_repacking(m, enabled)
 
 
-def frozen_weight(module: nn.Module) -> Tensor:
-    """The weight a target layer's gradient is taken for (a LoRA layer's base weight)."""
-    return module.base_layer.weight if isinstance(module, LoRALinear) else module.weight
+@dataclass(frozen=True)
+class _Target:
+    """The weight a target layer's gradient is taken for (a LoRA layer's base weight; a quantized
+    layer's dequantized weight, whose gradient is float32): its shape, device and dtype."""
+
+    shape: tuple[int, int]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def frozen_weight(module: nn.Module) -> _Target:
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    dtype = torch.float32 if is_quantized(base) else base.weight.dtype
+    return _Target((base.out_features, base.in_features), base.weight.device, dtype)
 
 
 def _parse_budget(budget: int | float | str | None, device: torch.device) -> float:
@@ -621,6 +637,10 @@ def _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, p
     """Targets, checks of ``products`` and the sketch rank, and the memory plan (placement of the
     exact accumulators, staging buffers, layer groups)."""
     found = find_linear_targets(model, targets, exclude_modules, include_adapted=True)
+    for name, module in found:
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        if is_quantized(base):
+            check_quantized_layer(base, name)
     products = dict(products or {})
     names = {name for name, _ in found}
     for name, m in products.items():

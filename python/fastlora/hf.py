@@ -14,6 +14,10 @@ an instance-level ``save_pretrained`` that writes, atomically, into one director
   is what ``Trainer(resume_from_checkpoint=...)`` loads (non-strictly) into the rebuilt model.
 
 There is no ``config.json``, so nothing loads this directory as a full model by mistake.
+
+A quantized transformers model (``BitsAndBytesConfig``) also gets transformers' mark of attached
+adapters (``_hf_peft_config_loaded``), without which Trainer refuses to train it; it goes when
+the adapters do.
 See docs/adapters.md.
 """
 
@@ -72,14 +76,21 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
 
 
+# transformers' mark of a model with adapters attached: Trainer trains a quantized model only with it.
+ADAPTERS_MARK = "_hf_peft_config_loaded"
+
+
 def _attach(model: nn.Module) -> None:
     if _is_transformers_model(model):
         model.save_pretrained = types.MethodType(save_pretrained, model)
+        if getattr(model, "is_quantized", False):
+            setattr(model, ADAPTERS_MARK, True)
 
 
 def _detach(model: nn.Module) -> None:
     if isinstance(model.__dict__.get("save_pretrained"), types.MethodType):
         del model.save_pretrained
+    model.__dict__.pop(ADAPTERS_MARK, None)
 
 
 ON_ADAPTERS_ADDED.append(_attach)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -277,15 +278,30 @@ def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
     return layers
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base weight (see :meth:`LoRALinear.merge`)."""
+def merge(model: nn.Module, allow_requantize: bool = False) -> nn.Module:
+    """Folds every adapter into its base weight (see :meth:`LoRALinear.merge`).
+
+    Layers with a quantized base are refused (before anything changes) unless
+    ``allow_requantize``: then they are dequantized, merged in float32 and re-quantized, and the
+    rounding error this introduced is logged and warned about (largest over the layers)."""
     layers = _layers_or_raise(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"already merged: {merged[:4]}; call fastlora.unmerge(model) first")
+    for name, layer in layers.items():
+        layer.check_merge(allow_requantize, name)
     _refuse_tied(model, list(layers), "merging")
-    for layer in layers.values():
-        layer.merge()
+    errors = {}
+    for name, layer in layers.items():
+        report = layer.merge(allow_requantize)
+        if report is not None:
+            errors[name] = report
+    if errors:
+        worst = max(errors, key=lambda n: errors[n]["relative_error"])
+        message = (f"fastlora: re-quantized {len(errors)} merged layers; largest error at {worst}: relative "
+                   f"{errors[worst]['relative_error']:.3g}, max |ΔW| {errors[worst]['max_abs_error']:.3g}")
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return model
 
 
@@ -300,18 +316,22 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False) -> nn.Module:
     """Replaces every LoRA layer by its base ``nn.Linear`` and returns the model: with the adapter
     merged into the weight (``merge=True``, computed in float32 and rounded once) or with the
     original weight (``merge=False``); ``modules_to_save`` copies by the trained copy or the
-    original. ``save_pretrained`` then writes a standard checkpoint."""
+    original. ``save_pretrained`` then writes a standard checkpoint. Quantized bases merge only
+    with ``allow_requantize`` (see :func:`merge`)."""
     layers = _layers_or_raise(model)
     if merge:
+        for name, layer in layers.items():
+            if not layer.merged:
+                layer.check_merge(allow_requantize, name)
         _refuse_tied(model, list(layers), "merging")
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.unwrap(merge))
+        setattr(parent, child, layer.unwrap(merge, allow_requantize))
     for name, wrapper in trainable_copies(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ._distributed import is_dtensor
-from .functional import SUPPORTED_DTYPES, lora_linear
+from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
+from .quantized import (check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind,
+                        requantize, swap_weight)
 
 __all__ = [
     "AdapterConfig",
@@ -95,15 +97,19 @@ class AdapterConfig:
 
 
 def check_base_layer(module: nn.Module, where: str = "LoRALinear") -> None:
-    """Raises TypeError unless ``module`` is a plain ``nn.Linear`` fastlora can wrap: its own
-    forward (not a quantized or otherwise customised subclass) and a real float weight."""
+    """Raises TypeError unless ``module`` is a linear layer fastlora can wrap: a plain
+    ``nn.Linear`` (its own forward, a real float weight) or a supported bitsandbytes layer
+    (``Linear4bit`` NF4/FP4, ``Linear8bitLt``; see :func:`fastlora.quantized.check_quantized_layer`)."""
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{where}: LoRALinear wraps an nn.Linear, got {type(module).__name__}")
-    if type(module).__module__.split(".")[0] == "bitsandbytes" or type(module).forward is not nn.Linear.forward:
+    if is_quantized(module):
+        check_quantized_layer(module, where)
+        return
+    if type(module).forward is not nn.Linear.forward:
         raise TypeError(
-            f"{where}: {type(module).__module__}.{type(module).__name__} is a linear layer with its own forward "
-            "(a quantized layer, say); fastlora adapts plain nn.Linear layers only. Leave it out of "
-            "target_modules (exclude_modules=...) or load the model unquantized"
+            f"{where}: {type(module).__module__}.{type(module).__name__} is a linear layer with its own forward; "
+            "fastlora adapts plain nn.Linear layers and bitsandbytes Linear4bit / Linear8bitLt only. Leave it out "
+            "of target_modules (exclude_modules=...)"
         )
     if module.weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{where}: the base weight's dtype {module.weight.dtype} is not one of {SUPPORTED_DTYPES}")
@@ -136,7 +142,9 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
 class LoRALinear(nn.Module):
     """A frozen linear layer with a LoRA adapter: ``y = x W^T + b + s (drop(x) A^T) B^T``.
 
-    The wrapped layer is kept as ``base_layer`` (not copied; its weight and bias are frozen).
+    The wrapped layer is kept as ``base_layer`` (not copied; its weight and bias are frozen). It
+    may be a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA, docs/qlora.md): its own forward
+    computes the base product and fastlora's ops add the branch.
     ``lora_A`` (r x in) and ``lora_B`` (out x r) are the trainable adapters, stored in
     ``adapter_dtype`` (float32 by default) while the branch runs in the input's dtype with
     float32 accumulation. Dropout masks are regenerated from a seed in backward, never stored.
@@ -189,9 +197,14 @@ class LoRALinear(nn.Module):
         self._config = dataclasses.replace(config, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout))
         self._merged = False
         self._enabled = True
+        self._quantized = is_quantized(base_layer)
+        if self._quantized:
+            cpu_repacking(base_layer, False)
+        self._premerge_weight: nn.Parameter | None = None  # a quantized base's weight while merged
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
-        # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set.
+        # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set (a quantized
+        # base: forward subtracts s·B0 A0 x).
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
         self._draw(init, generator)
@@ -260,8 +273,15 @@ class LoRALinear(nn.Module):
         return self._enabled
 
     @property
+    def quantized(self) -> bool:
+        """Whether the base is a quantized (bitsandbytes) layer: its weight is never changed in
+        place, a LoRA-GA offset is kept as a frozen low-rank term instead."""
+        return self._quantized
+
+    @property
     def base_offset(self) -> tuple[Tensor, Tensor] | None:
-        """``(A0, B0)`` when the base weight holds ``W - s·B0 A0`` (LoRA-GA), else None."""
+        """``(A0, B0)`` when the layer computes ``W - s·B0 A0`` (LoRA-GA), else None: held in a
+        plain base weight, or as the term ``- s·B0 A0 x`` on a quantized base."""
         return None if self.lora_A0 is None else (self.lora_A0, self.lora_B0)
 
     # ---- transitions ---------------------------------------------------------------------------
@@ -280,7 +300,8 @@ class LoRALinear(nn.Module):
 
     def _remove_base_offset(self) -> None:
         if self.lora_A0 is not None:
-            self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
+            if not self._quantized:  # a quantized weight never held it
+                self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
             self.lora_A0 = self.lora_B0 = None
 
     def _draw(self, init: str, generator: torch.Generator | None) -> None:
@@ -329,6 +350,9 @@ class LoRALinear(nn.Module):
         The rank follows ``lora_A``; if it changes, the adapters become new Parameters (rebuild
         any optimizer). Raises before any change if an argument does not fit (see
         :meth:`check_adapter`) or the layer is merged.
+
+        On a quantized base the offset is never written into the weight (``base_weights`` does
+        not apply): forward computes ``Q(W) x - s·B0 A0 x + s·B A x``.
         """
         if base_weights not in ("recorded", "original", "offset"):
             raise ValueError(f"base_weights must be 'recorded', 'original' or 'offset', got {base_weights!r}")
@@ -353,7 +377,7 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(lora_A)
         self.lora_B.copy_(lora_B)
         if new_offset is not None:
-            if base_weights != "offset" and not same:
+            if base_weights != "offset" and not same and not self._quantized:
                 self._shift_weight(*new_offset, -1.0, config.scaling)
             self.lora_A0, self.lora_B0 = new_offset
 
@@ -388,11 +412,12 @@ class LoRALinear(nn.Module):
         self._enabled = enabled
 
     @torch.no_grad()
-    def unwrap(self, merge: bool = True) -> nn.Linear:
+    def unwrap(self, merge: bool = True, allow_requantize: bool = False) -> nn.Linear:
         """The base layer, to put in this layer's place: with ``s·B A`` merged into its weight, or
-        (``merge=False``) with its original weight (unmerged, a LoRA-GA offset removed)."""
+        (``merge=False``) with its original weight (unmerged, a LoRA-GA offset removed). A
+        quantized base merges only with ``allow_requantize`` (see :meth:`merge`)."""
         if merge and not self._merged:
-            self.merge()
+            self.merge(allow_requantize)
         if not merge:
             if self._merged:
                 self.unmerge()
@@ -401,6 +426,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
+        if self._quantized:
+            return self._quantized_forward(x)
         if self._merged or (not self._enabled and self.lora_A0 is None):
             return base(x)
         if not torch.compiler.is_compiling() and is_dtensor(base.weight):
@@ -416,6 +443,17 @@ class LoRALinear(nn.Module):
         p = self.lora_dropout if self.training else 0.0
         return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
 
+    def _quantized_forward(self, x: Tensor) -> Tensor:
+        """``Q(W) x + b`` by the quantized layer's own forward, then the exact LoRA-GA offset term
+        and the adapter branch (fastlora's ops) added to it."""
+        y = self.base_layer(x)
+        if self._merged or not self._enabled:
+            return y
+        if self.lora_A0 is not None:
+            y = lora_update(x, y, self.lora_A0, self.lora_B0, -self.scaling)
+        p = self.lora_dropout if self.training else 0.0
+        return lora_update(x, y, self.lora_A, self.lora_B, self.scaling, p)
+
     @torch.no_grad()
     def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None) -> Tensor:
         """s * B A in float32 (float64 for a float64 base): what merging adds to the weight. Other
@@ -426,21 +464,57 @@ class LoRALinear(nn.Module):
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         return (b.to(w.device, dtype) @ a.to(w.device, dtype)) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds s * B A into the base weight (computed in float32, cast back once); forward then
-        runs the base layer alone. Raises RuntimeError if already merged."""
+    def check_merge(self, allow_requantize: bool = False, where: str = "LoRALinear") -> None:
+        """Raises (RuntimeError/ValueError) unless :meth:`merge` with these arguments would run."""
         if self._merged:
-            raise RuntimeError("this LoRALinear is already merged; call unmerge() first")
-        self._shift_weight(self.lora_A, self.lora_B, +1.0, self.scaling)
+            raise RuntimeError(f"{where} is already merged; call unmerge() first")
+        if not isinstance(allow_requantize, bool):
+            raise TypeError(f"allow_requantize must be True or False, got {allow_requantize!r}")
+        if self._quantized and not allow_requantize:
+            raise ValueError(
+                f"{where} has a quantized base ({quantization_kind(self.base_layer)}): merging rounds W + s·B A back "
+                "onto the quantization grid, so the merged layer no longer computes the trained adapter exactly. "
+                "Keep the adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
+                "dequantize, merge in float32 and re-quantize (the error is reported)"
+            )
+
+    @torch.no_grad()
+    def merge(self, allow_requantize: bool = False) -> dict[str, float] | None:
+        """Folds s * B A into the base weight (computed in float32, cast back once); forward then
+        runs the base layer alone. Raises RuntimeError if already merged.
+
+        A quantized base is refused unless ``allow_requantize``: then its weight is dequantized,
+        ``- s·B0 A0`` (a LoRA-GA offset) and ``s·B A`` are added in float32 and the sum is
+        re-quantized with the base's settings. The quantized weight it replaces is kept, so
+        :meth:`unmerge` restores it exactly. Returns, for a quantized base, the error the rounding
+        introduced: ``max_abs_error`` and ``relative_error`` (Frobenius norm, relative to the
+        merged float32 weight's); None otherwise."""
+        self.check_merge(allow_requantize)
+        if not self._quantized:
+            self._shift_weight(self.lora_A, self.lora_B, +1.0, self.scaling)
+            self._merged = True
+            return None
+        target = dense_weight(self.base_layer) + self.delta_weight().to(self.lora_A.device)
+        if self.lora_A0 is not None:
+            target -= self.delta_weight(self.lora_A0, self.lora_B0)
+        new = requantize(self.base_layer, target)
+        self._premerge_weight = swap_weight(self.base_layer, new)
         self._merged = True
+        error = dense_weight(self.base_layer) - target
+        return {"max_abs_error": error.abs().max().item(),
+                "relative_error": (error.norm() / target.norm().clamp_min(1e-30)).item()}
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtracts s * B A from the base weight again. Raises RuntimeError if not merged."""
+        """Subtracts s * B A from the base weight again (a quantized base gets its weight from
+        before the merge back, exactly). Raises RuntimeError if not merged."""
         if not self._merged:
             raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
-        self._shift_weight(self.lora_A, self.lora_B, -1.0, self.scaling)
+        if self._quantized:
+            swap_weight(self.base_layer, self._premerge_weight)
+            self._premerge_weight = None
+        else:
+            self._shift_weight(self.lora_A, self.lora_B, -1.0, self.scaling)
         self._merged = False
 
     def extra_repr(self) -> str:
@@ -448,6 +522,7 @@ class LoRALinear(nn.Module):
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout:g}, use_rslora={self.use_rslora}, "
             f"adapter_dtype={self.lora_A.dtype}, merged={self.merged}"
+            + (f", quantized={quantization_kind(self.base_layer)}" if self._quantized else "")
             + (", base_offset=True" if self.lora_A0 is not None else "")
         )
 

@@ -13,6 +13,7 @@ ever read for the table.
     fastlora-bench-quality                 # the default run (<= 15 min on 2 CPU cores)
     fastlora-bench-quality --quick         # a few minutes: fewer steps, one seed
     fastlora-bench-quality --lr-search     # also choose each learning rate on validation (longer)
+    fastlora-bench-quality --quantize nf4  # QLoRA: every adapter method on a 4-bit (NF4) encoder
     python -m fastlora.examples.sentiment --methods lora gora --seeds 5 --steps 300 --device cuda
 """
 
@@ -128,24 +129,42 @@ class MeanPooledClassifier(nn.Module):
         return SimpleNamespace(loss=loss, logits=logits)
 
 
-@functools.lru_cache(maxsize=1)
-def _pretrained() -> MeanPooledClassifier:
+QUANTIZE = ("none", "nf4", "int8")
+
+
+def _quantization_config(quantize: str):
+    """bitsandbytes settings of the encoder's linear layers (the head stays float: it is trained)."""
     import transformers
 
+    keep = ["classifier", "pooler"]
+    if quantize == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                               llm_int8_skip_modules=keep)
+    return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained(quantize: str = "none", device: str = "cpu") -> MeanPooledClassifier:
+    import transformers
+
+    kw = {} if quantize == "none" else {"quantization_config": _quantization_config(quantize), "device_map": device}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2, **kw)
+    for module in model.modules():  # bitsandbytes' CPU repacking changes the weights (docs/qlora.md)
+        fastlora.quantized.cpu_repacking(module, False)
     return MeanPooledClassifier(model)
 
 
-def load_model(device: torch.device, seed: int) -> MeanPooledClassifier:
-    """A fresh copy of the pretrained encoder with a new head drawn from ``seed`` (read from disk
-    once per process)."""
-    model = copy.deepcopy(_pretrained())
+def load_model(device: torch.device, seed: int, quantize: str = "none") -> MeanPooledClassifier:
+    """A fresh copy of the pretrained encoder (its linear layers quantized to ``quantize``, on
+    ``device``) with a new head drawn from ``seed`` (read from disk once per process)."""
+    model = copy.deepcopy(_pretrained(quantize, str(device)))
     torch.manual_seed(seed)
     nn.init.normal_(model.classifier.weight, std=model.encoder.config.initializer_range)  # as BERT's init
     nn.init.zeros_(model.classifier.bias)
-    return model.to(device)
+    return model.to(device) if quantize == "none" else model  # a quantized one is loaded on the device
 
 
 class Encoded:
@@ -249,7 +268,7 @@ def run_one(name: str, seed: int, lr: float, args, data: dict[str, Encoded], dev
     run = Run(name, seed, lr, args.steps)
     memory = PeakMemory(device)
     memory.reset()
-    model = load_model(device, seed)
+    model = load_model(device, seed, args.quantize)
     stream = train_batches(data["train"], args.batch_size, seed, device)
     calib = [next(train_batches(data["train"], args.batch_size, 10_000 + seed + i, device))
              for i in range(args.calibration_batches)]
@@ -283,11 +302,11 @@ def run_one(name: str, seed: int, lr: float, args, data: dict[str, Encoded], dev
 
 
 @torch.inference_mode()
-def linear_probe(data: dict[str, Encoded], device: torch.device) -> dict[str, float]:
+def linear_probe(data: dict[str, Encoded], device: torch.device, quantize: str = "none") -> dict[str, float]:
     """Logistic regression on mean-pooled frozen embeddings; C chosen on validation."""
     from sklearn.linear_model import LogisticRegression
 
-    model = load_model(device, 0).eval()
+    model = load_model(device, 0, quantize).eval()
 
     def features(split: Encoded):
         feats, labels = [], []
@@ -398,6 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--curve-examples", type=int, default=200, help="validation examples per curve point")
     p.add_argument("--max-examples", type=int, default=None,
                    help="use at most this many sentences of each split (for smoke tests)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="load the encoder's linear layers quantized by bitsandbytes (QLoRA; nf4: 4-bit NF4 with "
+                        "double quantization, int8: LLM.int8()); full fine-tuning is left out then")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FASTLORA_DATA", "data")),
                    help="where the vaderSentiment source distribution is (downloaded if missing)")
@@ -407,6 +429,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps, args.seeds, args.curve_points = 40, 1, 2
     if args.seeds < 1 or args.steps < 1:
         p.error("--seeds and --steps must be >= 1")
+    if args.quantize != "none":  # a quantized weight cannot be trained
+        args.methods = [m for m in args.methods if METHODS[m].init is not None]
+        if not args.methods:
+            p.error("--quantize: every chosen method is full fine-tuning, which cannot train quantized weights")
     return args
 
 
@@ -427,10 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir())
     data = {k: Encoded(tokenizer, getattr(split, v), args.max_length)
             for k, v in (("train", "train"), ("val", "validation"), ("test", "test"))}
-    print(f"# fastlora main job: all-MiniLM-L6-v2 on {len(split.train)}/{len(split.validation)}/{len(split.test)} "
+    quantized = "" if args.quantize == "none" else f" ({args.quantize}-quantized encoder)"
+    sizes = f"{len(split.train)}/{len(split.validation)}/{len(split.test)}"
+    print(f"# fastlora main job: all-MiniLM-L6-v2{quantized} on {sizes} "
           f"movie-review sentences, {args.steps} steps x {args.batch_size}, {args.seeds} seed(s), device {device}, "
           f"torch {torch.__version__}, fastlora kernels: {fastlora.extension_available()}", flush=True)
-    probe = linear_probe(data, device)
+    probe = linear_probe(data, device, args.quantize)
     print(f"frozen-encoder linear probe: test accuracy {100 * probe['test_accuracy']:.2f}%", flush=True)
 
     runs: list[Run] = []

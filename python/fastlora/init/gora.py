@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gradients import GradientStats, LayerGradient
+from ..quantized import dense_weight
 from ..targets import Targets, find_linear_targets
 from .common import select_layers
 
@@ -211,7 +212,7 @@ def gora(
                       RuntimeWarning, stacklevel=2)
 
     # One layer's dense gradient at a time (a sketch's reconstruction is out x in).
-    imps = {n: importance(layers[n].base_layer.weight, _dense_gradient(n, gradients[n]), cfg.importance)
+    imps = {n: importance(dense_weight(layers[n].base_layer), _dense_gradient(n, gradients[n]), cfg.importance)
             for n in layers}
     zero = [n for n, v in imps.items() if v == 0.0]
     if zero:

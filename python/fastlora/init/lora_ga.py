@@ -2,7 +2,8 @@
 
 From the SVD ``Ḡ = U S V^T`` of a layer's mean gradient, ``A0 = c V[:, :r]^T`` and
 ``B0 = c U[:, r:2r]`` (direction "ArB2r") make LoRA's first SGD step equal ``−η s² c² rank_2r(Ḡ)``,
-full fine-tuning's step projected to rank 2r. The base weight absorbs ``−s B0 A0`` so the model's
+full fine-tuning's step projected to rank 2r. The base weight absorbs ``−s B0 A0`` (a quantized base keeps it
+exactly, as the frozen term ``−s B0 A0 x`` of the layer's forward) so the model's
 output is unchanged at step 0. See docs/lora_ga.md for the deviations from the official fork.
 """
 
@@ -175,7 +176,10 @@ def lora_ga(
 def _apply(layer: LoRALinear, a: Tensor, b: Tensor, config) -> dict[str, float]:
     """Sets the adapter (A, B) = (A0, B0) with the base offset ``s·B0 A0`` (replacing any offset
     the layer had); returns the offset's norm and the largest rounding error of the new effective
-    weight against the original one."""
+    weight against the original one (zero on a quantized base, which keeps the offset as a term)."""
+    if layer.quantized:
+        layer.set_adapter(a, b, config, base_offset=(a, b))
+        return {"offset_norm": layer.delta_weight().norm().item(), "max_weight_rounding": 0.0}
     w = layer.base_layer.weight
     offset = layer.base_offset
     original = w.detach().to(layer.delta_weight().dtype, copy=True)
