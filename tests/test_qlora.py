@@ -135,11 +135,12 @@ def test_dropout_mask_is_the_same_in_forward_and_backward():
                    magnitude(lambda d, w_, a_, b_: d @ w_ + s * (d @ b_) @ a_, dyd, w, a, b))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("offset", [False, True], ids=["lora", "lora_ga_offset"])
-def test_the_branch_saves_x_and_a_T_by_r_tensor_only(offset):
-    model = adapted(dropout=0.1).train()
+def test_the_branch_saves_x_and_a_T_by_r_tensor_only(offset, dropout):
+    model = adapted(dropout=dropout).train()
     layer = model[0]
-    if offset:  # the offset term keeps its own T x r product
+    if offset:  # without dropout the offset term shares the branch (T x 2r), with it keeps its own T x r
         config = dataclasses.replace(layer.config, init="lora_ga")
         layer.set_adapter(layer.lora_A.detach(), layer.lora_B.detach(), config,
                           (layer.lora_A.detach(), layer.lora_B.detach()))
@@ -153,9 +154,14 @@ def test_the_branch_saves_x_and_a_T_by_r_tensor_only(offset):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
     own = {t.data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
-    others = [t for t in saved if t.data_ptr() not in own and t.data_ptr() != x.data_ptr() and t.numel() > 1]
-    assert all(tuple(t.shape) == (11, R) for t in others), [tuple(t.shape) for t in others]
-    assert sum(t.numel() for t in others) <= (2 if offset else 1) * 11 * R
+    activations = {t.data_ptr(): t for t in saved if t.data_ptr() not in own and t.data_ptr() != x.data_ptr()
+                   and t.numel() > 1 and t.shape[0] == x.shape[0]}  # T rows: what grows with the batch
+    factors = [t for t in saved if t.data_ptr() not in own and t.data_ptr() not in activations
+               and t.data_ptr() != x.data_ptr() and t.numel() > 1]
+    want = [(11, R)] if not offset else ([(11, 2 * R)] if dropout == 0.0 else [(11, R), (11, R)])
+    assert sorted(tuple(t.shape) for t in activations.values()) == want
+    # Nothing else but the concatenated factors [A; A0], [B, -B0] of the shared branch.
+    assert all(t.numel() <= 2 * R * max(t.shape) for t in factors), [tuple(t.shape) for t in factors]
 
 
 @pytest.mark.parametrize("kind", [KINDS[0], KINDS[-1]], ids=[KIND_IDS[0], KIND_IDS[-1]])

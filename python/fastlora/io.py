@@ -34,6 +34,7 @@ from .copies import COPY, trainable_copies
 from .functional import SUPPORTED_DTYPES
 from .inject import add_layers, refuse_peft_model
 from .layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, lora_layers
+from .reference import accumulation_dtype
 from .targets import name_matches, pattern_value
 
 __all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "AdapterFormatError", "infer_task_type"]
@@ -719,7 +720,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         apply(model)
     else:
         # float32 master adapters, as inject's default; float64 files keep their precision
-        dtypes = {n: torch.float64 if factors[n]["lora_A"].dtype == torch.float64 else torch.float32 for n in configs}
+        dtypes = {n: accumulation_dtype(factors[n]["lora_A"].dtype) for n in configs}
         copies: list[str] = []  # PEFT's modules_to_save become trained copies, outermost matches
         for m in modules:
             if (m and name_matches(m, saved_modules) and not any(m.startswith(f"{c}.") for c in copies)

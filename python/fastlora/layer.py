@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._distributed import is_dtensor
 from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
+from .reference import accumulation_dtype
 from .quantized import (check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind,
                         requantize, swap_weight)
 
@@ -292,11 +293,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _shift_weight(self, a0: Tensor, b0: Tensor, sign: float, scaling: float) -> None:
-        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back."""
+        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back once."""
         w = self.base_layer.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = (b0.to(w.device, dtype) @ a0.to(w.device, dtype)) * (sign * scaling)
-        w.copy_(w.to(dtype) + delta)
+        delta = self.delta_weight(a0, b0, sign * scaling)
+        w.copy_(w.to(delta.dtype) + delta)
 
     def _remove_base_offset(self) -> None:
         if self.lora_A0 is not None:
@@ -327,7 +327,15 @@ class LoRALinear(nn.Module):
         these arguments; changes nothing."""
         where = where or "LoRALinear"
         self._require_unmerged("load an adapter into it")
-        check_adapter_arguments(self.in_features, self.out_features, lora_A, lora_B, config, base_offset, where)
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"{where}: config must be an AdapterConfig, got {type(config).__name__}")
+        config.check(self.in_features, self.out_features, where)
+        tensors = {"lora_A": lora_A, "lora_B": lora_B}
+        shapes = {"lora_A": (config.r, self.in_features), "lora_B": (self.out_features, config.r)}
+        if base_offset is not None:
+            tensors.update(lora_A0=base_offset[0], lora_B0=base_offset[1])
+            shapes.update(lora_A0=shapes["lora_A"], lora_B0=shapes["lora_B"])
+        check_factors(tensors, shapes, where)
 
     @torch.no_grad()
     def set_adapter(
@@ -449,20 +457,27 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self._merged or not self._enabled:
             return y
-        if self.lora_A0 is not None:
-            y = lora_update(x, y, self.lora_A0, self.lora_B0, -self.scaling)
         p = self.lora_dropout if self.training else 0.0
-        return lora_update(x, y, self.lora_A, self.lora_B, self.scaling, p)
+        a, b = self.lora_A, self.lora_B
+        if self.lora_A0 is not None:
+            if p == 0.0:  # both terms in one rank-2r branch: one pass over x, one dx update
+                a = torch.cat([a, self.lora_A0.to(a.dtype)])
+                b = torch.cat([b, -self.lora_B0.to(b.dtype)], dim=1)
+            else:  # dropout applies to the adapter's input only, not to the offset term's
+                y = lora_update(x, y, self.lora_A0, self.lora_B0, -self.scaling)
+        return lora_update(x, y, a, b, self.scaling, p)
 
     @torch.no_grad()
-    def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None) -> Tensor:
+    def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None,
+                     scaling: float | None = None) -> Tensor:
         """s * B A in float32 (float64 for a float64 base): what merging adds to the weight. Other
-        factors of the layer's shapes may be given (LoRA-GA's base offset uses its A0, B0)."""
+        factors of the layer's shapes (LoRA-GA's base offset uses its A0, B0) or another scale
+        may be given."""
         a = self.lora_A if lora_A is None else lora_A
         b = self.lora_B if lora_B is None else lora_B
         w = self.base_layer.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        return (b.to(w.device, dtype) @ a.to(w.device, dtype)) * self.scaling
+        dtype = accumulation_dtype(w.dtype)
+        return (b.to(w.device, dtype) @ a.to(w.device, dtype)) * (self.scaling if scaling is None else scaling)
 
     def check_merge(self, allow_requantize: bool = False, where: str = "LoRALinear") -> None:
         """Raises (RuntimeError/ValueError) unless :meth:`merge` with these arguments would run."""
@@ -525,28 +540,6 @@ class LoRALinear(nn.Module):
             + (f", quantized={quantization_kind(self.base_layer)}" if self._quantized else "")
             + (", base_offset=True" if self.lora_A0 is not None else "")
         )
-
-
-def check_adapter_arguments(
-    in_features: int,
-    out_features: int,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    config: AdapterConfig,
-    base_offset: tuple[Tensor, Tensor] | None,
-    where: str,
-) -> None:
-    """What :meth:`LoRALinear.set_adapter` checks, for a layer of that shape (also before the
-    layer exists)."""
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"{where}: config must be an AdapterConfig, got {type(config).__name__}")
-    config.check(in_features, out_features, where)
-    tensors = {"lora_A": lora_A, "lora_B": lora_B}
-    shapes = {"lora_A": (config.r, in_features), "lora_B": (out_features, config.r)}
-    if base_offset is not None:
-        tensors.update(lora_A0=base_offset[0], lora_B0=base_offset[1])
-        shapes.update(lora_A0=shapes["lora_A"], lora_B0=shapes["lora_B"])
-    check_factors(tensors, shapes, where)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

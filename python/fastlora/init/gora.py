@@ -241,8 +241,7 @@ def gora(
         layer.check_adapter(a, b, config, where=name)
         planned[name] = (a, b, config)
         # s·B A as the layer will hold it (factors rounded to the adapters' dtype).
-        dt = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-        delta = (b.to(layer.lora_B.dtype).to(dt) @ a.to(layer.lora_A.dtype).to(dt)) * config.scaling
+        delta = layer.delta_weight(a.to(layer.lora_A.dtype), b.to(layer.lora_B.dtype), config.scaling)
         g_norm = grad.norm().item()
         report[name] = {
             "rank": config.r,

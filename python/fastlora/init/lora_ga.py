@@ -9,10 +9,10 @@ output is unchanged at step 0. See docs/lora_ga.md for the deviations from the o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
-import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gradients import GradientStats, call_model, to_device
+from ..reference import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
 from .common import select_layers
@@ -182,7 +183,7 @@ def _apply(layer: LoRALinear, a: Tensor, b: Tensor, config) -> dict[str, float]:
         return {"offset_norm": layer.delta_weight().norm().item(), "max_weight_rounding": 0.0}
     w = layer.base_layer.weight
     offset = layer.base_offset
-    original = w.detach().to(layer.delta_weight().dtype, copy=True)
+    original = w.detach().to(accumulation_dtype(w.dtype), copy=True)
     if offset is not None:
         original = original + layer.delta_weight(*offset)
     layer.set_adapter(a, b, config, base_offset=(a, b))
