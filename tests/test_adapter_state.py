@@ -636,3 +636,20 @@ def test_lora_pro_pseudo_inverse_keeps_small_but_numerically_nonzero_directions(
     want = vec @ torch.diag(1.0 / lam) @ vec.mT @ ga
     assert want.abs().max() > 1e10
     torch.testing.assert_close(h_a, want, rtol=1e-2, atol=0)  # the small eigenvalue carries ~eps/1e-13 error
+
+
+def test_import_peft_takes_modules_to_save_with_nested_parameters(tmp_path):
+    """PEFT saves a module_to_save's parameters under their own names ("2.0.weight" for
+    modules_to_save=["2"]): they are imported into a trained copy, not ignored."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, target_modules="0", modules_to_save=["2"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    wrapped.save_pretrained(tmp_path / "p")
+    want = out(wrapped)
+    loaded = fastlora.import_peft(base_model(), tmp_path / "p")
+    assert isinstance(loaded[2], fastlora.copies.TrainableCopy)
+    close(out(loaded), want)

@@ -97,8 +97,8 @@ def inject(
         ValueError: nothing matched, a matched module is not an ``nn.Linear`` or its weight is
             tied to another module's, a layer's settings are invalid, the gradients do not cover
             the targets or are not finite, or PEFT has wrapped the model.
-        TypeError: a matched layer is quantized or has its own forward; bad ``adapter_dtype``
-            or ``generator``.
+        TypeError: a matched layer has its own forward and is not a supported bitsandbytes
+            layer; bad ``adapter_dtype`` or ``generator``.
         RuntimeError: the model's adapters are merged.
         Everything is checked before anything changes; an error leaves the model as it was.
     """
@@ -145,12 +145,13 @@ def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, A
     """Names of the modules ``targets`` selects for trainable copies (outermost matches only),
     checked: none adapted, none inside an adapted layer or another copy."""
     names = []
+    adapted = list(configs) + list(lora_layers(model)) + list(trainable_copies(model))
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets) or any(name.startswith(f"{n}.") for n in names):
             continue
         if isinstance(module, (LoRALinear, TrainableCopy)) or name in configs:
             raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which has or gets an adapter already")
-        if any(name.startswith(f"{n}.") for n in list(configs) + list(lora_layers(model)) + list(trainable_copies(model))):
+        if any(name.startswith(f"{n}.") for n in adapted):
             raise ValueError(f"modules_to_save={targets!r} selects {name!r}, inside an adapted module")
         names.append(name)
     if not names:
@@ -197,6 +198,15 @@ def _refuse_tied(model: nn.Module, names: list[str], action: str) -> None:
         )
 
 
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Puts ``module`` at the dotted ``name`` of ``model``; returns the module it replaces."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
 def add_layers(
     model: nn.Module,
     configs: Mapping[str, AdapterConfig],
@@ -220,21 +230,14 @@ def add_layers(
             for param in model.parameters():
                 param.requires_grad_(False)
         for name, config in configs.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = getattr(parent, child)
+            module = model.get_submodule(name)
             init = config.init if config.init in INITS else "lora"
             dtype = adapter_dtype[name] if isinstance(adapter_dtype, Mapping) else adapter_dtype
-            lora = LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                              dtype, init, generator)
-            setattr(parent, child, lora)
-            replaced.append((parent, child, module))
+            _swap(model, name, LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout,
+                                          config.use_rslora, dtype, init, generator))
+            replaced.append((name, module))
         for name in copies:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = getattr(parent, child)
-            setattr(parent, child, TrainableCopy(module))
-            replaced.append((parent, child, module))
+            replaced.append((name, _swap(model, name, TrainableCopy(model.get_submodule(name)))))
         if trainable_modules is not None:
             for name, module in model.named_modules():
                 if name and name_matches(name, trainable_modules):
@@ -245,8 +248,8 @@ def add_layers(
         for hook in ON_ADAPTERS_ADDED:
             hook(model)
     except BaseException:
-        for parent, child, module in reversed(replaced):
-            setattr(parent, child, module)
+        for name, module in reversed(replaced):
+            _swap(model, name, module)
         for param, flag in flags:
             param.requires_grad_(flag)
         raise
@@ -329,13 +332,9 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
                 layer.check_merge(allow_requantize, name)
         _refuse_tied(model, list(layers), "merging")
     for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.unwrap(merge, allow_requantize))
+        _swap(model, name, layer.unwrap(merge, allow_requantize))
     for name, wrapper in trainable_copies(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, getattr(wrapper, COPY) if merge else wrapper.original_module)
+        _swap(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
     for hook in ON_ADAPTERS_REMOVED:
         hook(model)
     return model

@@ -657,7 +657,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             problems.append(f"{key}: a kind of LoRA weight fastlora does not import (only lora_A/lora_B of linear layers)")
         else:
             name = key.removeprefix(PEFT_PREFIX)
-            if saved_modules and name_matches(name.rpartition(".")[0], saved_modules):
+            parts = name.split(".")  # a parameter of a module_to_save, or of a module inside one
+            if any(name_matches(".".join(parts[:i]), saved_modules) for i in range(1, len(parts))):
                 extras[name] = t
             else:
                 ignored.append(key)
