@@ -8,9 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import threading
-from pathlib import Path
 
 import pytest
 import torch

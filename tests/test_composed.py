@@ -45,11 +45,11 @@ def _input(T, n_in, lead, layout, dtype=torch.float64):
     return x2d.reshape(*lead, n_in)
 
 
-def _is_composed(y: torch.Tensor) -> bool:
+def _is_composed(y: torch.Tensor, function: str = "_ComposedLoRA") -> bool:
     node = y.grad_fn
     while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
         node = node.next_functions[0][0]
-    return type(node).__name__ == "_ComposedLoRABackward"
+    return type(node).__name__ == f"{function}Backward"
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])
@@ -188,3 +188,30 @@ def test_default_without_the_extension():
     env = dict(os.environ, FASTLORA_DISABLE_EXTENSION="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "_ComposedLoRABackward"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_update_of_a_base_output_matches_reference_and_saves_x_xa_seed(p):
+    """fastlora.lora_update (a quantized base's branch) on the composed path: values and gradients
+    of x, y, A, B against the reference's lora_down/lora_up, gradcheck, and what it saves."""
+    T, n_in, n_out, r = 9, 13, 7, 3
+    _, _, a, bb, s = _params(n_in, n_out, r)
+    x = _input(T, n_in, (T,), "strided").requires_grad_(True)
+    y = torch.randn(T, n_out, dtype=torch.float64, requires_grad=True)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    seed = seed_tensor(17)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = fastlora.lora_update(x, y, a, bb, s, p, seed)
+    assert _is_composed(got, "_ComposedUpdate")
+    activations = [t for t in saved if t.data_ptr() not in {a.data_ptr(), bb.data_ptr()}]
+    assert not any(t.dtype == torch.bool for t in saved), "no mask is kept"
+    assert sum(t.numel() for t in activations) == T * n_in + T * r + (1 if p > 0 else 0)
+    want = reference.lora_up(y, reference.lora_down(x, a, p, seed), bb, s)
+    assert_matches(got, want, torch.float64, "y")
+    g = torch.randn(T, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for name, u, v in zip(("dx", "dy", "dA", "dB"), torch.autograd.grad(got, (x, y, a, bb), g),
+                          torch.autograd.grad(want, (x, y, a, bb), g)):
+        assert_matches(u, v, torch.float64, name)
+    assert torch.autograd.gradcheck(lambda *t: fastlora.lora_update(*t, s, p, seed), (x, y, a, bb))

@@ -4,7 +4,6 @@ them, unload, disable_adapter, task types, TRL."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest

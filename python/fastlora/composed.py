@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .ops import dropout_mask
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "lora_update"]
 
 
 def _keep_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
@@ -33,30 +33,51 @@ def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
     return t if mask is None else torch.where(mask, t, t.new_zeros(()))
 
 
+def _down(x: Tensor, lora_A: Tensor, p: float, seed: Tensor | None) -> Tensor:
+    """xa = drop(x) A^T; 1/(1-p) scales the T x r product, not x: one fewer T x in pass."""
+    mask = _keep_mask(seed, x, p) if p > 0.0 else None
+    xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
+    return xa.mul_(1.0 / (1.0 - p)) if p > 0.0 else xa
+
+
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None, xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scale)
 
 
-def _grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Tensor | None, p: float,
+def _grad_x(dy: Tensor, weight: Tensor | None, dxa: Tensor, lora_A: Tensor, seed: Tensor | None, p: float,
             mask: Tensor | None) -> Tensor:
-    dx = torch.mm(dy, weight)
+    """dy W (when there is a weight) + drop'(dxa A)."""
     if p == 0.0:
-        return dx.addmm_(dxa, lora_A.to(dy.dtype))
-    mask = _keep_mask(seed, dx, p) if mask is None else mask
+        a = lora_A.to(dy.dtype)
+        return torch.mm(dxa, a) if weight is None else torch.mm(dy, weight).addmm_(dxa, a)
+    mask = dropout_mask(seed, dy.shape[0], lora_A.shape[1], p) if mask is None else mask
     low_rank = torch.mm(dxa, lora_A.to(dy.dtype)).masked_fill_(mask.logical_not_(), 0.0)
-    return dx.add_(low_rank, alpha=1.0 / (1.0 - p))
+    return low_rank.mul_(1.0 / (1.0 - p)) if weight is None else torch.mm(dy, weight).add_(low_rank, alpha=1.0 / (1.0 - p))
+
+
+def _adapter_grads(ctx: Any, dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                   seed: Tensor | None, need_x: bool, need_a: bool, need_b: bool) -> tuple:
+    """(dxa, dA, dB, mask) of the branch ``s·drop(x) A^T B^T``; dxa only when dx or dA needs it,
+    the mask only when dA was computed with it."""
+    p, s = ctx.dropout_p, ctx.scale
+    dxa = d_a = d_b = mask = None
+    if need_b:
+        d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
+    if need_x or need_a:
+        dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
+        if need_a:
+            mask = _keep_mask(seed, x, p) if p > 0.0 else None
+            d_a = torch.mm(dxa.t(), _masked(x, mask))
+            d_a = (d_a.mul_(1.0 / (1.0 - p)) if mask is not None else d_a).to(lora_A.dtype)
+    return dxa, d_a, d_b, mask
 
 
 def lora_forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                  scale: float, dropout_p: float, seed: Tensor | None, product: Callable = _product) -> Tensor:
     """The forward of the layer's autograd Functions: ``xa`` here, ``y`` by ``product`` (the
     composed path's addmm pair, or the fused path's single GEMM)."""
-    mask = _keep_mask(seed, x, dropout_p) if dropout_p > 0.0 else None
-    # 1/(1-p) scales the T x r product, not x: one fewer T x in pass.
-    xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
-    if dropout_p > 0.0:
-        xa.mul_(1.0 / (1.0 - dropout_p))
+    xa = _down(x, lora_A, dropout_p, seed)
     y = product(x, weight, bias, xa, lora_B, scale)
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
     ctx.scale = scale
@@ -68,22 +89,10 @@ def lora_backward(ctx: Any, dy: Tensor, grad_x: Callable = _grad_x) -> tuple:
     """The matching backward; ``dx`` by ``grad_x`` (given the mask when it was built for dA)."""
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
-    p, s = ctx.dropout_p, ctx.scale
-    dx = d_w = d_bias = d_a = d_b = None
-    if need_b_lora:
-        d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
-    if need_x or need_a:
-        mask = _keep_mask(seed, x, p) if p > 0.0 and need_a else None
-        dxa = torch.mm(dy, lora_B.to(x.dtype)).mul_(s)
-        if need_a:
-            d_a = torch.mm(dxa.t(), _masked(x, mask))
-            d_a = (d_a.mul_(1.0 / (1.0 - p)) if mask is not None else d_a).to(lora_A.dtype)
-        if need_x:
-            dx = grad_x(dy, weight, dxa, lora_A, seed, p, mask)
-    if need_w:
-        d_w = torch.mm(dy.t(), x)
-    if need_b:
-        d_bias = dy.sum(0)
+    dxa, d_a, d_b, mask = _adapter_grads(ctx, dy, x, lora_A, lora_B, xa, seed, need_x, need_a, need_b_lora)
+    dx = grad_x(dy, weight, dxa, lora_A, seed, ctx.dropout_p, mask) if need_x else None
+    d_w = torch.mm(dy.t(), x) if need_w else None
+    d_bias = dy.sum(0) if need_b else None
     return dx, d_w, d_bias, d_a, d_b, None, None, None
 
 
@@ -92,6 +101,35 @@ class _ComposedLoRA(torch.autograd.Function):
     # mask ⊙ x (T x in) in forward and again in backward, and dxa A (T x in) for dx.
     forward = staticmethod(lora_forward)
     backward = staticmethod(lora_backward)
+
+
+class _ComposedUpdate(torch.autograd.Function):
+    """``y + s·(drop(x) A^T) B^T`` for a base output ``y`` computed elsewhere (a quantized layer's
+    own forward): the same branch and saved tensors as the layer; ``y``'s gradient passes
+    through to whatever produced it, which adds the base's dx."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float,
+                seed: Tensor | None) -> Tensor:
+        xa = _down(x, lora_A, dropout_p, seed)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, seed if dropout_p > 0.0 else None)
+        ctx.scale = scale
+        ctx.dropout_p = dropout_p
+        return torch.addmm(y.to(x.dtype), xa, lora_B.to(x.dtype).t(), alpha=scale)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        x, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]
+        dxa, d_a, d_b, mask = _adapter_grads(ctx, dy, x, lora_A, lora_B, xa, seed, need_x, need_a, need_b)
+        dx = _grad_x(dy, None, dxa, lora_A, seed, ctx.dropout_p, mask) if need_x else None
+        return dx, (dy if need_y else None), d_a, d_b, None, None, None
+
+
+def lora_update(x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float,
+                seed: Tensor | None) -> Tensor:
+    """``y + scale * (drop(x) A^T) B^T`` for 2-D x and y (arguments checked by the caller)."""
+    return _ComposedUpdate.apply(x, y, lora_A, lora_B, scale, dropout_p, seed)
 
 
 def lora_linear(

@@ -37,9 +37,7 @@ def kernel_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     return devices == {x.device}
 
 
-def _check(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float
-) -> None:
+def _check_input(x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -47,6 +45,27 @@ def _check(
             f"LoRA layers take float32, bfloat16, float16 or float64 inputs, got {x.dtype}; "
             "cast the input (for example x.float())"
         )
+
+
+def _check_operands(x: Tensor, scale: float, dropout_p: float, **tensors: Tensor | None) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    for what, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != x.device:  # a meta weight would give uninitialised outputs
+            raise ValueError(f"{what} is on {t.device} and x on {x.device}; move the layer or the input "
+                             "(a model created on the meta device needs its weights materialised first)")
+        if not t.is_floating_point():
+            raise TypeError(f"{what} must be a real floating-point tensor, got {t.dtype}")
+
+
+def _check(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float
+) -> None:
+    _check_input(x)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"expected an input whose last dimension is in_features={weight.shape[1]}, "
@@ -63,18 +82,7 @@ def _check(
             f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a layer of "
             f"shape {tuple(weight.shape)}: expected ({r}, {weight.shape[1]}) and ({weight.shape[0]}, {r})"
         )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    for what, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is None:
-            continue
-        if t.device != x.device:  # a meta weight would give uninitialised outputs
-            raise ValueError(f"{what} is on {t.device} and x on {x.device}; move the layer or the input "
-                             "(a model created on the meta device needs its weights materialised first)")
-        if not t.is_floating_point():
-            raise TypeError(f"{what} must be a real floating-point tensor, got {t.dtype}")
+    _check_operands(x, scale, dropout_p, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
 
 def lora_linear(
@@ -147,20 +155,25 @@ def lora_update(
     """``y + scale * (drop(x) A^T) B^T``: the adapter branch added to a base output ``y`` computed
     elsewhere (a quantized layer's own forward), for x of shape (..., in) and y (..., out).
 
-    The branch runs in x's dtype through ``lora_down`` then ``lora_up``; autograd saves x, the
-    seed and ``xa`` (T x r) only, and backward regenerates the dropout mask from the seed. The
-    gradient reaching y flows on to whatever produced it (the base's own backward gives its dx).
+    The branch runs in x's dtype (the compiled lora_down/lora_up where the device has them, else
+    the composed path); autograd saves x, the seed and ``xa`` (T x r) only, and backward
+    regenerates the dropout mask from the seed. The gradient reaching y flows on to whatever
+    produced it (the base's own backward gives its dx).
     """
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"LoRA layers take float32, bfloat16, float16 or float64 inputs, got {x.dtype}")
+    _check_input(x)
     if x.shape[-1] != lora_A.shape[1] or y.shape[:-1] != x.shape[:-1] or y.shape[-1] != lora_B.shape[0]:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit lora_A {tuple(lora_A.shape)} "
                          f"and lora_B {tuple(lora_B.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_operands(x, scale, dropout_p, y=y, lora_A=lora_A, lora_B=lora_B)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed(x.device)
-    x2d = x.reshape(-1, x.shape[-1])
-    xa = ops.lora_down(x2d, lora_A, dropout_p, seed)
-    out = ops.lora_up(y.reshape(-1, y.shape[-1]).to(x.dtype), xa, lora_B, scale)
+    x2d, y2d = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    device = x.device.type
+    if has_kernel("lora_down", device) and has_kernel("lora_up", device):
+        xa = torch.ops.fastlora.lora_down(x2d, lora_A, dropout_p, seed)
+        out = torch.ops.fastlora.lora_up(y2d.to(x.dtype), xa, lora_B, scale)
+    elif get_backend() == "reference":
+        out = reference.lora_up(y2d.to(x.dtype), reference.lora_down(x2d, lora_A, dropout_p, seed), lora_B, scale)
+    else:
+        out = composed.lora_update(x2d, y2d, lora_A, lora_B, scale, dropout_p, seed)
     return out.reshape(y.shape)

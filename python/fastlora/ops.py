@@ -19,7 +19,7 @@ from torch import Tensor
 from . import reference
 from ._extension import extension_available, has_kernel, note_python_kernel
 
-__all__ = ["lora_forward", "lora_down", "lora_up", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
+__all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
 
 # Largest rank of the CUDA lora_pro_moments kernel (csrc/kernels/cuda/lora_pro_moments.cuh).
 _CUDA_LORA_PRO_MAX_RANK = {torch.float64: 32, torch.float32: 128, torch.bfloat16: 128}
@@ -37,21 +37,6 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor]:
     """``torch.ops.fastlora.lora_forward`` on a 2-D x: (y, xa), differentiable in x, A and B."""
     return torch.ops.fastlora.lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-
-
-def lora_down(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
-    """``xa = drop(x) A^T`` on a 2-D x, differentiable in x and A (the compiled op where the device
-    has one, else the reference); it saves x and the seed, never a mask."""
-    if has_kernel("lora_down", x.device.type):
-        return torch.ops.fastlora.lora_down(x, lora_A, dropout_p, seed)
-    return reference.lora_down(x, lora_A, dropout_p, seed)
-
-
-def lora_up(y: Tensor, xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
-    """``y + scale * xa B^T``, differentiable in y, xa and B (compiled op or reference)."""
-    if has_kernel("lora_up", y.device.type):
-        return torch.ops.fastlora.lora_up(y, xa, lora_B, scale)
-    return reference.lora_up(y, xa, lora_B, scale)
 
 
 def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
