@@ -117,16 +117,16 @@ def test_fused_saves_only_x_xa_and_seed():
 
 def test_dispatch_takes_the_fused_path_for_cuda_tensors(monkeypatch):
     x, w, b, a, bb, _ = _problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
-    assert not fused.applies(x, w, a)  # CPU tensors: not on their own
+    assert not fused.applies(x, w)  # CPU tensors: not on their own
     monkeypatch.setattr(fused, "_device_type", lambda t: "cuda")  # a CUDA tensor, as the dispatch sees it
-    assert fused.applies(x, w, a)
+    assert fused.applies(x, w)
     monkeypatch.setattr(fastlora.functional, "kernel_path_applies", lambda *args: False)
     with fastlora.use_backend("auto"):
         y = fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)
     assert _path(y) == "_FusedLoRABackward"
-    assert not fused.applies(x.double(), w.double(), a)  # float64 stays on the composed path
+    assert not fused.applies(x.double(), w.double())  # float64 stays on the composed path
     monkeypatch.setattr(fused, "available", lambda: False)  # no Triton: the composed path
-    assert not fused.applies(x, w, a)
+    assert not fused.applies(x, w)
     with fastlora.use_backend("auto"):
         y = fastlora.lora_linear(x, w, b, a, bb, 1.0)
     assert _path(y) == "_ComposedLoRABackward"

@@ -132,7 +132,7 @@ def lora_linear(
     backend = get_backend()
     if kernel_path_applies(x2d, weight, bias, lora_A, lora_B):
         y = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
-    elif backend == "fused" or (backend == "auto" and fused.applies(x2d, weight, lora_A)):
+    elif backend == "fused" or (backend == "auto" and fused.applies(x2d, weight)):
         if not fused.available():
             raise RuntimeError("the fused backend needs Triton: pip install triton")
         y = fused.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)

@@ -47,7 +47,7 @@ def _device_type(t: Tensor) -> str:
     return t.device.type
 
 
-def applies(x: Tensor, weight: Tensor, lora_A: Tensor) -> bool:
+def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether the fused path takes this call on its own (CUDA tensors of a 16-bit or float32
     dtype); the "fused" backend forces it, on CPU through the interpreter."""
     return (available() and _device_type(x) == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
