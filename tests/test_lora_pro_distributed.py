@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 
-MODES = ("full", "efficient")
+CONFIGS = {"full": dict(mode="full"), "efficient": dict(mode="efficient"),
+           "full, trust region": dict(mode="full", trust_region=0.5)}
 STEPS = 4
 
 
@@ -42,10 +43,10 @@ def _snapshot(model, opt):
 
 def _worker(rank, world, out_dir):
     results = {}
-    for mode in MODES:
+    for mode, kwargs in CONFIGS.items():
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = LoRAPro(ddp, lr=1e-2, mode=mode)
+        opt = LoRAPro(ddp, lr=1e-2, **kwargs)
         for step in range(STEPS):
             x, y = _batch(rank, step)
             (ddp(x) - y).pow(2).mean().backward()
@@ -58,13 +59,13 @@ def _worker(rank, world, out_dir):
 def test_ddp_ranks_stay_identical(tmp_path):
     ranks = spawn(_worker, tmp_path)
     torch.set_num_threads(1)
-    for mode in MODES:
+    for mode, kwargs in CONFIGS.items():
         for a, b in zip(ranks[0][mode], ranks[1][mode]):
             assert torch.equal(a, b), f"{mode}: the ranks diverged"
         # DDP averages the two ranks' gradients: one process that computes each half-batch's
         # gradient as the ranks do and averages them ends bit for bit where rank 0 does.
         model = _model()
-        opt = LoRAPro(model, lr=1e-2, mode=mode)
+        opt = LoRAPro(model, lr=1e-2, **kwargs)
         params = [p for p in model.parameters() if p.requires_grad]
         for step in range(STEPS):
             halves = []
@@ -77,3 +78,5 @@ def test_ddp_ranks_stay_identical(tmp_path):
             opt.zero_grad()
         for a, b in zip(ranks[0][mode], _snapshot(model, opt)):
             assert torch.equal(a, b), f"{mode}: rank 0 differs from averaging the two half-batch gradients"
+    faithful, damped = ranks[0]["full"], ranks[0]["full, trust region"]
+    assert not all(torch.equal(a, b) for a, b in zip(faithful, damped)), "the trust region never acted here"

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_RIDGE = 1e-8
+_NEWTON_STEPS = 12  # the trust region's damping: quadratic convergence from a near-linear start
 X_MODES = ("sylvester", "symmetry", "zero")
 
 
@@ -85,6 +86,7 @@ class GramProjector:
     def __init__(self, As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[Tensor], ridge: float) -> None:
         self.As, self.Bs = list(As), list(Bs)
         self.sizes = [a.shape[0] for a in self.As]
+        self.ridge = ridge
         k = sum(self.sizes)
         grams = torch.cat([b.mT @ b for b in self.Bs] + [a @ a.mT for a in self.As])
         lam, vec = torch.linalg.eigh(grams)
@@ -95,39 +97,90 @@ class GramProjector:
         self.a_gram = list(grams[k:].split(self.sizes))
         self.inv_s2 = [(1.0 / s.square()).reshape(-1, 1, 1) for s in scales]
 
-    def base(self, i: int, grad_A: Tensor, grad_B: Tensor) -> tuple[Tensor, Tensor]:
+    def base(self, i: int, grad_A: Tensor, grad_B: Tensor, b_pinv: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The X-free part of the closed form for group ``i``:
-        ``((1/s^2) (B^T B)^+ gA, (1/s^2) (I - P_B) gB (A A^T)^+)``."""
-        b, bp = self.Bs[i], self.b_pinv[i]
+        ``((1/s^2) (B^T B)^+ gA, (1/s^2) (I - P_B) gB (A A^T)^+)`` (``b_pinv``: a damped
+        ``(B^T B)^+`` to use instead, see :meth:`trust_damping`)."""
+        b = self.Bs[i]
+        bp = self.b_pinv[i] if b_pinv is None else b_pinv
         h_a = self.inv_s2[i] * (bp @ grad_A)
         h_b = self.inv_s2[i] * ((grad_B - b @ (bp @ (b.mT @ grad_B))) @ self.a_pinv[i])
         return h_a, h_b
 
-    def x(self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], x_mode: str) -> list[Tensor]:
+    def trust_damping(self, grads_A: Sequence[Tensor], radii: Sequence[Tensor]) -> list[Tensor]:
+        """Per layer the smallest ``delta >= 0`` with ``‖(1/s^2) (B^T B + delta I)^+ gA‖_F <= radius``
+        (radii: one per layer, a (K_i,) tensor per group; ``inf`` for no bound): the damping of
+        ``B``'s Gram matrix that keeps the X-free part of ``A``'s step inside the trust region.
+
+        On the eigendecomposition ``‖h_A(delta)‖^2 = sum_j w_j / (lam_j + delta)^2``; Newton's method
+        on ``1/‖h_A(delta)‖ - 1/radius`` (increasing and concave in ``delta``, so the iterates rise
+        monotonically to the root from 0, Moré and Sorensen's trust-region iteration) in float64."""
+        lam = self._lam_b.clamp_min(0)
+        keep = lam > _cutoff(lam, (-1,), lam.shape[-1])
+        out = []
+        for lam_i, keep_i, u, g, s2, radius in zip(
+            lam.split(self.sizes), keep.split(self.sizes), self._u_b.split(self.sizes), grads_A, self.inv_s2, radii
+        ):
+            w = torch.where(keep_i, (u.mT @ g).square().sum(-1) * s2.reshape(-1, 1).square(), 0.0).double()
+            lam_r = torch.where(keep_i, lam_i.double() + self.ridge, 1.0)  # w = 0 off the kept ones
+            inv_radius = 1.0 / radius.double().to(w.device)
+            delta = torch.zeros_like(inv_radius)
+            for _ in range(_NEWTON_STEPS):
+                d = lam_r + delta.unsqueeze(-1)
+                q = (w / d.square()).sum(-1)  # ‖h_A‖^2
+                phi = q.rsqrt() - inv_radius
+                slope = q.pow(-1.5) * (w / d.pow(3)).sum(-1)  # d(q^-1/2)/d(delta)
+                delta = torch.where(phi < 0, delta - phi / slope, delta)
+            out.append(delta.to(lam.dtype))
+        return out
+
+    def _damped_b(self, damping: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """``(B^T B + delta I)^+`` per group and the damped eigenvalues of ``B^T B``."""
+        deltas = torch.cat(list(damping)).unsqueeze(-1)
+        lam = self._lam_b.clamp_min(0)
+        keep = lam > _cutoff(lam, (-1,), lam.shape[-1])
+        inv = torch.where(keep, 1.0 / (lam + self.ridge + deltas), torch.zeros((), dtype=lam.dtype, device=lam.device))
+        pinv = (self._u_b * inv.unsqueeze(-2)) @ self._u_b.mT
+        return list(pinv.split(self.sizes)), torch.where(keep, lam + deltas, lam)
+
+    def x(
+        self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], x_mode: str,
+        b_pinv: Sequence[Tensor] | None = None, lam_b: Tensor | None = None,
+    ) -> list[Tensor]:
         """X per group: the Sylvester solution (one batched solve), the "symmetry" choice
-        ``-(1/2)(1/s^2)(B^T B)^+ B^T gB A A^T`` or zero."""
+        ``-(1/2)(1/s^2)(B^T B)^+ B^T gB A A^T`` or zero (``b_pinv``, ``lam_b``: damped
+        ``(B^T B)^+`` and eigenvalues of ``B^T B`` to use instead)."""
+        b_pinv = self.b_pinv if b_pinv is None else b_pinv
         if x_mode == "sylvester":
             c = torch.cat(
-                [-s2 * (bp @ (ga @ a.mT)) for s2, bp, ga, a in zip(self.inv_s2, self.b_pinv, grads_A, self.As)]
+                [-s2 * (bp @ (ga @ a.mT)) for s2, bp, ga, a in zip(self.inv_s2, b_pinv, grads_A, self.As)]
             )
-            return list(_sylvester_from_eigh(self._lam_b, self._u_b, self._lam_a, self._u_a, c).split(self.sizes))
+            lam_b = self._lam_b if lam_b is None else lam_b
+            return list(_sylvester_from_eigh(lam_b, self._u_b, self._lam_a, self._u_a, c).split(self.sizes))
         if x_mode == "symmetry":
             return [
                 -0.5 * s2 * (bp @ (b.mT @ gb) @ g)
-                for s2, bp, b, gb, g in zip(self.inv_s2, self.b_pinv, self.Bs, grads_B, self.a_gram)
+                for s2, bp, b, gb, g in zip(self.inv_s2, b_pinv, self.Bs, grads_B, self.a_gram)
             ]
         if x_mode == "zero":
-            return [torch.zeros_like(bp) for bp in self.b_pinv]
+            return [torch.zeros_like(bp) for bp in b_pinv]
         raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
 
     def adjust(
-        self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], x_mode: str
+        self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], x_mode: str,
+        radii: Sequence[Tensor] | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
-        """The adjusted gradients ``(hA, hB)`` per group (the full closed form)."""
-        xs = self.x(grads_A, grads_B, x_mode)
+        """The adjusted gradients ``(hA, hB)`` per group (the full closed form). With ``radii``
+        (one per layer, see :meth:`trust_damping`) ``B``'s Gram matrix is damped so that the
+        X-free part of ``hA`` has at most that norm; with ``x_mode="sylvester"`` or ``"zero"``
+        ``‖hA‖_F`` is then at most twice the radius."""
+        b_pinv, lam_b = None, None
+        if radii is not None:
+            b_pinv, lam_b = self._damped_b(self.trust_damping(grads_A, radii))
+        xs = self.x(grads_A, grads_B, x_mode, b_pinv, lam_b)
         out = []
         for i, (ga, gb, x) in enumerate(zip(grads_A, grads_B, xs)):
-            h_a, h_b = self.base(i, ga, gb)
+            h_a, h_b = self.base(i, ga, gb, None if b_pinv is None else b_pinv[i])
             out.append((h_a + x @ self.As[i], h_b - self.Bs[i] @ x))
         return out
 

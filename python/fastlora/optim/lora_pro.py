@@ -89,6 +89,16 @@ class _Block:
         values = [float(g[key]) for g in self.groups]
         return torch.tensor(values, dtype=self.A.dtype, device=self.A.device).view(-1, 1, 1)
 
+    def trust_radii(self) -> Tensor | None:
+        """Per layer the largest allowed ``‖d_A‖_F`` of the X-free part of A's direction:
+        ``trust_region * ‖A‖_F / lr`` (so the step ``lr d_A`` stays within that fraction of
+        ``‖A‖``); None when the group has no trust region."""
+        trust = self.groups[0]["trust_region"]
+        if trust is None:
+            return None
+        lr = self.per_layer("lr").reshape(-1)
+        return torch.where(lr > 0, trust * self.A.flatten(1).norm(dim=1) / lr, torch.full_like(lr, math.inf))
+
 
 def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
     """The trainable LoRA layers and the other trainable parameters of ``model``."""
@@ -164,6 +174,14 @@ class _LoRAProBase(torch.optim.Optimizer):
         ridge = defaults["ridge"]
         if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        trust = defaults["trust_region"]
+        if trust is not None and (not isinstance(trust, numbers.Real) or not trust > 0.0 or not math.isfinite(trust)):
+            raise ValueError(f"trust_region must be None or a finite number > 0, got {trust!r}")
+        if trust is not None and defaults["mode"] == "efficient":
+            raise ValueError(
+                "trust_region applies to mode='full' and LoRAProSGD: in mode='efficient' Adam already normalises "
+                "each adapter's step; pass trust_region=None"
+            )
         layers, others = _discover(model)
         self._layers = {id(layer.A): layer for layer in layers}
         self.check_finite = bool(check_finite)
@@ -180,6 +198,11 @@ class _LoRAProBase(torch.optim.Optimizer):
             "fastlora: %s over %d LoRA layers (ranks %s) and %d other trainable parameters",
             type(self).__name__, len(layers), ranks, len(others),
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("trust_region", None)  # a state saved before the option existed
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group of ordinary parameters (they get plain AdamW / SGD). LoRA layers can only
@@ -216,7 +239,8 @@ class _LoRAProBase(torch.optim.Optimizer):
                         )
                     if p.grad.is_sparse:
                         raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
-                key = (group["mode"], group["x_mode"], a.shape, b.shape, a.device, compute_dtype(a.dtype))
+                key = (group["mode"], group["x_mode"], group["trust_region"], a.shape, b.shape, a.device,
+                       compute_dtype(a.dtype))
                 block = blocks.setdefault(key, _Block([], [], []))
                 block.layers.append(layer)
                 block.groups.append(group)
@@ -287,7 +311,8 @@ class _LoRAProBase(torch.optim.Optimizer):
             self._raise_if_not_finite(blocks, plain)
         by_rank: dict[tuple, list[_Block]] = {}
         for block in blocks:
-            key = (block.groups[0]["mode"], block.groups[0]["x_mode"], block.A.shape[1], block.A.device, block.A.dtype)
+            first = block.groups[0]
+            key = (first["mode"], first["x_mode"], first["trust_region"], block.A.shape[1], block.A.device, block.A.dtype)
             by_rank.setdefault(key, []).append(block)
         self._steps_taken += 1
         changes = []
@@ -462,6 +487,13 @@ class LoRAPro(_LoRAProBase):
             base model).
         check_finite: raise ValueError, before changing anything, if a gradient holds NaN/Inf
             (costs one device synchronisation per step).
+        trust_region: None (the paper's closed form) or τ > 0: each step of a layer's ``lora_A``
+            stays within ``τ ‖A‖_F`` for the closed form's X-free part (``2 τ ‖A‖_F`` with X),
+            by damping ``BᵀB`` by the smallest ``δ`` that achieves it. Where ``B`` is small next
+            to its step (right after a GoRA init, or after ``B`` leaves 0) the faithful step
+            moves ``A`` by many times its norm and the realised merged-weight step is mostly the
+            second-order term ``s ΔB ΔA``; the region keeps it first order
+            (docs/composition.md). Full mode only (efficient mode's Adam normalises the step).
 
     State (``optimizer.state``): for a LoRA layer, under its ``lora_A``: ``step`` and, in full
     mode, ``exp_avg`` / ``exp_avg_sq`` of shape ``out x in``; in efficient mode each adapter holds
@@ -481,6 +513,7 @@ class LoRAPro(_LoRAProBase):
         ridge: float = DEFAULT_RIDGE,
         decay_base_weight: bool = False,
         check_finite: bool = True,
+        trust_region: float | None = None,
     ) -> None:
         _check_hyperparameters(lr, weight_decay, betas, eps)
         if mode not in MODES:
@@ -493,6 +526,7 @@ class LoRAPro(_LoRAProBase):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, x_mode=x_mode,
             moment_dtype=moment_dtype, ridge=ridge, decay_base_weight=bool(decay_base_weight),
+            trust_region=trust_region,
         )
         super().__init__(model, defaults, check_finite)
         if mode == "full":
@@ -532,7 +566,7 @@ class LoRAPro(_LoRAProBase):
                 out_b.append(g_b)
             pulled_A.append(torch.stack(out_a).to(block.A.dtype))
             pulled_B.append(torch.stack(out_b).to(block.A.dtype))
-        return projector.adjust(pulled_A, pulled_B, x_mode)
+        return projector.adjust(pulled_A, pulled_B, x_mode, _trust_radii(blocks))
 
     def _adam_on_adapters(self, block: _Block, h_a: Tensor, h_b: Tensor) -> tuple[Tensor, Tensor]:
         """Efficient mode: AdamW's direction for each adapter from its adjusted gradient."""
@@ -577,6 +611,12 @@ def _new_moment(layer: _Layer, dtype: torch.dtype) -> Tensor:
     return rows_like(rows, layer.B, shape) if layer.sharded else rows
 
 
+def _trust_radii(blocks: list[_Block]) -> list[Tensor] | None:
+    """The blocks' trust radii for :meth:`GramProjector.adjust` (blocks of one call share the setting)."""
+    radii = [b.trust_radii() for b in blocks]
+    return None if radii[0] is None else radii
+
+
 def _grouped_adam(states: list[dict], grads: list[Tensor], steps: list[int], groups: list[dict]) -> list[Tensor]:
     """:func:`fastlora.reference.adam_directions` over tensors whose groups may differ in betas/eps."""
     out: list[Tensor | None] = [None] * len(grads)
@@ -599,7 +639,7 @@ class LoRAProSGD(_LoRAProBase):
     tangent-space projection of ``G``. Other trainable parameters get plain SGD.
 
     Args:
-        model, x_mode, ridge, decay_base_weight, check_finite: as :class:`LoRAPro`.
+        model, x_mode, ridge, decay_base_weight, check_finite, trust_region: as :class:`LoRAPro`.
         lr: learning rate.
         weight_decay: ``A, B *= sqrt(1 - lr wd)`` (for plain SGD decoupled and L2 decay coincide);
             ``p *= 1 - lr wd`` for the other parameters.
@@ -614,18 +654,19 @@ class LoRAProSGD(_LoRAProBase):
         ridge: float = DEFAULT_RIDGE,
         decay_base_weight: bool = False,
         check_finite: bool = True,
+        trust_region: float | None = None,
     ) -> None:
         _check_hyperparameters(lr, weight_decay)
         defaults = dict(
             lr=lr, weight_decay=weight_decay, mode="sgd", x_mode=x_mode, ridge=ridge,
-            decay_base_weight=bool(decay_base_weight),
+            decay_base_weight=bool(decay_base_weight), trust_region=trust_region,
         )
         super().__init__(model, defaults, check_finite)
 
     def _directions(
         self, projector: GramProjector, blocks: list[_Block], mode: str, x_mode: str
     ) -> list[tuple[Tensor, Tensor]]:
-        return projector.adjust([b.grad_A for b in blocks], [b.grad_B for b in blocks], x_mode)
+        return projector.adjust([b.grad_A for b in blocks], [b.grad_B for b in blocks], x_mode, _trust_radii(blocks))
 
     def _plain_step(self, group: dict, params: list[Tensor]) -> None:
         if group["weight_decay"] > 0:
