@@ -60,3 +60,27 @@ def reference_grads(model: nn.Module, step: int) -> None:
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered whole (a collective under FSDP), by name."""
     return {name: full(p).detach().clone() for name, p in model.named_parameters()}
+
+
+def token_magnitudes(model: nn.Module, batches, names, loss_fn) -> dict[str, torch.Tensor]:
+    """sum over every token t of |dy_t|^T |x_t| for each named layer: what bounds the rounding of
+    any order of adding up the layer's weight gradient dy^T x over those tokens."""
+    mags, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        mags[name] = torch.zeros_like(module.weight)
+
+        def tap(mod, inputs, output, name=name):
+            x = inputs[0].detach()
+
+            def add(dy):
+                mags[name].add_(dy.abs().T @ x.abs())
+
+            output.register_hook(add)
+
+        handles.append(module.register_forward_hook(tap))
+    for b in batches:
+        loss_fn(model, b).backward()
+    for h in handles:
+        h.remove()
+    return mags

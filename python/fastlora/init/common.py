@@ -8,6 +8,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from .._distributed import is_dtensor, world_size
 from ..gradients import GradientStats
 from ..layer import lora_layers
 from ..layer import LoRALinear
@@ -29,8 +30,24 @@ def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: Grad
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
+    # LoRA-GA rewrites W and GoRA resizes the adapters: whole tensors on every rank are needed.
+    sharded = [n for n, layer in layers.items() if any(is_dtensor(p) for p in layer.parameters())]
+    if sharded:
+        raise ValueError(f"layers {sharded[:4]} are sharded (fully_shard): initialise the unsharded model "
+                         "(collect_gradients on every rank, then lora_ga / gora), then call fully_shard; "
+                         "see docs/distributed.md")
     check_gradients(gradients, layers)
     return layers
+
+
+def collecting_ranks(gradients: GradientStats) -> int:
+    """How many ranks collected ``gradients``: all of them must run the initialisation (it uses
+    collectives when there are several)."""
+    world = gradients.summary.get("world_size", 1)
+    if world > 1 and world_size() != world:
+        raise RuntimeError(f"these gradients were collected on {world} ranks; initialise on the same {world} "
+                           f"ranks (torch.distributed has {world_size()})")
+    return world
 
 
 def check_gradients(gradients: GradientStats, names: Iterable[str]) -> None:
