@@ -13,7 +13,7 @@ import torch
 import fastlora
 from fastlora._distributed import chunk_rows
 from fastlora.gradients import GradientStats
-from fsdp_helpers import TinyDecoder, needs_fsdp2, spawn, token_magnitudes
+from fsdp_helpers import TinyDecoder, needs_fsdp2, shard_model, spawn, token_magnitudes
 
 pytestmark = needs_fsdp2  # the same gloo requirement (TinyDecoder lives with the FSDP example)
 
@@ -69,6 +69,12 @@ def _worker(rank, world, out_dir):
     for mode, inits in INITS.items():
         for init in inits:
             out[mode, init] = _initialised(init, stats[mode])
+    # An already sharded model is refused before anything changes (LoRA-GA rewrites W).
+    model = _model()
+    fastlora.inject(model, target_modules=TARGETS, r=2)
+    shard_model(model)
+    with pytest.raises(ValueError, match="fully_shard"):
+        fastlora.init.lora_ga(model, stats["exact"])
     return out
 
 
@@ -165,9 +171,11 @@ def test_sharded_collection_and_init_equal_one_process(tmp_path, world):
             for field in ("range", "corange", "basis", "projection"):
                 assert torch.equal(getattr(sk, field), getattr(other, field)), f"{name}: {field} differs"
         assert torch.equal(sk.omega, g.sketch.omega) and torch.equal(sk.psi, g.sketch.psi)
-        terms = gamma(tokens + world)
-        y_bound = 2 * (terms + gamma(g.in_features)) * (1 + gamma(g.in_features)) * (mags[name] @ sk.omega.abs()) / BATCHES
-        z_bound = 2 * (terms + gamma(g.out_features)) * (1 + gamma(g.out_features)) * (sk.psi.abs() @ mags[name]) / BATCHES
+        # Y = sum_t dy_t^T (x_t Ω): the token terms added in another order, and x_t Ω rounded
+        # (within gamma_in |x_t| |Ω|); likewise Z = sum_t (dy_t Ψ^T)^T x_t.
+        terms, g_in, g_out = gamma(tokens + world), gamma(g.in_features), gamma(g.out_features)
+        y_bound = 2 * (terms + g_in) * (1 + g_in) * (mags[name] @ sk.omega.abs()) / BATCHES
+        z_bound = 2 * (terms + g_out) * (1 + g_out) * (sk.psi.abs() @ mags[name]) / BATCHES
         assert bool(((sk.range - g.sketch.range).abs() <= y_bound + 2 * U * g.sketch.range.abs()).all()), name
         assert bool(((sk.corange - g.sketch.corange).abs() <= z_bound + 2 * U * g.sketch.corange.abs()).all()), name
 
