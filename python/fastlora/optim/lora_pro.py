@@ -199,6 +199,9 @@ class _LoRAProBase(torch.optim.Optimizer):
             params = group["params"]
             for a, b in zip(params[0::2], params[1::2]):
                 layer = self._layers.get(id(a))
+                if layer is None:  # accelerate's FSDP2 prepare swaps in the sharded parameters
+                    self._rediscover()
+                    layer = self._layers.get(id(a))
                 if layer is None or layer.B is not b:
                     raise RuntimeError("the LoRA parameter group was modified; build a new optimizer")
                 if layer.module.lora_A is not a or layer.module.lora_B is not b:
@@ -224,6 +227,13 @@ class _LoRAProBase(torch.optim.Optimizer):
         for key, block in blocks.items():
             block.stack(key[-1])
         return list(blocks.values())
+
+    def _rediscover(self) -> None:
+        """The layers again, from their modules' current adapters: ``accelerate.prepare`` shards the
+        model (``fully_shard`` replaces its parameters) after the optimizer was built, and puts the
+        new parameters in the param groups."""
+        layers, _ = _discover({layer.name: layer.module for layer in self._layers.values()})
+        self._layers = {id(layer.A): layer for layer in layers}
 
     def _plain_work(self) -> list[tuple[dict, list[Tensor]]]:
         work = []
