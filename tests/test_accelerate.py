@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import os
 
+import fastlora
 import pytest
 import torch
-
-import fastlora
 from fastlora._distributed import is_dtensor
-from fsdp_helpers import full_params, loss_of, make_model, needs_fsdp2, shard_model, spawn
+from fsdp_helpers import (
+    full_params,
+    loss_of,
+    make_model,
+    needs_fsdp2,
+    shard_model,
+    spawn,
+)
 
 accelerate = pytest.importorskip("accelerate")
 pytestmark = needs_fsdp2

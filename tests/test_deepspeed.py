@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from fastlora.optim import LoRAPro
 from fsdp_helpers import loss_of, make_model, needs_fsdp2, reference_grads, spawn
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import math
 
+import fastlora
 import pytest
 import torch
-
-import fastlora
 from fastlora._distributed import chunk_rows
 from fastlora.gradients import GradientStats
 from fsdp_helpers import TinyDecoder, needs_fsdp2, shard_model, spawn, token_magnitudes
@@ -124,7 +123,7 @@ def _check_gora(got: dict, want: dict, grads: dict[str, torch.Tensor], errors: d
         r = a.shape[0]
         assert want[f"{name}.lora_A"].shape == a.shape, f"{name}: a different rank"
         assert torch.equal(a, want[f"{name}.lora_A"]), f"{name}: A is drawn from the same seed"
-        eig = torch.linalg.eigvalsh((a.double() @ a.double().T))
+        eig = torch.linalg.eigvalsh(a.double() @ a.double().T)
         xi = 0.05 * math.sqrt(a.shape[1]) / 6
         product = (grad.abs() @ a.abs().T).norm()
         bound = (xi / eig[0] * (errors[name].norm() * eig[-1].sqrt() + 2 * gamma(a.shape[1]) * product)

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import fastlora
+import torch
 from fastlora._distributed import chunk_rows, full, local
 from fastlora.optim import LoRAPro
 from fsdp_helpers import (
-    assert_same_state, closed_form_tolerance, full_params, full_state, loss_of, make_model, needs_fsdp2, shard_model,
+    assert_same_state,
+    closed_form_tolerance,
+    full_params,
+    full_state,
+    loss_of,
+    make_model,
+    needs_fsdp2,
+    shard_model,
     spawn,
 )
 
@@ -47,7 +53,7 @@ def _train(rank, world, out_dir):
     for name in ("adamw", "full", "efficient"):
         model = shard_model(make_model())
         opt = _optimizer(name, model)
-        out[name] = [_step(model, opt, [lambda s=step: loss_of(model, rank, s)]) for step in range(STEPS)]
+        out[name] = [_step(model, opt, [lambda m=model, s=step: loss_of(m, rank, s)]) for step in range(STEPS)]
         if name == "full":  # bytes of the out x in moments this rank holds
             states = [opt.state[layer.lora_A] for layer in fastlora.lora_layers(model).values()]
             out["moment_bytes"] = sum(local(s[k]).numel() * 4 for s in states for k in ("exp_avg", "exp_avg_sq"))

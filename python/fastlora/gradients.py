@@ -174,18 +174,18 @@ class LayerGradient:
         rows of ``Ḡ`` spread over the ranks: every product with ``Ḡ`` is formed from the local rows
         (``Ḡ M`` row by row, then gathered; ``Ḡ^T M`` as a sum over ranks in rank order), so only
         ``out x q`` and ``in x q`` matrices travel and every rank computes the same bits."""
-        rows = self.mean
+        block, (start, stop) = self.mean, self.rows
 
         def times(m: Tensor) -> Tensor:  # Ḡ m
-            return gather_row_chunks(rows @ m, self.out_features)
+            return gather_row_chunks(block @ m, self.out_features)
 
         def times_t(m: Tensor) -> Tensor:  # Ḡ^T m
-            return sum_in_rank_order(rows.mT @ m[self.rows[0] : self.rows[1]])
+            return sum_in_rank_order(block.mT @ m[start:stop])
 
         # As torch.svd_lowrank: work on the tall one of Ḡ and Ḡ^T.
         tall = self.out_features >= self.in_features
         a_mul, ah_mul = (times, times_t) if tall else (times_t, times)
-        r = torch.randn(self.in_features if tall else self.out_features, q, dtype=rows.dtype, device=rows.device)
+        r = torch.randn(self.in_features if tall else self.out_features, q, dtype=block.dtype, device=block.device)
         basis = torch.linalg.qr(a_mul(r)).Q
         for _ in range(niter):
             basis = torch.linalg.qr(ah_mul(basis)).Q

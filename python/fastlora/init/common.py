@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from .._distributed import is_dtensor, world_size
 from ..gradients import GradientStats
-from ..layer import lora_layers
-from ..layer import LoRALinear
+from ..layer import LoRALinear, lora_layers
 
 
 def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: GradientStats) -> dict[str, LoRALinear]:

@@ -266,8 +266,8 @@ def gora(
         # This rank's rows of s·B A as the layer will hold it (factors rounded to the adapters' dtype).
         delta = layer.delta_weight(a.to(layer.lora_A.dtype), b[start:stop].to(layer.lora_B.dtype), config.scaling)
         grad = grad.to(delta.device)
-        norms = torch.stack([grad.norm(), delta.norm(), (delta + cfg.gamma * grad).norm()])
-        squares.append(norms.double().square().cpu())
+        layer_norms = torch.stack([grad.norm(), delta.norm(), (delta + cfg.gamma * grad).norm()])
+        squares.append(layer_norms.double().square().cpu())
     squares = torch.stack(squares)
     norms = (sum_in_rank_order(squares) if world > 1 else squares).sqrt().tolist()
     report = {}
