@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) recipes on two CPU processes with gloo (docs/fsdp.md): training with
+"""FSDP2 (fully_shard) recipes on two CPU processes with gloo (docs/distributed.md): training with
 AdamW, with gradient checkpointing and with a mixed-precision policy; sharded (DCP) and full
 state dicts; the refusal to shard a wrapped base layer alone; collect_gradients on a sharded model."""
 

@@ -1,4 +1,4 @@
-"""LoRA-Pro under FSDP2 on two CPU processes with gloo (docs/fsdp.md): adapters sharded with
+"""LoRA-Pro under FSDP2 on two CPU processes with gloo (docs/distributed.md): adapters sharded with
 their blocks, full-mode moments sharded by rows like the weight, the closed form computed
 identically on every rank. Each step is compared with one process stepping from the same state
 with the two ranks' averaged gradients; checkpoints go through torch.distributed.checkpoint."""
