@@ -64,7 +64,11 @@ def _worker(rank, world, out_dir):
     mine = _batches()[rank::world]
     stats = {"exact": _collect(mine, shard=True),
              "sketch": _collect(mine, shard=True, mode="sketch", sketch_rank=SKETCH_RANK, passes=2)}
-    out = {"stats": stats}
+    # The same collection on an FSDP2-sharded model (FSDP gathers each block's weights in forward).
+    sharded_model = shard_model(_model())
+    on_fsdp = fastlora.collect_gradients(sharded_model, mine, targets=TARGETS, loss_fn=_loss, progress=False,
+                                         shard=True)
+    out = {"stats": stats, "on_fsdp": {name: (g.rows, g.mean) for name, g in on_fsdp.items()}}
     for mode, inits in INITS.items():
         for init in inits:
             out[mode, init] = _initialised(init, stats[mode])
@@ -151,6 +155,8 @@ def test_sharded_collection_and_init_equal_one_process(tmp_path, world):
         for name, g in stats.items():
             assert g.rows == chunk_rows(g.out_features, world, rank) and g.mean.shape[0] == g.rows[1] - g.rows[0]
         assert stats.summary["accumulator_bytes"] == sum(4 * g.mean.numel() for g in stats.values())
+        for name, g in stats.items():  # the same arithmetic on the FSDP2-sharded model: the same bits
+            assert r["on_fsdp"][name][0] == g.rows and torch.equal(r["on_fsdp"][name][1], g.mean), name
     assert sum(r["stats"]["exact"].summary["accumulator_bytes"] for r in ranks) == whole
     up = [r["stats"]["exact"]["blocks.0.up"].mean.numel() * 4 for r in ranks]  # 16 rows split evenly
     assert up == [4 * 16 * 8 // world] * world
@@ -180,7 +186,7 @@ def test_sharded_collection_and_init_equal_one_process(tmp_path, world):
         assert bool(((sk.corange - g.sketch.corange).abs() <= z_bound + 2 * U * g.sketch.corange.abs()).all()), name
 
     # Every rank the same adapters and base weights, bit for bit.
-    for key in [k for k in ranks[0] if k != "stats"]:
+    for key in [k for k in ranks[0] if k not in ("stats", "on_fsdp")]:
         for r in ranks[1:]:
             for name, value in ranks[0][key].items():
                 assert torch.equal(value, r[key][name]), f"{key}: ranks differ on {name}"
