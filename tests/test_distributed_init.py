@@ -63,7 +63,9 @@ INITS = {"exact": ("lora_ga_randomized", "lora_ga_exact", "gora"), "sketch": ("l
 def _worker(rank, world, out_dir):
     mine = _batches()[rank::world]
     stats = {"exact": _collect(mine, shard=True),
-             "sketch": _collect(mine, shard=True, mode="sketch", sketch_rank=SKETCH_RANK, passes=2)}
+             "sketch": _collect(mine, shard=True, mode="sketch", sketch_rank=SKETCH_RANK, passes=2),
+             # one layer per pass (a budget of one 16 x 8 float32 accumulator): each reduced after its pass
+             "passes": _collect(mine, shard=True, offload="passes", memory_budget=16 * 8 * 4)}
     # The same collection on an FSDP2-sharded model (FSDP gathers each block's weights in forward).
     sharded_model = shard_model(_model())
     on_fsdp = fastlora.collect_gradients(sharded_model, mine, targets=TARGETS, loss_fn=_loss, progress=False,
@@ -157,6 +159,16 @@ def test_sharded_collection_and_init_equal_one_process(tmp_path, world):
         assert stats.summary["accumulator_bytes"] == sum(4 * g.mean.numel() for g in stats.values())
         for name, g in stats.items():  # the same arithmetic on the FSDP2-sharded model: the same bits
             assert r["on_fsdp"][name][0] == g.rows and torch.equal(r["on_fsdp"][name][1], g.mean), name
+        # Layer by layer in separate passes: the same bits, and at most one whole accumulator next
+        # to the rows kept so far (the last layer's whole one after all others' rows, or up's).
+        passes = r["stats"]["passes"]
+        assert passes.summary["passes"] == len(stats) and passes.summary["accumulator_bytes_whole"] == whole
+        kept = [4 * g.mean.numel() for g in stats.values()]
+        wholes = [4 * g.out_features * g.in_features for g in stats.values()]
+        assert passes.summary["accumulator_bytes_peak"] == max(sum(kept[:i]) + w for i, w in enumerate(wholes)) < whole
+        assert stats.summary["accumulator_bytes_peak"] == whole  # one pass: all whole at once
+        for name, g in stats.items():
+            assert passes[name].rows == g.rows and torch.equal(passes[name].mean, g.mean), name
     assert sum(r["stats"]["exact"].summary["accumulator_bytes"] for r in ranks) == whole
     up = [r["stats"]["exact"]["blocks.0.up"].mean.numel() * 4 for r in ranks]  # 16 rows split evenly
     assert up == [4 * 16 * 8 // world] * world

@@ -11,6 +11,7 @@ accumulator (exact mode), or only random projections of it (sketch mode). See
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import resource
@@ -269,7 +270,8 @@ class _StagingPool:
 
 class _ExactUpdate:
     """acc += dy^T x, with acc on the layer's device or in (pinned) host memory; float32 (float64
-    for a float64 layer)."""
+    for a float64 layer). ``acc`` is allocated when the pass over the layer's group starts, so
+    that layer groups in separate passes never hold all accumulators at once."""
 
     def __init__(self, weight: _Target, pool: _StagingPool | None) -> None:
         out_f, in_f = weight.shape
@@ -278,8 +280,14 @@ class _ExactUpdate:
         pin = pool is not None and device.type == "cuda"
         acc_device = "cpu" if pool is not None else device
         dtype = reference.accumulation_dtype(weight.dtype)
-        self.acc = torch.zeros(out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
+        self._zeros = functools.partial(torch.zeros, out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
+        self.nbytes = out_f * in_f * dtype.itemsize  # of the whole accumulator
+        self.acc: Tensor | None = None
         self._accumulate = _op("accumulate_outer", device)
+
+    def allocate(self) -> None:
+        if self.acc is None:
+            self.acc = self._zeros()
 
     def __call__(self, dy: Tensor, x: Tensor) -> None:
         if self.pool is None:
@@ -300,7 +308,7 @@ class _ExactUpdate:
             slot["pending"] = (self.acc[r0 : r0 + n], event, n * in_f)
 
     def tensors(self) -> list[Tensor]:
-        return [self.acc]
+        return [self.acc] if self.acc is not None else []
 
 
 class _SketchUpdate:
@@ -339,6 +347,9 @@ class _SketchUpdate:
         dy_psi, right = self._dy_products(dy, xl, self.psi_t, 1.0)
         self.right += right
         self.corange += self._grad_a(x, dy_psi, 0.0, None, self.dtype)
+
+    def allocate(self) -> None:
+        """(Allocated when built: sketches are small.)"""
 
     def start_second_pass(self) -> None:
         self.basis = torch.linalg.qr(self.right[:, : self.k]).Q.contiguous()
@@ -648,8 +659,10 @@ def collect_gradients(
         seed: seeds the sketch matrices (identical on all ranks).
         shard: under ``torch.distributed`` with several ranks, exact mode keeps on each rank only
             its block of rows of every ``Ḡ`` (``torch.chunk``'s split, as ``fully_shard`` splits
-            the weight; ``LayerGradient.rows`` says which), ``out·in / world`` per layer: the whole
-            accumulators are reduced into their owners' rows one layer at a time and freed.
+            the weight; ``LayerGradient.rows`` says which), ``out·in / world`` per layer: as soon
+            as a layer group's pass is done, its whole accumulators are reduced into their owners'
+            rows one layer at a time and freed (with ``offload="passes"`` only one group's whole
+            accumulators exist at a time: ``summary["accumulator_bytes_peak"]``).
             :func:`fastlora.init.lora_ga` and :func:`fastlora.init.gora` take such a result
             (every rank must call them). Sketches are small and stay whole on every rank. No
             effect on one process. Off by default: ``mean`` then holds all of ``Ḡ`` everywhere.
@@ -658,7 +671,8 @@ def collect_gradients(
         :class:`GradientStats`. Under ``torch.distributed`` every rank accumulates its own batches
         and the results are averaged over all ranks (identical everywhere; with ``shard``, each
         rank holds its rows). ``summary["accumulator_bytes"]`` is what this rank keeps,
-        ``summary["accumulator_bytes_whole"]`` what one whole copy takes.
+        ``summary["accumulator_bytes_whole"]`` what one whole copy takes,
+        ``summary["accumulator_bytes_peak"]`` the most this rank held at once.
     """
     _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes)
     plan = _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, products, memory_budget, offload)
@@ -669,14 +683,20 @@ def collect_gradients(
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
     start = time.perf_counter()
+
+    def reduce_group(names: list[str]) -> None:  # as soon as a group's pass is done: one layer at a time
+        for name in names:
+            plan.records[name].rows = _reduce_rows_to_owners(updates[name])
+
     losses = _run_batches(model, batches, plan, updates, loss_fn or _default_loss, num_batches, nonfinite,
-                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode)
-    whole_bytes = _bytes(updates)  # every rank holds whole accumulators while it accumulates
-    loss_sum, loss_n = (_reduce_across_ranks(plan.records, updates, losses, shard) if distributed
-                        else (sum(losses), len(losses)))
+                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode,
+                          reduce_group if shard else None)
+    loss_sum, loss_n = (_reduce_across_ranks(plan.records, updates, losses, reduce_accumulators=not shard)
+                        if distributed else (sum(losses), len(losses)))
     _finish(plan.records, updates, mode, plan.products)
 
     acc_bytes = _bytes(updates)
+    whole_bytes, peak_bytes = _accumulator_sizes(plan, updates, mode)
     summary = {
         "mode": mode,
         "layers": len(plan.records),
@@ -687,6 +707,7 @@ def collect_gradients(
         "time_s": time.perf_counter() - start,
         "accumulator_bytes": acc_bytes,
         "accumulator_bytes_whole": whole_bytes,
+        "accumulator_bytes_peak": peak_bytes,
         "world_size": world,
         "sharded": shard,
         "staging_bytes": plan.pool.nbytes if plan.pool is not None else 0,
@@ -702,6 +723,25 @@ def collect_gradients(
 
 def _bytes(updates: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
+
+
+def _accumulator_sizes(plan: _Plan, updates: dict[str, Any], mode: str) -> tuple[int, int]:
+    """(one whole copy of the accumulators, the most this rank held at once): in exact mode each
+    group's whole accumulators live during its pass, next to what earlier groups kept (their row
+    blocks when sharded, else everything)."""
+    if mode != "exact":
+        whole = _bytes(updates)
+        return whole, whole
+    whole, peak, kept = 0, 0, 0
+    for group, pass_no in plan.runs:
+        if pass_no != 1:
+            continue
+        names = [plan.found[i][0] for i in group]
+        group_whole = sum(updates[n].nbytes for n in names)
+        whole += group_whole
+        peak = max(peak, kept + group_whole)
+        kept += _bytes({n: updates[n] for n in names})
+    return whole, peak
 
 
 def _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes) -> None:
@@ -802,9 +842,10 @@ def _make_updates(plan: _Plan, mode: str, sketch_rank: int, seed: int) -> dict[s
 
 
 def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, nonfinite, train_mode, progress,
-                 mode) -> list[float]:
+                 mode, after_group: Callable[[list[str]], None] | None = None) -> list[float]:
     """Every pass over the batches with the probes attached (one backward per batch); returns the
-    first pass's finite losses."""
+    first pass's finite losses. ``after_group`` gets the names of each first-pass layer group once
+    its pass is done."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -823,6 +864,7 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
             try:
                 for i in group:
                     name, module = plan.found[i]
+                    updates[name].allocate()
                     probe = _Probe(records[name], updates[name], engine)
                     # A second pass must not count again.
                     if pass_no == 2:
@@ -873,19 +915,18 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
             finally:
                 for h in handles:
                     h.remove()
+            if after_group is not None and pass_no == 1:
+                after_group([plan.found[i][0] for i in group])
     return losses
 
 
 def _reduce_across_ranks(records: dict[str, LayerGradient], updates, losses: list[float],
-                         shard: bool) -> tuple[float, float]:
-    """Sums the accumulators, counts and losses over all ranks (with ``shard``, each exact
-    accumulator only into the rows this rank keeps); returns (loss sum, loss count)."""
+                         reduce_accumulators: bool) -> tuple[float, float]:
+    """Sums the counts and losses over all ranks, and the accumulators unless they were reduced
+    into row blocks already; returns (loss sum, loss count)."""
     counts = torch.tensor([[r.count, r.tokens, r.skipped] for r in records.values()], dtype=torch.float64)
     stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-    if shard:
-        for rec, upd in zip(records.values(), updates.values()):
-            rec.rows = _reduce_rows_to_owners(upd)
-    else:
+    if reduce_accumulators:
         _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
     _all_reduce_sum([counts, stats])
     for rec, (c, t, s) in zip(records.values(), counts.tolist()):
