@@ -1,5 +1,5 @@
-"""FSDP2 training on 4 CPU processes (gloo) and a LoRA-Pro checkpoint written on 4 ranks and
-resumed on 2 (docs/distributed.md). With 4 ranks the reduce-scatter adds 4 gradients in an order
+"""FSDP2 and DDP training on 4 CPU processes (gloo) and a LoRA-Pro checkpoint written on 4 ranks
+and resumed on 2 (docs/distributed.md). With 4 ranks the reduce-scatter adds 4 gradients in an order
 of its own, so the averaged gradient equals one process's mean of the 4 per-rank gradients only to
 the rounding of a 4-term sum; each step is then compared with one process stepping from the same
 state with the ranks' averaged gradient."""
@@ -50,10 +50,14 @@ def _step(model, opt, losses) -> dict:
 
 def _train(rank, world, out_dir):
     out = {}
-    for name in ("adamw", "full", "efficient"):
-        model = shard_model(make_model())
-        opt = _optimizer(name, model)
-        out[name] = [_step(model, opt, [lambda m=model, s=step: loss_of(m, rank, s)]) for step in range(STEPS)]
+    for name in ("adamw", "full", "efficient", "ddp-adamw", "ddp-full"):
+        if name.startswith("ddp-"):  # DistributedDataParallel: gradients all-reduced, everything whole
+            model = make_model()
+            run = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            model = run = shard_model(make_model())
+        opt = _optimizer(name.removeprefix("ddp-"), model)
+        out[name] = [_step(model, opt, [lambda m=run, s=step: loss_of(m, rank, s)]) for step in range(STEPS)]
         if name == "full":  # bytes of the out x in moments this rank holds
             states = [opt.state[layer.lora_A] for layer in fastlora.lora_layers(model).values()]
             out["moment_bytes"] = sum(local(s[k]).numel() * 4 for s in states for k in ("exp_avg", "exp_avg_sq"))
@@ -63,8 +67,8 @@ def _train(rank, world, out_dir):
 def _check_gradients(record: dict, quarters: list[tuple[int, int]], weight: float) -> None:
     """The ranks' averaged gradient against ``weight`` times the sum of the per-quarter-batch
     gradients one process computes (bit for bit what each rank computes for its quarter): both
-    add the same 4 terms, in different orders, so each is within gamma_3 sum |g_i| of the exact
-    sum; scaling by powers of two is exact."""
+    add the same 4 terms, in different orders (FSDP2's reduce-scatter, DDP's all-reduce), so each
+    is within gamma_3 sum |g_i| of the exact sum; scaling by powers of two is exact."""
     model = make_model()
     model.load_state_dict(record["before"][0], strict=False)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -79,11 +83,12 @@ def _check_gradients(record: dict, quarters: list[tuple[int, int]], weight: floa
 
 def _check_step(name: str, record: dict) -> None:
     """One process from the same state with the same gradients: AdamW and LoRA-Pro's moments bit
-    for bit (elementwise arithmetic), full mode's A and B within the closed form's rounding bound."""
+    for bit (elementwise arithmetic), FSDP2 full mode's A and B within the closed form's rounding
+    bound (its pull-back sums rows over the ranks), under DDP bit for bit (the same computation)."""
     params, state = record["before"]
     model = make_model()
     model.load_state_dict(params, strict=False)
-    opt = _optimizer(name, model)
+    opt = _optimizer(name.removeprefix("ddp-"), model)
     if state["state"]:
         opt.load_state_dict(state)
     for pname, p in model.named_parameters():
@@ -107,7 +112,7 @@ def _check_step(name: str, record: dict) -> None:
             assert torch.equal(got_params[pname], want), f"{name}: {pname}"
 
 
-def test_fsdp2_four_ranks_adamw_and_lora_pro_equal_one_process(tmp_path):
+def test_four_ranks_fsdp2_and_ddp_adamw_and_lora_pro_equal_one_process(tmp_path):
     ranks = spawn(_train, tmp_path, world=4)
     torch.set_num_threads(1)
     # Full mode's moments: each rank holds torch.chunk's rows of each (21 rows: 6, 6, 6, 3; 12: 3 each).
