@@ -74,6 +74,14 @@ def _worker(rank, world, out_dir):
     for mode, inits in INITS.items():
         for init in inits:
             out[mode, init] = _initialised(init, stats[mode])
+    # A NaN in rank 0's rows: every rank refuses (none waits in a collective for the others).
+    mean = stats["exact"]["blocks.0.up"].mean
+    kept = mean[0, 0].item()
+    if rank == 0:
+        mean[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _initialised("lora_ga_randomized", stats["exact"])
+    mean[0, 0] = kept
     # An already sharded model is refused before anything changes (LoRA-GA rewrites W).
     model = _model()
     fastlora.inject(model, target_modules=TARGETS, r=2)

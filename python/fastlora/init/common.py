@@ -8,7 +8,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from .._distributed import is_dtensor, world_size
+from .._distributed import is_dtensor, sum_in_rank_order, world_size
 from ..gradients import GradientStats
 from ..layer import LoRALinear, lora_layers
 
@@ -59,6 +59,9 @@ def check_gradients(gradients: GradientStats, names: Iterable[str]) -> None:
         raise ValueError(f"no gradient for LoRA layers {missing[:4]}: collect_gradients must target them "
                          "(the same targets as inject)")
     bad = [n for n in names if not all(bool(torch.isfinite(t).all()) for t in _tensors(gradients[n]))]
+    if collecting_ranks(gradients) > 1 and names:  # each rank checks its own rows: all stop, or none
+        if sum_in_rank_order(torch.tensor([float(len(bad))])).item() and not bad:
+            bad = ["(rows on another rank)"]
     if bad:
         raise ValueError(f"the gradients of layers {bad[:4]} have NaN or infinite values; collect them again "
                          "(collect_gradients(..., nonfinite='skip') leaves such batches out)")
