@@ -10,7 +10,10 @@ For each number of processes, launched with torchrun (gloo on CPUs, nccl with --
                        in full mode: the out x in moments are row-sharded DTensors (docs/distributed.md)
   lora-pro replicated  the official LoRA-Pro's ZeRO-2 layout, where every rank keeps the whole moments:
                        emulated by DistributedDataParallel with the same optimizer (unsharded moments)
-  collect              fastlora.collect_gradients(exact, shard=True) over the rank's batches
+  collect              fastlora.collect_gradients(exact, shard=True) over the rank's batches: the
+                       accumulator bytes kept afterwards, and the most held at once (all whole, in one pass)
+  collect by layer     the same with offload="passes" and a budget of the largest layer: one layer per
+                       pass, each reduced to its rows as soon as its pass is done
 
 Each measurement runs in fresh processes, so that peak RSS compares like with like. Reported per
 rank (the largest over the ranks): the optimizer state's bytes (the local part of every state
@@ -42,7 +45,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, format_table, pyplot, save_figure, write_json  # noqa: E402
-from gradients import build_model, make_batches  # noqa: E402
+from gradients import build_model, make_batches, projection_weights  # noqa: E402
 
 import fastlora  # noqa: E402
 from fastlora._distributed import local  # noqa: E402
@@ -51,7 +54,7 @@ from fastlora.examples.memory import PeakMemory  # noqa: E402
 
 R, ALPHA = 8, 16
 LAYOUTS = ("sharded", "replicated")
-PARTS = (*LAYOUTS, "collect")
+PARTS = (*LAYOUTS, "collect", "collect-by-layer")
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -100,14 +103,19 @@ def _lora_pro(preset, device, layout, batches, warmup) -> dict:
             "step_s": statistics.median(times[warmup:])}
 
 
-def _collect(preset, device, batches) -> dict:
+def _collect(preset, device, batches, by_layer: bool) -> dict:
     model = build_model(preset, device, torch.float32)
+    options = {}
+    if by_layer:
+        largest = max(w.numel() * w.element_size() for w in projection_weights(model).values())
+        options = {"offload": "passes", "memory_budget": largest}
     mem = PeakMemory(device)
     mem.reset()
     start_mib = mem.current_mib()
-    stats = fastlora.collect_gradients(model, batches, shard=True, progress=False)
+    stats = fastlora.collect_gradients(model, batches, shard=True, progress=False, **options)
     s = stats.summary
     return {"accumulator_bytes": s["accumulator_bytes"], "accumulator_bytes_whole": s["accumulator_bytes_whole"],
+            "accumulator_bytes_peak": s["accumulator_bytes_peak"], "passes": s["passes"],
             "peak_mib": mem.peak_mib(), "peak_growth_mib": mem.peak_mib() - start_mib, "time_s": s["time_s"]}
 
 
@@ -121,8 +129,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = make_batches(args.preset, world * args.steps, device)[rank::world]  # each rank its own batches
-    if args.part == "collect":
-        result = _collect(args.preset, device, mine[: args.calibration_batches])
+    if args.part.startswith("collect"):
+        result = _collect(args.preset, device, mine[: args.calibration_batches], args.part == "collect-by-layer")
     else:
         result = _lora_pro(args.preset, device, args.part, mine, args.warmup)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -162,7 +170,8 @@ def _rows(runs: dict[int, dict[str, list[dict]]]) -> list[dict]:
         return {"processes": world, "measure": measure, "state/acc MiB per rank": size / 2**20,
                 "vs 1 process": size / max(r[size_key] for r in one[part]),
                 "peak MiB per rank": max(r["peak_mib"] for r in ranks),
-                "fwd/bwd growth MiB": "-" if part == "collect" else max(r["forward_backward_growth_mib"] for r in ranks),
+                "fwd/bwd growth MiB": "-" if part.startswith("collect")
+                else max(r["forward_backward_growth_mib"] for r in ranks),
                 "growth MiB (steps / collection)": max(r["peak_growth_mib"] for r in ranks),
                 "step / collection s": max(r[time_key] for r in ranks)}
 
@@ -170,6 +179,9 @@ def _rows(runs: dict[int, dict[str, list[dict]]]) -> list[dict]:
         for layout in LAYOUTS:
             rows.append(row(world, f"lora-pro {layout}", layout, "optimizer_state_bytes", "step_s"))
         rows.append(row(world, "collect (kept)", "collect", "accumulator_bytes", "time_s"))
+        rows.append(row(world, "collect (held at most)", "collect", "accumulator_bytes_peak", "time_s"))
+        rows.append(row(world, "collect by layer (held at most)", "collect-by-layer", "accumulator_bytes_peak",
+                        "time_s"))
     return rows
 
 
@@ -182,10 +194,10 @@ def _plot(path: Path, rows: list[dict]) -> Path | None:
         mine = [r for r in rows if r["measure"] == measure]
         ax.plot([r["processes"] for r in mine], [r["state/acc MiB per rank"] for r in mine], marker="o", label=measure)
     ax.set_xlabel("processes")
-    ax.set_ylabel("MiB per rank (optimizer state / kept accumulators)")
+    ax.set_ylabel("MiB per rank (optimizer state / accumulators)")
     ax.set_xticks(sorted({r["processes"] for r in rows}))
-    ax.legend()
-    ax.set_title("Per-rank memory that sharding divides")
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title("Per-rank optimizer state and gradient accumulators")
     return save_figure(fig, path)
 
 
