@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=args.save)
         if rank == 0:
             print(f"saved a sharded checkpoint to {args.save}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (it can abort)
     dist.destroy_process_group()
 
 
