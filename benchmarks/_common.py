@@ -107,8 +107,8 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
-def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, series: Sequence[str], title: str) -> Path | None:
-    """Grouped bar chart of ratio columns per row; returns None if matplotlib is missing."""
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or None if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -116,8 +116,24 @@ def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, s
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lays out, writes (creating the folder) and closes ``fig``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, series: Sequence[str], title: str) -> Path | None:
+    """Grouped bar chart of ratio columns per row; returns None if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return None
     labels = [str(r[label_key]) for r in rows]
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(min(18, 3 + 0.8 * len(labels)), 5.5))
@@ -130,7 +146,4 @@ def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, s
     ax.set_ylabel("time / frozen nn.Linear")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -37,6 +37,8 @@ PRESETS = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, batch, seq)
     "cpu": (256, 688, 4, 8, 8, 1000, 2, 256),
     "quick": (128, 344, 2, 4, 4, 500, 2, 64),
+    # wider layers, few tokens: per-layer state (out x in) outweighs activations (benchmarks/distributed.py)
+    "wide": (512, 1376, 4, 8, 8, 1000, 1, 32),
     "gpu": (2048, 5632, 16, 16, 16, 32000, 4, 2048),
 }
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, format_table, write_json  # noqa: E402
+from _common import environment, format_table, pyplot, save_figure, write_json  # noqa: E402
 
 VARIANTS = ("fastlora", "peft")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -146,23 +146,15 @@ def gradient_costs(model, path: str, data: dict, step_ms: float) -> dict:
 
 
 def plot(rows: list[dict]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for ax, key, label in zip(axes, ("step_ms", "peak_rss_mib"), ("ms / training step", "peak RSS over steps, MiB")):
         ax.bar([r["variant"] for r in rows], [r[key] for r in rows], color=["tab:blue", "tab:orange"])
         ax.set_ylabel(label)
     fig.suptitle("QLoRA (NF4 base) on CPU, r = 16, all linear layers")
-    fig.tight_layout()
-    IMAGE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMAGE, dpi=110)
-    plt.close(fig)
-    return IMAGE
+    return save_figure(fig, IMAGE, dpi=110)
 
 
 def main() -> None:

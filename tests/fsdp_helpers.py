@@ -60,3 +60,72 @@ def reference_grads(model: nn.Module, step: int) -> None:
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered whole (a collective under FSDP), by name."""
     return {name: full(p).detach().clone() for name, p in model.named_parameters()}
+
+
+def full_state(opt) -> dict:
+    """The optimizer's state_dict with every sharded tensor gathered (a collective)."""
+    sd = opt.state_dict()
+    sd["state"] = {
+        k: {key: full(v).clone() if isinstance(v, torch.Tensor) else v for key, v in s.items()}
+        for k, s in sd["state"].items()
+    }
+    return sd
+
+
+def assert_same_state(got: tuple, want: tuple, what: str) -> None:
+    """(full_params, _full_state) pairs hold the same names, values, dtypes and steps."""
+    for name, value in want[0].items():
+        assert torch.equal(got[0][name], value), f"{what}: {name}"
+    assert got[1]["state"].keys() == want[1]["state"].keys(), what
+    for key, state in want[1]["state"].items():
+        assert got[1]["state"][key].keys() == state.keys(), what
+        for moment, value in state.items():
+            other = got[1]["state"][key][moment]
+            if isinstance(value, torch.Tensor):
+                assert other.dtype == value.dtype and torch.equal(other, value), f"{what}: {moment} of {key}"
+            else:
+                assert other == value, f"{what}: {moment} of {key}"
+
+
+def token_magnitudes(model: nn.Module, batches, names, loss_fn) -> dict[str, torch.Tensor]:
+    """sum over every token t of |dy_t|^T |x_t| for each named layer: what bounds the rounding of
+    any order of adding up the layer's weight gradient dy^T x over those tokens."""
+    mags, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        mags[name] = torch.zeros_like(module.weight)
+
+        def tap(mod, inputs, output, name=name):
+            x = inputs[0].detach()
+
+            def add(dy):
+                mags[name].add_(dy.abs().T @ x.abs())
+
+            output.register_hook(add)
+
+        handles.append(module.register_forward_hook(tap))
+    for b in batches:
+        loss_fn(model, b).backward()
+    for h in handles:
+        h.remove()
+    return mags
+
+
+def closed_form_tolerance(a_before: torch.Tensor, b_before: torch.Tensor, moved: torch.Tensor) -> float:
+    """How far two float32 LoRA-Pro steps from the same state may land apart (Frobenius norm)
+    when they differ only in the order of float32 sums: each run's pull-back ``s B^T D`` (a sum
+    over the out rows, split over the ranks) and each evaluation of the closed form (inner
+    products no longer than max(out, in)) is within gamma_n = n u / (1 - n u) of exact, relative;
+    the closed form amplifies a relative change of its input by at most the condition numbers of
+    the Gram matrices B^T B and A A^T it inverts. ``moved`` is one run's change of the adapter
+    (lr times its direction); the final rounding of A - lr dA adds at most u |A|."""
+    u = torch.finfo(torch.float32).eps / 2
+    n = max(b_before.shape[0], a_before.shape[1])
+    gamma = n * u / (1 - n * u)
+
+    def cond(gram):
+        lam = torch.linalg.eigvalsh(gram.double())
+        return float(lam[-1] / lam[0])
+
+    kappa = cond(b_before.T @ b_before) * cond(a_before @ a_before.T)
+    return 4 * gamma * kappa * float(moved.double().norm())

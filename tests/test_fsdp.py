@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) recipes on two CPU processes with gloo (docs/fsdp.md): training with
+"""FSDP2 (fully_shard) recipes on two CPU processes with gloo (docs/distributed.md): training with
 AdamW, with gradient checkpointing and with a mixed-precision policy; sharded (DCP) and full
 state dicts; the refusal to shard a wrapped base layer alone; collect_gradients on a sharded model."""
 
@@ -13,7 +13,7 @@ from torch import nn
 import fastlora
 from fsdp_helpers import (
     MixedPrecisionPolicy, TinyDecoder, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2,
-    reference_grads, shard_model, spawn,
+    reference_grads, shard_model, spawn, token_magnitudes,
 )
 
 pytestmark = needs_fsdp2
@@ -173,30 +173,6 @@ def _collect(rank, world, out_dir):
     return {name: (g.mean, g.count) for name, g in stats.items()}
 
 
-def _token_magnitudes(model, batches, names) -> dict[str, torch.Tensor]:
-    """sum over every token t of |dy_t|^T |x_t| for each named layer: what bounds the rounding of
-    any order of adding up the layer's weight gradient dy^T x over those tokens."""
-    mags, handles = {}, []
-    for name in names:
-        module = model.get_submodule(name)
-        mags[name] = torch.zeros_like(module.weight)
-
-        def tap(mod, inputs, output, name=name):
-            x = inputs[0].detach()
-
-            def add(dy):
-                mags[name].add_(dy.abs().T @ x.abs())
-
-            output.register_hook(add)
-
-        handles.append(module.register_forward_hook(tap))
-    for b in batches:
-        _loss(model, b).backward()
-    for h in handles:
-        h.remove()
-    return mags
-
-
 def test_collect_gradients_on_an_fsdp2_model(tmp_path):
     """Exact mode on a sharded model (the accumulators stay whole on every rank): the ranks agree
     and equal one process over both ranks' batches, to the rounding of adding the same token
@@ -206,7 +182,7 @@ def test_collect_gradients_on_an_fsdp2_model(tmp_path):
     model = _plain_model()
     batches = [batch(rank, s) for rank in range(2) for s in range(2)]
     whole = fastlora.collect_gradients(model, batches, targets=["up", "down"], loss_fn=_loss, progress=False)
-    mags = _token_magnitudes(model, batches, list(whole))
+    mags = token_magnitudes(model, batches, list(whole), _loss)
     u = torch.finfo(torch.float32).eps / 2
     n = len(batches)
     terms = n * batches[0][0].shape[0] + 2  # every token's dy_t x_t^T, plus the two ranks' sums

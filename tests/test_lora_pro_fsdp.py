@@ -1,4 +1,4 @@
-"""LoRA-Pro under FSDP2 on two CPU processes with gloo (docs/fsdp.md): adapters sharded with
+"""LoRA-Pro under FSDP2 on two CPU processes with gloo (docs/distributed.md): adapters sharded with
 their blocks, full-mode moments sharded by rows like the weight, the closed form computed
 identically on every rank. Each step is compared with one process stepping from the same state
 with the two ranks' averaged gradients; checkpoints go through torch.distributed.checkpoint."""
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import fastlora
-from fastlora._distributed import full, is_dtensor, local
+from fastlora._distributed import is_dtensor, local
 from fastlora.optim import LoRAPro, LoRAProSGD
 from fsdp_helpers import (
-    MixedPrecisionPolicy, full_params, loss_of, make_model, needs_fsdp2, reference_grads, shard_model, spawn,
+    MixedPrecisionPolicy, assert_same_state, closed_form_tolerance, full_params, full_state, loss_of, make_model,
+    needs_fsdp2, reference_grads, shard_model, spawn,
 )
 
 pytestmark = needs_fsdp2
@@ -34,16 +35,6 @@ def _optimizer(name, model):
     return cls(model, lr=LR, **kwargs)
 
 
-def _full_state(opt) -> dict:
-    """The optimizer's state_dict with every sharded tensor gathered (a collective)."""
-    sd = opt.state_dict()
-    sd["state"] = {
-        k: {key: full(v).clone() if isinstance(v, torch.Tensor) else v for key, v in s.items()}
-        for k, s in sd["state"].items()
-    }
-    return sd
-
-
 def _train(rank, world, out_dir):
     results = {}
     for name in CONFIGS:
@@ -51,11 +42,11 @@ def _train(rank, world, out_dir):
         opt = _optimizer(name, model)
         records = []
         for step in range(STEPS):
-            before = (full_params(model), _full_state(opt))
+            before = (full_params(model), full_state(opt))
             loss_of(model, rank, step).backward()
             opt.step()
             opt.zero_grad()
-            records.append((before, full_params(model), _full_state(opt)))
+            records.append((before, full_params(model), full_state(opt)))
         mine = whole = most = 0  # bytes of the out x in moments: this rank's, all, one chunk of rows
         for layer in fastlora.lora_layers(model).values():
             state = opt.state[layer.lora_A]
@@ -69,41 +60,6 @@ def _train(rank, world, out_dir):
                     most += -(-layer.out_features // world) * layer.in_features * size
         results[name] = {"records": records, "moment_bytes": (mine, whole, most)}
     return results
-
-
-def _assert_same(got: tuple, want: tuple, what: str) -> None:
-    """(full_params, _full_state) pairs hold the same names, values, dtypes and steps."""
-    for name, value in want[0].items():
-        assert torch.equal(got[0][name], value), f"{what}: {name}"
-    assert got[1]["state"].keys() == want[1]["state"].keys(), what
-    for key, state in want[1]["state"].items():
-        assert got[1]["state"][key].keys() == state.keys(), what
-        for moment, value in state.items():
-            other = got[1]["state"][key][moment]
-            if isinstance(value, torch.Tensor):
-                assert other.dtype == value.dtype and torch.equal(other, value), f"{what}: {moment} of {key}"
-            else:
-                assert other == value, f"{what}: {moment} of {key}"
-
-
-def _closed_form_tolerance(a_before: torch.Tensor, b_before: torch.Tensor, moved: torch.Tensor) -> float:
-    """How far two float32 LoRA-Pro steps from the same state may land apart (Frobenius norm)
-    when they differ only in the order of float32 sums: each run's pull-back ``s B^T D`` (a sum
-    over the out rows, split over the ranks) and each evaluation of the closed form (inner
-    products no longer than max(out, in)) is within gamma_n = n u / (1 - n u) of exact, relative;
-    the closed form amplifies a relative change of its input by at most the condition numbers of
-    the Gram matrices B^T B and A A^T it inverts. ``moved`` is one run's change of the adapter
-    (lr times its direction); the final rounding of A - lr dA adds at most u |A|."""
-    u = torch.finfo(torch.float32).eps / 2
-    n = max(b_before.shape[0], a_before.shape[1])
-    gamma = n * u / (1 - n * u)
-
-    def cond(gram):
-        lam = torch.linalg.eigvalsh(gram.double())
-        return float(lam[-1] / lam[0])
-
-    kappa = cond(b_before.T @ b_before) * cond(a_before @ a_before.T)
-    return 4 * gamma * kappa * float(moved.double().norm())
 
 
 def test_lora_pro_fsdp2_ranks_agree_and_equal_one_process(tmp_path):
@@ -126,7 +82,7 @@ def test_lora_pro_fsdp2_ranks_agree_and_equal_one_process(tmp_path):
             opt.load_state_dict(state)  # the gathered sharded state: resumable on one process
             reference_grads(model, step)
             opt.step()
-            expected, expected_state = dict(model.named_parameters()), _full_state(opt)
+            expected, expected_state = dict(model.named_parameters()), full_state(opt)
             # Moments are updated elementwise from the same closed form: the same bits.
             for key, saved in expected_state["state"].items():
                 for moment, value in saved.items():
@@ -143,7 +99,7 @@ def test_lora_pro_fsdp2_ranks_agree_and_equal_one_process(tmp_path):
                 layer = pname.rsplit(".", 1)[0]
                 a0, b0 = params[layer + ".lora_A"], params[layer + ".lora_B"]
                 moved = want - params[pname]
-                tol = _closed_form_tolerance(a0, b0, moved) + torch.finfo(torch.float32).eps * float(want.norm())
+                tol = closed_form_tolerance(a0, b0, moved) + torch.finfo(torch.float32).eps * float(want.norm())
                 diff = float((value - want).double().norm())
                 assert diff <= tol, f"{name} step {step}: {pname} is {diff:.3g} from one process (bound {tol:.3g})"
                 worst = max(worst, diff / tol)
@@ -168,9 +124,9 @@ def _checkpoint(rank, world, out_dir):
         run(model, opt, range(2))
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        saved = (full_params(model), _full_state(opt))
+        saved = (full_params(model), full_state(opt))
         run(model, opt, [2])
-        continued = (full_params(model), _full_state(opt))
+        continued = (full_params(model), full_state(opt))
 
         resumed = shard_model(make_model())
         resumed_opt = _optimizer(name, resumed)
@@ -179,7 +135,7 @@ def _checkpoint(rank, world, out_dir):
         dcp.load(state, checkpoint_id=path)
         set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         run(resumed, resumed_opt, [2])
-        resumed_state = (full_params(resumed), _full_state(resumed_opt))
+        resumed_state = (full_params(resumed), full_state(resumed_opt))
         out[name] = {"saved": saved, "continued": continued, "resumed": resumed_state}
 
     # bfloat16 compute with float32 gradient reduction: LoRA-Pro trains, ranks in step.
@@ -205,7 +161,8 @@ def test_lora_pro_fsdp2_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
     ranks = spawn(_checkpoint, tmp_path)
     for r in ranks:
         for name in ("full-bf16", "efficient"):
-            _assert_same(r[name]["resumed"], r[name]["continued"], f"{name}: resuming from DCP changed the next step")
+            assert_same_state(r[name]["resumed"], r[name]["continued"],
+                              f"{name}: resuming from DCP changed the next step")
         assert r["losses"][-1] < r["losses"][0]
     for pname, value in ranks[0]["mixed"].items():
         assert torch.equal(value, ranks[1]["mixed"][pname]), f"mixed precision: the ranks differ on {pname}"
@@ -218,7 +175,8 @@ def test_lora_pro_fsdp2_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=os.path.join(tmp_path, name))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        _assert_same((full_params(model), _full_state(opt)), ranks[0][name]["saved"], f"{name}: loading on one process")
+        assert_same_state((full_params(model), full_state(opt)), ranks[0][name]["saved"],
+                          f"{name}: loading on one process")
 
 
 def _errors(rank, world, out_dir):

@@ -14,7 +14,10 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "full", "local", "row_range", "check_row_sharded", "rows_like", "gather_rows", "sum_over_mesh"]
+__all__ = [
+    "is_dtensor", "full", "local", "row_range", "check_row_sharded", "rows_like", "gather_rows", "sum_over_mesh",
+    "world_size", "chunk_rows", "sum_in_rank_order", "gather_row_chunks", "broadcast_from_rank0",
+]
 
 _DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
 
@@ -59,10 +62,21 @@ def row_range(t: Tensor) -> tuple[int, int]:
     rows = t.shape[0]
     if not is_dtensor(t):
         return 0, rows
-    mesh = t.device_mesh
-    chunk = -(-rows // mesh.size())
-    start = min(mesh.get_local_rank() * chunk, rows)
+    return chunk_rows(rows, t.device_mesh.size(), t.device_mesh.get_local_rank())
+
+
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` that ``torch.chunk`` gives part ``rank`` of ``world`` (the last
+    parts may be short or empty)."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
     return start, min(start + chunk, rows)
+
+
+def world_size(group=None) -> int:
+    """The number of ranks of ``group`` (default: the default group); 1 without torch.distributed."""
+    dist = torch.distributed
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def rows_like(rows: Tensor, like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -82,7 +96,47 @@ def gather_rows(rows: Tensor, like: Tensor, shape: tuple[int, ...]) -> Tensor:
 def sum_over_mesh(partial: Tensor, like: Tensor) -> Tensor:
     """The sum of every rank's ``partial`` over the mesh of the DTensor ``like``, added in rank
     order, so that every rank gets the same bits (an all-reduce need not promise that)."""
-    group = like.device_mesh.get_group()
-    parts = [torch.empty_like(partial) for _ in range(like.device_mesh.size())]
-    torch.distributed.all_gather(parts, partial.contiguous(), group=group)
-    return reduce(torch.add, parts)
+    return sum_in_rank_order(partial, like.device_mesh.get_group())
+
+
+def _staged(t: Tensor, group) -> Tensor:
+    """``t`` where the group's backend can send it: NCCL only moves CUDA tensors."""
+    if torch.distributed.get_backend(group) == "nccl" and not t.is_cuda:
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def sum_in_rank_order(partial: Tensor, group=None) -> Tensor:
+    """The sum over the ranks of ``group`` of every rank's ``partial`` (same shape everywhere),
+    added in rank order, so that every rank gets the same bits (a collective)."""
+    sent = _staged(partial.contiguous(), group)
+    parts = [torch.empty_like(sent) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, sent, group=group)
+    return reduce(torch.add, parts).to(partial.device)
+
+
+def gather_row_chunks(rows: Tensor, total: int, group=None) -> Tensor:
+    """The whole tensor of ``total`` rows that are split over the ranks of ``group`` as
+    :func:`chunk_rows` splits them; this rank holds ``rows`` (a collective; each row comes from
+    one rank, so every rank gets the same bits)."""
+    world = torch.distributed.get_world_size(group)
+    padded = rows.new_zeros((-(-total // world), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    padded = _staged(padded, group)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded, group=group)
+    return torch.cat(parts)[:total].to(rows.device)
+
+
+def broadcast_from_rank0(tensors: list[Tensor], group=None) -> None:
+    """Overwrites ``tensors`` on every rank with rank 0's (in place; one flat message per dtype)."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = _staged(torch.cat([t.reshape(-1) for t in same]), group)
+        torch.distributed.broadcast(flat, src=torch.distributed.get_global_rank(group, 0) if group else 0, group=group)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()

@@ -11,6 +11,7 @@ accumulator (exact mode), or only random projections of it (sketch mode). See
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import resource
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._distributed import chunk_rows, gather_row_chunks, sum_in_rank_order, world_size
 from ._extension import has_kernel
 from .layer import LoRALinear
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
@@ -90,7 +92,9 @@ class LayerGradient:
     ``mean`` is ``Ḡ`` itself in float32 (exact mode), ``sketch`` its projections (sketch mode),
     ``products[name]`` the streamed ``Ḡ M`` for each requested ``M``. ``count`` is the number of
     batches that contributed (the divisor of the mean), ``skipped`` those rejected for a
-    non-finite gradient.
+    non-finite gradient. After a sharded collection (``collect_gradients(..., shard=True)`` on
+    several ranks) ``rows = (start, stop)`` says which rows of ``Ḡ`` (and of an exact-mode
+    product) this rank's ``mean`` holds; ``None``: all of them.
     """
 
     name: str
@@ -102,6 +106,30 @@ class LayerGradient:
     mean: Tensor | None = None
     sketch: GradientSketch | None = None
     products: dict[str, Tensor] = field(default_factory=dict)
+    rows: tuple[int, int] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether ``mean`` holds only this rank's rows of ``Ḡ`` (the rest are on other ranks)."""
+        return self.rows is not None
+
+    def local_rows(self, t: Tensor, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of an ``out``-row result stored as this record stores it: the
+        exact mean and products hold ``rows`` on a sharded record, everything else all rows."""
+        first = self.rows[0] if self.sharded else 0
+        if start < first or stop - first > t.shape[0]:
+            raise ValueError(f"{self.name}: rows {start}:{stop} are not on this rank (it holds {self.rows})")
+        return t[start - first : stop - first]
+
+    def gradient_rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of ``Ḡ`` (float32): from the mean (which must hold them), or the
+        sketch's full-rank reconstruction, formed for those rows only."""
+        if self.mean is not None:
+            return self.local_rows(self.mean, start, stop)
+        if self.sketch is None:
+            raise ValueError(f"no gradient for {self.name}")
+        u, s, vh = self.sketch.low_rank(self.sketch.rank)
+        return (u[start:stop] * s) @ vh
 
     def svd(
         self, rank: int, method: str = "auto", niter: int = 4, seed: int = 0, q: int | None = None
@@ -124,7 +152,9 @@ class LayerGradient:
         if not 1 <= rank <= min(self.out_features, self.in_features):
             raise ValueError(f"{self.name}: rank must be in [1, {min(self.out_features, self.in_features)}], got {rank}")
         if method == "exact":
-            u, s, vh = torch.linalg.svd(self.mean, full_matrices=False)
+            # A sharded mean is gathered whole for this one layer (a collective).
+            mean = gather_row_chunks(self.mean, self.out_features) if self.sharded else self.mean
+            u, s, vh = torch.linalg.svd(mean, full_matrices=False)
             return u[:, :rank], s[:rank], vh[:rank]
         if method == "randomized":
             q = min(q or 2 * rank, self.out_features, self.in_features)
@@ -133,9 +163,37 @@ class LayerGradient:
             devices = [self.mean.device] if self.mean.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                u, s, v = torch.svd_lowrank(self.mean, q=q, niter=niter)
+                if self.sharded:
+                    u, s, v = self._sharded_svd_lowrank(q, niter)
+                else:
+                    u, s, v = torch.svd_lowrank(self.mean, q=q, niter=niter)
             return u[:, :rank], s[:rank], v[:, :rank].mT
         raise ValueError(f"unknown method {method!r}; choose auto, exact, randomized or sketch")
+
+    def _sharded_svd_lowrank(self, q: int, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``torch.svd_lowrank``'s algorithm (Halko, Martinsson, Tropp 2009, 5.1 with 4.4) on the
+        rows of ``Ḡ`` spread over the ranks: every product with ``Ḡ`` is formed from the local rows
+        (``Ḡ M`` row by row, then gathered; ``Ḡ^T M`` as a sum over ranks in rank order), so only
+        ``out x q`` and ``in x q`` matrices travel and every rank computes the same bits."""
+        block, (start, stop) = self.mean, self.rows
+
+        def times(m: Tensor) -> Tensor:  # Ḡ m
+            return gather_row_chunks(block @ m, self.out_features)
+
+        def times_t(m: Tensor) -> Tensor:  # Ḡ^T m
+            return sum_in_rank_order(block.mT @ m[start:stop])
+
+        # As torch.svd_lowrank: work on the tall one of Ḡ and Ḡ^T.
+        tall = self.out_features >= self.in_features
+        a_mul, ah_mul = (times, times_t) if tall else (times_t, times)
+        r = torch.randn(self.in_features if tall else self.out_features, q, dtype=block.dtype, device=block.device)
+        basis = torch.linalg.qr(a_mul(r)).Q
+        for _ in range(niter):
+            basis = torch.linalg.qr(ah_mul(basis)).Q
+            basis = torch.linalg.qr(a_mul(basis)).Q
+        u, s, vh = torch.linalg.svd(ah_mul(basis).mT, full_matrices=False)
+        u, v = basis @ u, vh.mT
+        return (u, s, v) if tall else (v, s, u)
 
 
 class GradientStats(Mapping[str, LayerGradient]):
@@ -212,7 +270,8 @@ class _StagingPool:
 
 class _ExactUpdate:
     """acc += dy^T x, with acc on the layer's device or in (pinned) host memory; float32 (float64
-    for a float64 layer)."""
+    for a float64 layer). ``acc`` is allocated when the pass over the layer's group starts, so
+    that layer groups in separate passes never hold all accumulators at once."""
 
     def __init__(self, weight: _Target, pool: _StagingPool | None) -> None:
         out_f, in_f = weight.shape
@@ -221,8 +280,14 @@ class _ExactUpdate:
         pin = pool is not None and device.type == "cuda"
         acc_device = "cpu" if pool is not None else device
         dtype = reference.accumulation_dtype(weight.dtype)
-        self.acc = torch.zeros(out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
+        self._zeros = functools.partial(torch.zeros, out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
+        self.nbytes = out_f * in_f * dtype.itemsize  # of the whole accumulator
+        self.acc: Tensor | None = None
         self._accumulate = _op("accumulate_outer", device)
+
+    def allocate(self) -> None:
+        if self.acc is None:
+            self.acc = self._zeros()
 
     def __call__(self, dy: Tensor, x: Tensor) -> None:
         if self.pool is None:
@@ -243,7 +308,7 @@ class _ExactUpdate:
             slot["pending"] = (self.acc[r0 : r0 + n], event, n * in_f)
 
     def tensors(self) -> list[Tensor]:
-        return [self.acc]
+        return [self.acc] if self.acc is not None else []
 
 
 class _SketchUpdate:
@@ -282,6 +347,9 @@ class _SketchUpdate:
         dy_psi, right = self._dy_products(dy, xl, self.psi_t, 1.0)
         self.right += right
         self.corange += self._grad_a(x, dy_psi, 0.0, None, self.dtype)
+
+    def allocate(self) -> None:
+        """(Allocated when built: sketches are small.)"""
 
     def start_second_pass(self) -> None:
         self.basis = torch.linalg.qr(self.right[:, : self.k]).Q.contiguous()
@@ -466,22 +534,47 @@ def _plan_groups(sizes: list[int], budget: float) -> list[list[int]]:
     return groups
 
 
+_BUCKET_BYTES = 32 * 2**20
+
+
+def _in_place(t: Tensor, collective: Callable[[Tensor], Any]) -> None:
+    """Runs an in-place collective on ``t``; NCCL only reduces device tensors, so a host tensor
+    goes through the current device in pieces of at most 32 MiB."""
+    if torch.distributed.get_backend() == "nccl" and not t.is_cuda:
+        for chunk in t.view(-1).split(_BUCKET_BYTES // t.element_size()):
+            staged = chunk.cuda()
+            collective(staged)
+            chunk.copy_(staged)
+    else:
+        collective(t)
+
+
+def _reduce_rows_to_owners(update: _ExactUpdate) -> tuple[int, int]:
+    """The reduce-scatter of one exact accumulator by rows (split as ``torch.chunk`` splits them,
+    the layout ``fully_shard`` gives the weight): each block of rows is summed into the rank that
+    keeps it, then only this rank's rows are kept and the whole accumulator is freed. Blocks of
+    uneven size rule out ``reduce_scatter_tensor``; one ``reduce`` per block moves as many bytes."""
+    dist = torch.distributed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = update.acc.shape[0]
+    for owner in range(world):
+        start, stop = chunk_rows(rows, world, owner)
+        if stop > start:
+            _in_place(update.acc[start:stop], lambda t, owner=owner: dist.reduce(t, dst=owner))
+    start, stop = chunk_rows(rows, world, rank)
+    update.acc = update.acc[start:stop].clone()
+    return start, stop
+
+
 def _all_reduce_sum(tensors: list[Tensor]) -> None:
     """Sums tensors over all ranks in place: big ones alone, small ones in flat buckets."""
     import torch.distributed as dist
 
-    nccl = dist.get_backend() == "nccl"
-    bucket_limit = 32 * 2**20
+    bucket_limit = _BUCKET_BYTES
     small: list[Tensor] = []
 
     def reduce(t: Tensor) -> None:
-        if nccl and not t.is_cuda:  # NCCL reduces device tensors: go through the current device
-            for chunk in t.view(-1).split(bucket_limit // t.element_size()):
-                staged = chunk.cuda()
-                dist.all_reduce(staged)
-                chunk.copy_(staged)
-        else:
-            dist.all_reduce(t)
+        _in_place(t, dist.all_reduce)
 
     def flush() -> None:
         if small:
@@ -529,6 +622,7 @@ def collect_gradients(
     train_mode: bool = False,
     progress: bool = True,
     seed: int = 0,
+    shard: bool = False,
 ) -> GradientStats:
     """Mean gradients of the target layers' frozen weights over calibration batches.
 
@@ -563,24 +657,46 @@ def collect_gradients(
         train_mode: run the model in train mode (dropout on); default eval.
         progress: show a tqdm bar (only on rank 0 and a terminal).
         seed: seeds the sketch matrices (identical on all ranks).
+        shard: under ``torch.distributed`` with several ranks, exact mode keeps on each rank only
+            its block of rows of every ``Ḡ`` (``torch.chunk``'s split, as ``fully_shard`` splits
+            the weight; ``LayerGradient.rows`` says which), ``out·in / world`` per layer: as soon
+            as a layer group's pass is done, its whole accumulators are reduced into their owners'
+            rows one layer at a time and freed (with ``offload="passes"`` only one group's whole
+            accumulators exist at a time: ``summary["accumulator_bytes_peak"]``).
+            :func:`fastlora.init.lora_ga` and :func:`fastlora.init.gora` take such a result
+            (every rank must call them). Sketches are small and stay whole on every rank. No
+            effect on one process. Off by default: ``mean`` then holds all of ``Ḡ`` everywhere.
 
     Returns:
         :class:`GradientStats`. Under ``torch.distributed`` every rank accumulates its own batches
-        and the results are averaged over all ranks (identical everywhere).
+        and the results are averaged over all ranks (identical everywhere; with ``shard``, each
+        rank holds its rows). ``summary["accumulator_bytes"]`` is what this rank keeps,
+        ``summary["accumulator_bytes_whole"]`` what one whole copy takes,
+        ``summary["accumulator_bytes_peak"]`` the most this rank held at once.
     """
     _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes)
     plan = _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, products, memory_budget, offload)
     updates = _make_updates(plan, mode, sketch_rank, seed)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = world_size()
+    distributed = world > 1
+    shard = shard and distributed and mode == "exact"
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
     start = time.perf_counter()
+
+    def reduce_group(names: list[str]) -> None:  # as soon as a group's pass is done: one layer at a time
+        for name in names:
+            plan.records[name].rows = _reduce_rows_to_owners(updates[name])
+
     losses = _run_batches(model, batches, plan, updates, loss_fn or _default_loss, num_batches, nonfinite,
-                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode)
-    loss_sum, loss_n = _reduce_across_ranks(plan.records, updates, losses) if distributed else (sum(losses), len(losses))
+                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode,
+                          reduce_group if shard else None)
+    loss_sum, loss_n = (_reduce_across_ranks(plan.records, updates, losses, reduce_accumulators=not shard)
+                        if distributed else (sum(losses), len(losses)))
     _finish(plan.records, updates, mode, plan.products)
 
-    acc_bytes = sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
+    acc_bytes = _bytes(updates)
+    whole_bytes, peak_bytes = _accumulator_sizes(plan, updates, mode)
     summary = {
         "mode": mode,
         "layers": len(plan.records),
@@ -590,6 +706,10 @@ def collect_gradients(
         "mean_loss": loss_sum / loss_n if loss_n else float("nan"),
         "time_s": time.perf_counter() - start,
         "accumulator_bytes": acc_bytes,
+        "accumulator_bytes_whole": whole_bytes,
+        "accumulator_bytes_peak": peak_bytes,
+        "world_size": world,
+        "sharded": shard,
         "staging_bytes": plan.pool.nbytes if plan.pool is not None else 0,
         "accumulators_on": plan.placement if mode == "exact" else "device",
         "passes": len(plan.runs),
@@ -599,6 +719,29 @@ def collect_gradients(
                 "accumulators %.1f MiB on %s", summary["layers"], summary["batches"], summary["tokens"],
                 summary["time_s"], mode, acc_bytes / 2**20, summary["accumulators_on"])
     return GradientStats(plan.records, mode, summary)
+
+
+def _bytes(updates: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for u in updates.values() for t in u.tensors())
+
+
+def _accumulator_sizes(plan: _Plan, updates: dict[str, Any], mode: str) -> tuple[int, int]:
+    """(one whole copy of the accumulators, the most this rank held at once): in exact mode each
+    group's whole accumulators live during its pass, next to what earlier groups kept (their row
+    blocks when sharded, else everything)."""
+    if mode != "exact":
+        whole = _bytes(updates)
+        return whole, whole
+    whole, peak, kept = 0, 0, 0
+    for group, pass_no in plan.runs:
+        if pass_no != 1:
+            continue
+        names = [plan.found[i][0] for i in group]
+        group_whole = sum(updates[n].nbytes for n in names)
+        whole += group_whole
+        peak = max(peak, kept + group_whole)
+        kept += _bytes({n: updates[n] for n in names})
+    return whole, peak
 
 
 def _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes) -> None:
@@ -699,9 +842,10 @@ def _make_updates(plan: _Plan, mode: str, sketch_rank: int, seed: int) -> dict[s
 
 
 def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, nonfinite, train_mode, progress,
-                 mode) -> list[float]:
+                 mode, after_group: Callable[[list[str]], None] | None = None) -> list[float]:
     """Every pass over the batches with the probes attached (one backward per batch); returns the
-    first pass's finite losses."""
+    first pass's finite losses. ``after_group`` gets the names of each first-pass layer group once
+    its pass is done."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -712,12 +856,15 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
     with _frozen_and_restored(model, train_mode), torch.enable_grad():
         for run_index, (group, pass_no) in enumerate(plan.runs):
             if pass_no == 2:
+                if world_size() > 1:  # the basis Q must come from every rank's batches, identical everywhere
+                    _all_reduce_sum([t for upd in updates.values() for t in upd.tensors()])
                 for upd in updates.values():
                     upd.start_second_pass()
             handles = []
             try:
                 for i in group:
                     name, module = plan.found[i]
+                    updates[name].allocate()
                     probe = _Probe(records[name], updates[name], engine)
                     # A second pass must not count again.
                     if pass_no == 2:
@@ -768,14 +915,19 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
             finally:
                 for h in handles:
                     h.remove()
+            if after_group is not None and pass_no == 1:
+                after_group([plan.found[i][0] for i in group])
     return losses
 
 
-def _reduce_across_ranks(records: dict[str, LayerGradient], updates, losses: list[float]) -> tuple[float, float]:
-    """Sums the accumulators, counts and losses over all ranks; returns (loss sum, loss count)."""
+def _reduce_across_ranks(records: dict[str, LayerGradient], updates, losses: list[float],
+                         reduce_accumulators: bool) -> tuple[float, float]:
+    """Sums the counts and losses over all ranks, and the accumulators unless they were reduced
+    into row blocks already; returns (loss sum, loss count)."""
     counts = torch.tensor([[r.count, r.tokens, r.skipped] for r in records.values()], dtype=torch.float64)
     stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-    _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
+    if reduce_accumulators:
+        _all_reduce_sum([t for u in updates.values() for t in u.tensors()])
     _all_reduce_sum([counts, stats])
     for rec, (c, t, s) in zip(records.values(), counts.tolist()):
         rec.count, rec.tokens, rec.skipped = int(c), int(t), int(s)
@@ -805,7 +957,8 @@ def _finish(records: dict[str, LayerGradient], updates, mode: str, products: dic
             for pname, width in zip(upd.names, upd.widths):
                 rec.products[pname] = right[:, offset : offset + width]
                 offset += width
-        if mode == "exact" and rec.count and not bool(rec.mean.any()):
+        # (A shard's zeros say nothing about the other rows.)
+        if mode == "exact" and rec.count and not rec.sharded and not bool(rec.mean.any()):
             empty.append(name)
     if empty:
         warnings.warn(f"fastlora: no (or an all-zero) gradient for {len(empty)} target layers: {empty[:6]}",

@@ -444,7 +444,7 @@ class LoRALinear(nn.Module):
                 "LoRALinear: the base layer's weight is still a DTensor at forward time: fully_shard was applied to "
                 "base_layer alone (or the weight is tensor-parallel). fastlora computes the base layer inside its own "
                 "kernel, so apply fully_shard to the LoRALinear or to a module that contains it (a decoder layer, "
-                "the root); see docs/fsdp.md"
+                "the root); see docs/distributed.md"
             )
         if not self._enabled:  # the original base: W x = (W - s·B0 A0) x + s·(x A0^T) B0^T
             return lora_linear(x, base.weight, base.bias, self.lora_A0, self.lora_B0, self.scaling, 0.0)

@@ -1,8 +1,10 @@
-"""FSDP2 training with fastlora adapters (docs/fsdp.md): a small decoder-style model, adapters
-on its projections, ``fully_shard`` on every block and on the root, AdamW or LoRA-Pro, optional
-gradient checkpointing and bfloat16 compute, and a sharded checkpoint at the end.
+"""FSDP2 training with fastlora adapters (docs/distributed.md): a small decoder-style model,
+adapters on its projections, optionally initialised by LoRA-GA or GoRA from gradients collected on
+every rank (sharded by rows), ``fully_shard`` on every block and on the root, AdamW or LoRA-Pro,
+optional gradient checkpointing and bfloat16 compute, and a sharded checkpoint at the end.
 
     torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --optimizer lora-pro --steps 20   # CPU, gloo
+    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --init lora-ga --optimizer lora-pro
     torchrun --nproc_per_node 8 -m fastlora.examples.fsdp --device cuda --bf16              # GPUs, nccl
 """
 
@@ -65,6 +67,8 @@ def shard_model(model: TinyDecoder, **fully_shard_kwargs) -> TinyDecoder:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizer", choices=("adamw", "lora-pro"), default="adamw")
+    parser.add_argument("--init", choices=("lora", "lora-ga", "gora"), default="lora",
+                        help="gradient-driven initialisation before sharding (each rank its calibration batches)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 gradient reduction")
@@ -81,17 +85,35 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)  # the same initial model on every rank
     model = TinyDecoder(d=64, h=256, depth=4, out=8).to(device)
     fastlora.inject(model, target_modules=["up", "down"], r=8, lora_alpha=16)
+    target = nn.Linear(64, 8).to(device)  # a fixed teacher to regress onto
+
+    def data(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 * rank + step)  # each rank its own data
+        return torch.randn(32, 64, generator=g).to(device)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return (model(x).float() - target(x).detach()).pow(2).mean()
+
+    if args.init != "lora":  # before sharding: these inits rewrite adapters (and LoRA-GA the weights)
+        calibration = [data(-1 - i) for i in range(4)]
+        stats = fastlora.collect_gradients(model, calibration, targets=["up", "down"], loss_fn=loss_fn,
+                                           shard=True, progress=False)
+        if args.init == "lora-ga":
+            fastlora.init.lora_ga(model, stats)
+        else:
+            fastlora.init.gora(model, stats, {"r_ref": 8})
+        if rank == 0:
+            s = stats.summary
+            print(f"{args.init}: accumulators kept per rank {s['accumulator_bytes'] / 2**20:.2f} MiB of "
+                  f"{s['accumulator_bytes_whole'] / 2**20:.2f} MiB", flush=True)
     model.checkpointing = args.checkpointing
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     shard_model(model, **({"mp_policy": policy} if policy else {}))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = fastlora.optim.LoRAPro(model, lr=1e-2) if args.optimizer == "lora-pro" else torch.optim.AdamW(trainable, 1e-2)
 
-    target = nn.Linear(64, 8).to(device)  # a fixed teacher to regress onto
     for step in range(args.steps):
-        g = torch.Generator().manual_seed(1000 * rank + step)  # each rank its own data
-        x = torch.randn(32, 64, generator=g).to(device)
-        loss = (model(x).float() - target(x).detach()).pow(2).mean()
+        loss = loss_fn(model, data(step))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -105,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=args.save)
         if rank == 0:
             print(f"saved a sharded checkpoint to {args.save}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (it can abort)
     dist.destroy_process_group()
 
 

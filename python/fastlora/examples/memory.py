@@ -33,10 +33,21 @@ class PeakMemory:
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-        except OSError:
-            pass
-        return float("nan")
+        return _status_mib("VmHWM:")
+
+    def current_mib(self) -> float:
+        """Allocated device memory now on a GPU, resident set size now on a CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _status_mib("VmRSS:")
+
+
+def _status_mib(key: str) -> float:
+    """A size from /proc/self/status in MiB (NaN where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return float("nan")

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..gradients import GradientStats, LayerGradient
+from .._distributed import chunk_rows, gather_row_chunks, sum_in_rank_order
+from ..gradients import GradientStats
 from ..quantized import dense_weight
 from ..targets import Targets, find_linear_targets
-from .common import select_layers
+from .common import collecting_ranks, select_layers
 
 __all__ = ["GoRAConfig", "Allocation", "allocate_ranks", "gora", "gora_a_max", "IMPORTANCES"]
 
@@ -94,6 +95,18 @@ def importance(weight: Tensor, grad: Tensor, kind: str) -> float:
     if kind == "union_frobenius_norm":
         return torch.linalg.matrix_norm(w * g).item()
     return torch.linalg.matrix_norm(g).item()
+
+
+def _importance_sum(weight_rows: Tensor, grad_rows: Tensor, kind: str) -> Tensor:
+    """One block of rows' share of an importance (float64): the sum of ``|W ⊙ Ḡ|``, of
+    ``(W ⊙ Ḡ)²`` or of ``Ḡ²``, finished by :func:`_importance_from_sums`."""
+    w, g = weight_rows.float(), grad_rows.float().to(weight_rows.device)
+    terms = g.square() if kind == "grad_frobenius_norm" else (w * g).abs() if kind == "union_mean" else (w * g).square()
+    return terms.sum(dtype=torch.float64)
+
+
+def _importance_from_sums(total: float, numel: int, kind: str) -> float:
+    return total / numel if kind == "union_mean" else math.sqrt(total)
 
 
 def allocate_ranks(
@@ -167,15 +180,6 @@ def gora_a_max(model: nn.Module, targets: Targets = "all-linear", r_max: int = 3
     return out
 
 
-def _dense_gradient(name: str, g: LayerGradient) -> Tensor:
-    if g.mean is not None:
-        return g.mean
-    if g.sketch is None:
-        raise ValueError(f"no gradient for {name}")
-    u, s, vh = g.sketch.low_rank(g.sketch.rank)
-    return (u * s) @ vh
-
-
 @torch.no_grad()
 def gora(
     model: nn.Module,
@@ -195,6 +199,11 @@ def gora(
 
     ``layers`` limits it to those LoRA layers (default: all); the budget is theirs.
 
+    Gradients collected on several ranks: every rank must call this. Each rank works on its block
+    of rows of every ``Ḡ`` (a sharded mean's own rows, or those rows of a sketch's reconstruction):
+    importances and norms are sums over the ranks (in rank order) and ``B``'s rows are gathered, so
+    no rank forms a whole ``Ḡ`` and all end with the same bits.
+
     Returns:
         ``{"allocation": Allocation, "layers": {name: diagnostics}}``; diagnostics per layer: rank,
         importance, share, ``‖ΔW_0‖ / (γ ‖Ḡ‖)`` and ``‖ΔW_0 + γ Ḡ‖ / ‖Ḡ‖`` (the official code's).
@@ -211,9 +220,21 @@ def gora(
         warnings.warn("GoRA: importances from sketches are estimates; exact mode gives the official ones",
                       RuntimeWarning, stacklevel=2)
 
-    # One layer's dense gradient at a time (a sketch's reconstruction is out x in).
-    imps = {n: importance(dense_weight(layers[n].base_layer), _dense_gradient(n, gradients[n]), cfg.importance)
-            for n in layers}
+    world = collecting_ranks(gradients)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    rows = {n: gradients[n].rows if gradients[n].sharded else chunk_rows(layer.out_features, world, rank)
+            for n, layer in layers.items()}
+    # One layer's block of dense gradient rows at a time (a sketch's reconstruction is out x in).
+    if world == 1:
+        imps = {n: importance(dense_weight(layer.base_layer), gradients[n].gradient_rows(0, layer.out_features),
+                              cfg.importance) for n, layer in layers.items()}
+    else:
+        sums = torch.stack([
+            _importance_sum(dense_weight(layer.base_layer)[slice(*rows[n])], gradients[n].gradient_rows(*rows[n]),
+                            cfg.importance).cpu() for n, layer in layers.items()])
+        sums = sum_in_rank_order(sums).tolist()
+        imps = {n: _importance_from_sums(total, layer.out_features * layer.in_features, cfg.importance)
+                for (n, layer), total in zip(layers.items(), sums)}
     zero = [n for n, v in imps.items() if v == 0.0]
     if zero:
         warnings.warn(f"GoRA: layers with a zero importance get r_min={r_min}: {zero[:6]}", RuntimeWarning, stacklevel=2)
@@ -226,30 +247,37 @@ def gora(
     )
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    planned, report = {}, {}  # every layer's factors first: a failure leaves the model as it was
+    planned, squares = {}, []  # every layer's factors first: a failure leaves the model as it was
     for name, layer in layers.items():
-        r = alloc.ranks[name]
-        grad = _dense_gradient(name, gradients[name])
+        r, (start, stop), g = alloc.ranks[name], rows[name], gradients[name]
+        grad = g.gradient_rows(start, stop)
         a_max = cfg.a_max[name] if cfg.a_max is not None else _draw_a_max(layer.in_features, r_max, gen)
         a = a_max[:r].to(device=grad.device, dtype=torch.float32)
-        streamed = gradients[name].products.get(name) if cfg.a_max is not None else None
-        ga = streamed[:, :r].float() if streamed is not None else grad.float() @ a.t()
+        streamed = g.products.get(name) if cfg.a_max is not None else None
+        ga = g.local_rows(streamed, start, stop)[:, :r].float() if streamed is not None else grad.float() @ a.t()
         gram = a @ a.t() + 1e-8 * torch.eye(r, device=a.device)
         xi = cfg.gamma * math.sqrt(layer.in_features) / layer.lora_alpha
         b = -xi * torch.linalg.solve(gram, ga.t()).t()
+        if world > 1:
+            b = gather_row_chunks(b, layer.out_features)
         config = dataclasses.replace(layer.config, r=r, use_rslora=True, init="gora")
         layer.check_adapter(a, b, config, where=name)
         planned[name] = (a, b, config)
-        # s·B A as the layer will hold it (factors rounded to the adapters' dtype).
-        delta = layer.delta_weight(a.to(layer.lora_A.dtype), b.to(layer.lora_B.dtype), config.scaling)
-        g_norm = grad.norm().item()
+        # This rank's rows of s·B A as the layer will hold it (factors rounded to the adapters' dtype).
+        delta = layer.delta_weight(a.to(layer.lora_A.dtype), b[start:stop].to(layer.lora_B.dtype), config.scaling)
+        grad = grad.to(delta.device)
+        layer_norms = torch.stack([grad.norm(), delta.norm(), (delta + cfg.gamma * grad).norm()])
+        squares.append(layer_norms.double().square().cpu())
+    squares = torch.stack(squares)
+    norms = (sum_in_rank_order(squares) if world > 1 else squares).sqrt().tolist()
+    report = {}
+    for name, (g_norm, d_norm, distance) in zip(layers, norms):
         report[name] = {
-            "rank": config.r,
+            "rank": alloc.ranks[name],
             "importance": imps[name],
             "share": alloc.shares[name],
-            "delta_over_gamma_grad": delta.norm().item() / (cfg.gamma * g_norm) if g_norm else float("nan"),
-            "distance_to_minus_gamma_grad": (delta + cfg.gamma * grad.to(delta.device)).norm().item() / g_norm
-            if g_norm else float("nan"),
+            "delta_over_gamma_grad": d_norm / (cfg.gamma * g_norm) if g_norm else float("nan"),
+            "distance_to_minus_gamma_grad": distance / g_norm if g_norm else float("nan"),
         }
     for name, layer in layers.items():
         layer.set_adapter(*planned[name])

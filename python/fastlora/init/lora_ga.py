@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._distributed import broadcast_from_rank0
 from ..gradients import GradientStats, call_model, to_device
 from ..reference import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
-from .common import select_layers
+from .common import collecting_ranks, select_layers
 
 __all__ = ["LoraGAConfig", "lora_ga", "DIRECTIONS", "SCALES", "SVD_METHODS"]
 
@@ -126,7 +127,9 @@ def lora_ga(
 
     Args:
         model: a model with LoRA layers (``fastlora.inject``); layers keep their rank and scale.
-        gradients: :func:`fastlora.collect_gradients` result covering every LoRA layer.
+        gradients: :func:`fastlora.collect_gradients` result covering every LoRA layer. If it was
+            collected on several ranks, every rank must call this (sharded means are decomposed
+            with collectives; rank 0's factors are broadcast so all ranks hold the same bits).
         config: :class:`LoraGAConfig` or a dict of its fields.
         check_batch: optional batch; the largest absolute change of the model's output on it
             (before vs after the initialisation) is logged and returned under "__model__".
@@ -156,6 +159,9 @@ def lora_ga(
         config = dataclasses.replace(layer.config, init="lora_ga")
         layer.check_adapter(a, b, config, (a, b), where=name)
         factors_by_layer[name] = (a, b, config, c)
+    if collecting_ranks(gradients) > 1:
+        # Rank 0's factors everywhere: the same bits whatever each rank's LAPACK threading did.
+        broadcast_from_rank0([t for a, b, _, _ in factors_by_layer.values() for t in (a, b)])
 
     report: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():

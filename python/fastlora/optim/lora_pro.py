@@ -164,6 +164,13 @@ def _check_hyperparameters(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+_GROUP_MODIFIED = (
+    "the LoRA parameter group was modified: it no longer holds the layers' (lora_A, lora_B) pairs. DeepSpeed ZeRO "
+    "(stages 1-3) does this, replacing the parameters by flat partitions, which LoRA-Pro cannot work on: use FSDP2, "
+    "DDP or ZeRO stage 0 (docs/distributed.md). Otherwise build a new optimizer"
+)
+
+
 class _LoRAProBase(torch.optim.Optimizer):
     """Layer discovery, batching of the closed form, weight decay, the finite-gradient check and
     checkpoints; subclasses say how adjusted gradients become updates."""
@@ -220,10 +227,15 @@ class _LoRAProBase(torch.optim.Optimizer):
             if not group["lora_pro"]:
                 continue
             params = group["params"]
+            if len(params) % 2:  # else zip would silently leave the last one out
+                raise RuntimeError(_GROUP_MODIFIED)
             for a, b in zip(params[0::2], params[1::2]):
                 layer = self._layers.get(id(a))
+                if layer is None:  # accelerate's FSDP2 prepare swaps in the sharded parameters
+                    self._rediscover()
+                    layer = self._layers.get(id(a))
                 if layer is None or layer.B is not b:
-                    raise RuntimeError("the LoRA parameter group was modified; build a new optimizer")
+                    raise RuntimeError(_GROUP_MODIFIED)
                 if layer.module.lora_A is not a or layer.module.lora_B is not b:
                     raise RuntimeError(
                         f"layer {layer.name!r}'s lora_A/lora_B were replaced after the optimizer was built; "
@@ -248,6 +260,13 @@ class _LoRAProBase(torch.optim.Optimizer):
         for key, block in blocks.items():
             block.stack(key[-1])
         return list(blocks.values())
+
+    def _rediscover(self) -> None:
+        """The layers again, from their modules' current adapters: ``accelerate.prepare`` shards the
+        model (``fully_shard`` replaces its parameters) after the optimizer was built, and puts the
+        new parameters in the param groups."""
+        layers, _ = _discover({layer.name: layer.module for layer in self._layers.values()})
+        self._layers = {id(layer.A): layer for layer in layers}
 
     def _plain_work(self) -> list[tuple[dict, list[Tensor]]]:
         work = []
