@@ -132,10 +132,10 @@ def test_matches_float64_reference(mode, b_init, backend):
     ref = copy.deepcopy(model)
     lr, wd, steps = 1e-2, 0.1, 6
     if mode == "sgd":
-        opt = LoRAProSGD(model, lr=lr, weight_decay=wd, ridge=0.0)
+        opt = LoRAProSGD(model, lr=lr, weight_decay=wd, ridge=0.0, trust_region=None)  # the paper's step
         ref_other = torch.optim.SGD(_reference_other_params(ref), lr=lr, weight_decay=wd)
     else:
-        opt = LoRAPro(model, lr=lr, weight_decay=wd, mode=mode, moment_dtype=F64, ridge=0.0)
+        opt = LoRAPro(model, lr=lr, weight_decay=wd, mode=mode, moment_dtype=F64, ridge=0.0, trust_region=None)
         ref_other = torch.optim.AdamW(_reference_other_params(ref), lr=lr, weight_decay=wd)
     state = {}
     with fastlora.use_backend(backend):
@@ -160,7 +160,7 @@ def test_matches_float64_reference(mode, b_init, backend):
 def test_x_modes_match_reference(x_mode):
     model = _model(b_init="random")
     ref = copy.deepcopy(model)
-    opt = LoRAPro(model, lr=1e-2, x_mode=x_mode, moment_dtype=F64, ridge=0.0)
+    opt = LoRAPro(model, lr=1e-2, x_mode=x_mode, moment_dtype=F64, ridge=0.0, trust_region=None)
     ref_other = torch.optim.AdamW(_reference_other_params(ref), lr=1e-2, weight_decay=0.0)
     state = {}
     for t in range(3):

@@ -194,7 +194,6 @@ def test_resume_with_a_trust_region_is_bit_identical(opt_cls):
         (dict(trust_region=float("nan")), "trust_region must be"),
         (dict(trust_region=float("inf")), "trust_region must be"),
         (dict(trust_region="0.5"), "trust_region must be"),
-        (dict(trust_region=0.5, mode="efficient"), "mode='efficient'"),
     ],
 )
 def test_trust_region_errors(kwargs, message):
@@ -206,14 +205,33 @@ def test_trust_region_errors(kwargs, message):
 
 def test_a_state_saved_before_the_option_existed_loads_as_faithful():
     model, batches, loss_fn = _gora_model()
-    opt = LoRAPro(model, lr=1e-3)
+    opt = LoRAPro(model, lr=1e-3, trust_region=None)
     loss_fn(model, batches[0]).backward()
     opt.step()
     state = opt.state_dict()
     for group in state["param_groups"]:
         del group["trust_region"]
-    fresh = LoRAPro(model, lr=1e-3, trust_region=0.5)
+    fresh = LoRAPro(model, lr=1e-3)
     fresh.load_state_dict(state)
     assert all(group["trust_region"] is None for group in fresh.param_groups)
     loss_fn(model, batches[1]).backward()
     fresh.step()
+
+
+def test_efficient_mode_does_not_use_the_trust_region():
+    model, batches, loss_fn = _gora_model()
+    twin = copy.deepcopy(model)
+    for m, trust in ((model, None), (twin, 0.1)):
+        opt = LoRAPro(m, lr=1e-3, mode="efficient", trust_region=trust)
+        for t in range(2):
+            loss_fn(m, batches[t]).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_default_is_the_trust_region():
+    model, _, _ = _gora_model()
+    assert LoRAPro(model).param_groups[0]["trust_region"] == fastlora.optim.DEFAULT_TRUST_REGION == 0.5
+    assert LoRAProSGD(model).param_groups[0]["trust_region"] == 0.5

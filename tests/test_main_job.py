@@ -84,3 +84,20 @@ def test_quantized_encoder_runs_the_adapter_methods(sdist, tmp_path, quantize):
     assert result["args"]["quantize"] == quantize
     fastlora.inject(model, "all-linear", r=2)
     assert all(layer.quantized for layer in fastlora.lora_layers(model).values())
+
+
+def test_composition_ablation_searches_every_remedy_next_to_its_parts(sdist, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    for name in sentiment.ABLATIONS["composition"]:  # one learning rate each keeps it short
+        method = sentiment.METHODS[name]
+        monkeypatch.setitem(sentiment.METHODS, name, dataclasses.replace(method, grid=method.grid[:1]))
+    sentiment.main(["--ablation", "composition", "--steps", "2", "--seeds", "1", "--max-examples", "32",
+                    "--batch-size", "8", "--calibration-batches", "2", "--curve-points", "1", "--curve-examples", "8",
+                    "--data-dir", str(DATA), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["chosen_lr"]) == set(sentiment.ABLATIONS["composition"])
+    assert all(r["val_accuracy"] == r["val_accuracy"] for r in result["runs"])  # chosen on validation
+    table = capsys.readouterr().out
+    for name in sentiment.ABLATIONS["composition"]:
+        assert sentiment.METHODS[name].label in table

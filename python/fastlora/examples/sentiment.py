@@ -60,14 +60,15 @@ class Method:
     grid: tuple[float, ...]
     lr: float
     label: str
+    options: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the optimizer (LoRAPro)
 
 
 # Hyper-parameters: the papers' recommendations scaled to a 22M-parameter encoder and ~120 steps.
 # LoRA r = 8, alpha = 16 on every linear layer (all papers); LoRA-GA: ArB2r, stable gamma 16,
 # rsLoRA, and a learning rate like full fine-tuning's (the authors' advice: its step follows full
 # fine-tuning's); GoRA: r_ref 8, bounds 4-32, gamma 0.05, B at 16x the lr (LoRA+, as its scripts);
-# LoRA-Pro: full mode, AdamW betas (0.9, 0.999), full fine-tuning's learning rate (its step is
-# Adam's in weight space); full fine-tuning: AdamW. Each grid brackets that recommendation, and a
+# LoRA-Pro: full mode with its default trust region, AdamW betas (0.9, 0.999), full fine-tuning's
+# learning rate (its step is Adam's in weight space); full fine-tuning: AdamW. Each grid brackets that recommendation, and a
 # grid whose best value lay at an end was extended past it. The randomly initialised
 # classification head is trained at HEAD_LR in every method (the same head for all, and it must
 # learn within a hundred steps).
@@ -76,10 +77,23 @@ METHODS: dict[str, Method] = {
     "lora_ga": Method("lora_ga", "adamw", (5e-5, 1e-4, 2e-4), 1e-4, "LoRA-GA"),
     "gora": Method("gora", "adamw_lora_plus", (5e-5, 1e-4, 2e-4), 1e-4, "GoRA"),
     "lora_pro": Method("lora", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4), 3e-4, "LoRA-Pro"),
-    "lora_pro_gora": Method("gora", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4, 1.2e-3), 6e-4, "LoRA-Pro + GoRA init"),
+    "lora_pro_gora": Method("gora", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4, 1.2e-3), 3e-4, "LoRA-Pro + GoRA init"),
     "full": Method(None, "adamw", (3e-5, 1e-4, 2e-4, 4e-4), 2e-4, "full fine-tuning"),
+    # --ablation composition (docs/composition.md): LoRA-Pro above runs with its default trust region;
+    # these run the paper's closed form, and the GoRA authors' combination (Adam on the adapters).
+    "lora_pro_paper": Method("lora", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4), 3e-4, "LoRA-Pro, paper's closed form",
+                             (("trust_region", None),)),
+    "lora_pro_gora_paper": Method("gora", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4, 1.2e-3), 6e-4,
+                                  "LoRA-Pro + GoRA init, paper's closed form", (("trust_region", None),)),
+    "lora_pro_gora_eff": Method("gora", "lora_pro", (1e-4, 3e-4, 1e-3, 2e-3, 4e-3), 2e-3,
+                                "LoRA-Pro efficient + GoRA init", (("mode", "efficient"),)),
 }
 HEAD_LR = 1e-3
+MAIN = ("lora", "lora_ga", "gora", "lora_pro", "lora_pro_gora", "full")  # the default run's methods
+ABLATIONS = {
+    "composition": ("lora", "gora", "lora_pro_paper", "lora_pro", "lora_pro_gora_paper", "lora_pro_gora",
+                    "lora_pro_gora_eff"),
+}
 
 
 @dataclass
@@ -240,7 +254,7 @@ def prepare(method: Method, model: nn.Module, calib: list[dict], lr: float):
     params = fastlora.trainable_parameters(model)
     head = {id(p) for p in model.classifier.parameters()}
     if method.optimizer == "lora_pro":
-        optimizer = fastlora.optim.LoRAPro(model, lr=lr, weight_decay=0.0)
+        optimizer = fastlora.optim.LoRAPro(model, lr=lr, weight_decay=0.0, **dict(method.options))
     elif method.optimizer == "adamw_lora_plus":
         optimizer = torch.optim.AdamW(fastlora.param_groups(model, lr=lr, b_lr_ratio=16.0, weight_decay=0.0))
     else:
@@ -407,7 +421,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-search", action="store_true",
                    help="choose each method's learning rate on validation accuracy (seed 0 over its grid) "
                         "instead of using the recorded choice of such a search")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(MAIN), choices=list(METHODS))
+    p.add_argument("--ablation", choices=list(ABLATIONS),
+                   help="run an ablation's methods (replaces --methods), each learning rate searched on validation: "
+                        "'composition' runs LoRA-Pro on a GoRA init with and without its remedies next to its parts")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method for the final table (>= 1)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=16)
@@ -427,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.curve_points = 40, 1, 2
+    if args.ablation:
+        args.methods, args.lr_search = list(ABLATIONS[args.ablation]), True
     if args.seeds < 1 or args.steps < 1:
         p.error("--seeds and --steps must be >= 1")
     if args.quantize != "none":  # a quantized weight cannot be trained

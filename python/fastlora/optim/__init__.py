@@ -4,9 +4,10 @@ closed form they use (:mod:`fastlora.optim.closed_form`), and LoRA+ parameter gr
 
 from .closed_form import equivalent_gradient, lora_pro_gradients, solve_sylvester
 from .groups import param_groups
-from .lora_pro import MODES, MOMENT_DTYPES, LoRAPro, LoRAProSGD
+from .lora_pro import DEFAULT_TRUST_REGION, MODES, MOMENT_DTYPES, LoRAPro, LoRAProSGD
 
 __all__ = [
+    "DEFAULT_TRUST_REGION",
     "MODES",
     "MOMENT_DTYPES",
     "LoRAPro",

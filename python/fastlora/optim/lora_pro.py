@@ -31,13 +31,14 @@ from ..layer import LoRALinear
 from ..reference import adam_directions
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype
 
-__all__ = ["LoRAPro", "LoRAProSGD", "MODES", "MOMENT_DTYPES"]
+__all__ = ["DEFAULT_TRUST_REGION", "LoRAPro", "LoRAProSGD", "MODES", "MOMENT_DTYPES"]
 
 logger = logging.getLogger("fastlora")
 
 MODES = ("full", "efficient")
 _WATCHED_STEPS = 3  # steps whose large lora_A changes are logged at INFO
 MOMENT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_TRUST_REGION = 0.5  # chosen on the main job's ablation (docs/composition.md)
 
 ModelOrLayers = nn.Module | Mapping[str, LoRALinear] | Iterable[LoRALinear]
 
@@ -94,7 +95,7 @@ class _Block:
         ``trust_region * ‖A‖_F / lr`` (so the step ``lr d_A`` stays within that fraction of
         ``‖A‖``); None when the group has no trust region."""
         trust = self.groups[0]["trust_region"]
-        if trust is None:
+        if trust is None or self.groups[0]["mode"] == "efficient":  # Adam on the adapters bounds its step
             return None
         lr = self.per_layer("lr").reshape(-1)
         return torch.where(lr > 0, trust * self.A.flatten(1).norm(dim=1) / lr, torch.full_like(lr, math.inf))
@@ -184,11 +185,6 @@ class _LoRAProBase(torch.optim.Optimizer):
         trust = defaults["trust_region"]
         if trust is not None and (not isinstance(trust, numbers.Real) or not trust > 0.0 or not math.isfinite(trust)):
             raise ValueError(f"trust_region must be None or a finite number > 0, got {trust!r}")
-        if trust is not None and defaults["mode"] == "efficient":
-            raise ValueError(
-                "trust_region applies to mode='full' and LoRAProSGD: in mode='efficient' Adam already normalises "
-                "each adapter's step; pass trust_region=None"
-            )
         layers, others = _discover(model)
         self._layers = {id(layer.A): layer for layer in layers}
         self.check_finite = bool(check_finite)
@@ -506,13 +502,14 @@ class LoRAPro(_LoRAProBase):
             base model).
         check_finite: raise ValueError, before changing anything, if a gradient holds NaN/Inf
             (costs one device synchronisation per step).
-        trust_region: None (the paper's closed form) or τ > 0: each step of a layer's ``lora_A``
-            stays within ``τ ‖A‖_F`` for the closed form's X-free part (``2 τ ‖A‖_F`` with X),
-            by damping ``BᵀB`` by the smallest ``δ`` that achieves it. Where ``B`` is small next
-            to its step (right after a GoRA init, or after ``B`` leaves 0) the faithful step
-            moves ``A`` by many times its norm and the realised merged-weight step is mostly the
-            second-order term ``s ΔB ΔA``; the region keeps it first order
-            (docs/composition.md). Full mode only (efficient mode's Adam normalises the step).
+        trust_region: τ > 0 (default 0.5) or None (the paper's closed form): each step of a
+            layer's ``lora_A`` stays within ``τ ‖A‖_F`` for the closed form's X-free part
+            (``2 τ ‖A‖_F`` with X), by damping ``BᵀB`` by the smallest ``δ`` that achieves it; the
+            faithful step wherever it already fits. Where ``B`` is small next to its step (right
+            after a GoRA init, or after ``B`` leaves 0) the faithful step moves ``A`` by many
+            times its norm and the realised merged-weight step is mostly the second-order term
+            ``s ΔB ΔA``; the region keeps it first order (docs/composition.md). Not used in
+            efficient mode, whose Adam normalises each adapter's step.
 
     State (``optimizer.state``): for a LoRA layer, under its ``lora_A``: ``step`` and, in full
     mode, ``exp_avg`` / ``exp_avg_sq`` of shape ``out x in``; in efficient mode each adapter holds
@@ -532,7 +529,7 @@ class LoRAPro(_LoRAProBase):
         ridge: float = DEFAULT_RIDGE,
         decay_base_weight: bool = False,
         check_finite: bool = True,
-        trust_region: float | None = None,
+        trust_region: float | None = DEFAULT_TRUST_REGION,
     ) -> None:
         _check_hyperparameters(lr, weight_decay, betas, eps)
         if mode not in MODES:
@@ -673,7 +670,7 @@ class LoRAProSGD(_LoRAProBase):
         ridge: float = DEFAULT_RIDGE,
         decay_base_weight: bool = False,
         check_finite: bool = True,
-        trust_region: float | None = None,
+        trust_region: float | None = DEFAULT_TRUST_REGION,
     ) -> None:
         _check_hyperparameters(lr, weight_decay)
         defaults = dict(
