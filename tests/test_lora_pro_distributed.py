@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 
-CONFIGS = {"full": dict(mode="full"), "efficient": dict(mode="efficient"),
-           "full, trust region": dict(mode="full", trust_region=0.5)}
+CONFIGS = {"full, paper's step": dict(mode="full", trust_region=None), "efficient": dict(mode="efficient"),
+           "full, trust region (default)": dict(mode="full")}
 STEPS = 4
 
 
@@ -78,5 +78,5 @@ def test_ddp_ranks_stay_identical(tmp_path):
             opt.zero_grad()
         for a, b in zip(ranks[0][mode], _snapshot(model, opt)):
             assert torch.equal(a, b), f"{mode}: rank 0 differs from averaging the two half-batch gradients"
-    faithful, damped = ranks[0]["full"], ranks[0]["full, trust region"]
+    faithful, damped = ranks[0]["full, paper's step"], ranks[0]["full, trust region (default)"]
     assert not all(torch.equal(a, b) for a, b in zip(faithful, damped)), "the trust region never acted here"

@@ -87,12 +87,13 @@ METHODS: dict[str, Method] = {
                                   "LoRA-Pro + GoRA init, paper's closed form", (("trust_region", None),)),
     "lora_pro_gora_eff": Method("gora", "lora_pro", (1e-4, 3e-4, 1e-3, 2e-3, 4e-3), 2e-3,
                                 "LoRA-Pro efficient + GoRA init", (("mode", "efficient"),)),
+    "lora_pro_lora_ga": Method("lora_ga", "lora_pro", (3e-5, 1e-4, 3e-4, 6e-4), 1e-4, "LoRA-Pro + LoRA-GA init"),
 }
 HEAD_LR = 1e-3
 MAIN = ("lora", "lora_ga", "gora", "lora_pro", "lora_pro_gora", "full")  # the default run's methods
 ABLATIONS = {
-    "composition": ("lora", "gora", "lora_pro_paper", "lora_pro", "lora_pro_gora_paper", "lora_pro_gora",
-                    "lora_pro_gora_eff"),
+    "composition": ("lora", "lora_ga", "gora", "lora_pro_paper", "lora_pro", "lora_pro_gora_paper", "lora_pro_gora",
+                    "lora_pro_gora_eff", "lora_pro_lora_ga"),
 }
 
 
