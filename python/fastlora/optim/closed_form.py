@@ -50,10 +50,16 @@ def _cutoff(values: Tensor, dims: tuple[int, ...], n: int) -> Tensor:
     return values.amax(dim=dims, keepdim=True) * (n * torch.finfo(values.dtype).eps)
 
 
-def _inverse_eigenvalues(lam: Tensor, ridge: float) -> Tensor:
+def _kept(lam: Tensor) -> Tensor:
+    """The Gram eigenvalues (last dimension) that are inverted: those above the relative cutoff."""
     lam = lam.clamp_min(0)
-    keep = lam > _cutoff(lam, (-1,), lam.shape[-1])
-    return torch.where(keep, 1.0 / (lam + ridge), torch.zeros((), dtype=lam.dtype, device=lam.device))
+    return lam > _cutoff(lam, (-1,), lam.shape[-1])
+
+
+def _inverse_eigenvalues(lam: Tensor, ridge: float, delta: Tensor | float = 0.0) -> Tensor:
+    """``1 / (lam + ridge + delta)`` on the kept eigenvalues, 0 on the others."""
+    zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
+    return torch.where(_kept(lam), 1.0 / (lam.clamp_min(0) + ridge + delta), zero)
 
 
 def _sylvester_from_eigh(lam: Tensor, u: Tensor, mu: Tensor, v: Tensor, c: Tensor) -> Tensor:
@@ -115,8 +121,7 @@ class GramProjector:
         On the eigendecomposition ``‖h_A(delta)‖^2 = sum_j w_j / (lam_j + delta)^2``; Newton's method
         on ``1/‖h_A(delta)‖ - 1/radius`` (increasing and concave in ``delta``, so the iterates rise
         monotonically to the root from 0, Moré and Sorensen's trust-region iteration) in float64."""
-        lam = self._lam_b.clamp_min(0)
-        keep = lam > _cutoff(lam, (-1,), lam.shape[-1])
+        lam, keep = self._lam_b.clamp_min(0), _kept(self._lam_b)
         out = []
         for lam_i, keep_i, u, g, s2, radius in zip(
             lam.split(self.sizes), keep.split(self.sizes), self._u_b.split(self.sizes), grads_A, self.inv_s2, radii
@@ -137,11 +142,8 @@ class GramProjector:
     def _damped_b(self, damping: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """``(B^T B + delta I)^+`` per group and the damped eigenvalues of ``B^T B``."""
         deltas = torch.cat(list(damping)).unsqueeze(-1)
-        lam = self._lam_b.clamp_min(0)
-        keep = lam > _cutoff(lam, (-1,), lam.shape[-1])
-        inv = torch.where(keep, 1.0 / (lam + self.ridge + deltas), torch.zeros((), dtype=lam.dtype, device=lam.device))
-        pinv = (self._u_b * inv.unsqueeze(-2)) @ self._u_b.mT
-        return list(pinv.split(self.sizes)), torch.where(keep, lam + deltas, lam)
+        pinv = (self._u_b * _inverse_eigenvalues(self._lam_b, self.ridge, deltas).unsqueeze(-2)) @ self._u_b.mT
+        return list(pinv.split(self.sizes)), torch.where(_kept(self._lam_b), self._lam_b + deltas, self._lam_b)
 
     def x(
         self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], x_mode: str,
