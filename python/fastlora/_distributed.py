@@ -9,7 +9,9 @@ instead of importing it (importing it costs most of a second).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import reduce
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "is_dtensor", "full", "local", "row_range", "check_row_sharded", "rows_like", "gather_rows", "sum_over_mesh",
     "world_size", "chunk_rows", "sum_in_rank_order", "gather_row_chunks", "broadcast_from_rank0",
+    "in_place", "flat_in_place", "BUCKET_BYTES",
 ]
 
 _DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
@@ -128,15 +131,37 @@ def gather_row_chunks(rows: Tensor, total: int, group=None) -> Tensor:
     return torch.cat(parts)[:total].to(rows.device)
 
 
+BUCKET_BYTES = 32 * 2**20
+
+
+def in_place(t: Tensor, collective: Callable[[Tensor], Any], group=None) -> None:
+    """Runs an in-place collective on ``t``; NCCL only moves device tensors, so a host tensor goes
+    through the current device in pieces of at most 32 MiB."""
+    if torch.distributed.get_backend(group) == "nccl" and not t.is_cuda:
+        for chunk in t.view(-1).split(BUCKET_BYTES // t.element_size()):
+            staged = chunk.cuda()
+            collective(staged)
+            chunk.copy_(staged)
+    else:
+        collective(t)
+
+
+def flat_in_place(tensors: list[Tensor], collective: Callable[[Tensor], Any], group=None) -> None:
+    """Runs an in-place collective on ``tensors`` (one dtype and device) as one flat message."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    in_place(flat, collective, group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def broadcast_from_rank0(tensors: list[Tensor], group=None) -> None:
     """Overwrites ``tensors`` on every rank with rank 0's (in place; one flat message per dtype)."""
+    dist = torch.distributed
+    src = dist.get_global_rank(group, 0) if group else 0
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
-        flat = _staged(torch.cat([t.reshape(-1) for t in same]), group)
-        torch.distributed.broadcast(flat, src=torch.distributed.get_global_rank(group, 0) if group else 0, group=group)
-        offset = 0
-        for t in same:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        flat_in_place(same, lambda t: dist.broadcast(t, src=src, group=group), group)

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._distributed import chunk_rows, gather_row_chunks, sum_in_rank_order, world_size
+from ._distributed import (
+    BUCKET_BYTES, chunk_rows, flat_in_place, gather_row_chunks, in_place, sum_in_rank_order, world_size,
+)
 from ._extension import has_kernel
 from .layer import LoRALinear
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
@@ -534,21 +536,6 @@ def _plan_groups(sizes: list[int], budget: float) -> list[list[int]]:
     return groups
 
 
-_BUCKET_BYTES = 32 * 2**20
-
-
-def _in_place(t: Tensor, collective: Callable[[Tensor], Any]) -> None:
-    """Runs an in-place collective on ``t``; NCCL only reduces device tensors, so a host tensor
-    goes through the current device in pieces of at most 32 MiB."""
-    if torch.distributed.get_backend() == "nccl" and not t.is_cuda:
-        for chunk in t.view(-1).split(_BUCKET_BYTES // t.element_size()):
-            staged = chunk.cuda()
-            collective(staged)
-            chunk.copy_(staged)
-    else:
-        collective(t)
-
-
 def _reduce_rows_to_owners(update: _ExactUpdate) -> tuple[int, int]:
     """The reduce-scatter of one exact accumulator by rows (split as ``torch.chunk`` splits them,
     the layout ``fully_shard`` gives the weight): each block of rows is summed into the rank that
@@ -560,7 +547,7 @@ def _reduce_rows_to_owners(update: _ExactUpdate) -> tuple[int, int]:
     for owner in range(world):
         start, stop = chunk_rows(rows, world, owner)
         if stop > start:
-            _in_place(update.acc[start:stop], lambda t, owner=owner: dist.reduce(t, dst=owner))
+            in_place(update.acc[start:stop], lambda t, owner=owner: dist.reduce(t, dst=owner))
     start, stop = chunk_rows(rows, world, rank)
     update.acc = update.acc[start:stop].clone()
     return start, stop
@@ -570,32 +557,20 @@ def _all_reduce_sum(tensors: list[Tensor]) -> None:
     """Sums tensors over all ranks in place: big ones alone, small ones in flat buckets."""
     import torch.distributed as dist
 
-    bucket_limit = _BUCKET_BYTES
     small: list[Tensor] = []
-
-    def reduce(t: Tensor) -> None:
-        _in_place(t, dist.all_reduce)
-
-    def flush() -> None:
-        if small:
-            flat = torch.cat([t.reshape(-1) for t in small])
-            reduce(flat)
-            offset = 0
-            for t in small:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-            small.clear()
-
     for t in tensors:
-        if t.numel() * t.element_size() >= bucket_limit:
-            reduce(t)
-        else:
-            if small and (small[0].device != t.device or small[0].dtype != t.dtype):
-                flush()
-            small.append(t)
-            if sum(s.numel() * s.element_size() for s in small) >= bucket_limit:
-                flush()
-    flush()
+        if t.numel() * t.element_size() >= BUCKET_BYTES:
+            in_place(t, dist.all_reduce)
+            continue
+        if small and (small[0].device != t.device or small[0].dtype != t.dtype):
+            flat_in_place(small, dist.all_reduce)
+            small = []
+        small.append(t)
+        if sum(s.numel() * s.element_size() for s in small) >= BUCKET_BYTES:
+            flat_in_place(small, dist.all_reduce)
+            small = []
+    if small:
+        flat_in_place(small, dist.all_reduce)
 
 
 def _peak_memory(device: torch.device) -> dict[str, int | None]:
