@@ -49,6 +49,18 @@ def loss_of(model: nn.Module, rank: int, step: int) -> torch.Tensor:
     return (model(x).float() - y).pow(2).mean()
 
 
+def repeat_first_batch(model: nn.Module, opt, rank: int, steps: int) -> list[float]:
+    """``steps`` optimizer steps on this rank's first batch; returns the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(model, rank, 0)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 def reference_grads(model: nn.Module, step: int) -> None:
     """Sets each trainable parameter's grad to the mean of the two ranks' half-batch gradients."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from torch import nn
 import fastlora
 from fsdp_helpers import (
     MixedPrecisionPolicy, TinyDecoder, batch, full_params, fully_shard, loss_of, make_model, needs_fsdp2,
-    reference_grads, shard_model, spawn, token_magnitudes,
+    reference_grads, repeat_first_batch, shard_model, spawn, token_magnitudes,
 )
 
 pytestmark = needs_fsdp2
@@ -124,14 +124,7 @@ def test_fsdp2_sharded_and_full_state_dicts(tmp_path):
 def _mixed_precision_and_units(rank, world, out_dir):
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model = shard_model(make_model(), mp_policy=policy)
-    opt = _adamw(model)
-    losses = []
-    for _ in range(4):
-        loss = loss_of(model, rank, 0)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = repeat_first_batch(model, _adamw(model), rank, 4)
     params = full_params(model)
 
     # A LoRALinear as its own FSDP unit works; its wrapped base layer alone is refused.

@@ -15,7 +15,7 @@ from fastlora._distributed import is_dtensor, local
 from fastlora.optim import LoRAPro, LoRAProSGD
 from fsdp_helpers import (
     MixedPrecisionPolicy, assert_same_state, closed_form_tolerance, full_params, full_state, loss_of, make_model,
-    needs_fsdp2, reference_grads, shard_model, spawn,
+    needs_fsdp2, reference_grads, repeat_first_batch, shard_model, spawn,
 )
 
 pytestmark = needs_fsdp2
@@ -141,14 +141,7 @@ def _checkpoint(rank, world, out_dir):
     # bfloat16 compute with float32 gradient reduction: LoRA-Pro trains, ranks in step.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed = shard_model(make_model(), mp_policy=policy)
-    mixed_opt = _optimizer("full-bf16", mixed)
-    losses = []
-    for _ in range(3):
-        loss = loss_of(mixed, rank, 0)
-        losses.append(loss.item())
-        loss.backward()
-        mixed_opt.step()
-        mixed_opt.zero_grad()
+    losses = repeat_first_batch(mixed, _optimizer("full-bf16", mixed), rank, 3)
     out.update(mixed=full_params(mixed), losses=losses)
     return out
 
