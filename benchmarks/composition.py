@@ -17,8 +17,8 @@ language) for a second architecture. Not a test: prints a table, writes JSON and
 from __future__ import annotations
 
 import argparse
-import copy
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +35,6 @@ INITS = ("lora", "lora_ga", "gora")
 
 def encoder_setup(args):
     """The main job's model, batches, adapter settings and learning-rate schedule."""
-    import os
-
     import transformers
 
     from fastlora.examples import sentiment as job
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[label] = lora_pro_run(setup, init, trust)
         results[name] = runs
         for label, steps in runs.items():
-            for t in sorted({0, 1, 2, 3, len(steps) - 1}):  # row t: after step t (0: the init)
+            for t in sorted({0, 1, 2, 3, len(steps) - 1} & set(range(len(steps)))):  # row t: after step t (0: init)
                 table.append({"model": name, "run": label, "step": t, **steps[t]})
     columns = ["model", "run", "step", "loss", "mean |A|", "mean |B|", "max |dA|/|A|", "|dW| realised",
                "|dW| first order", "|2nd order| / |1st|"]
