@@ -39,7 +39,7 @@ from .inject import (
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
 from . import hf  # noqa: F401  (registers the Hugging Face save hook)
 from .optim import param_groups
-from .layer import AdapterConfig, LoRALinear, lora_layers
+from .layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "adapter_state_dict",
     "collect_gradients",
     "copies",
+    "check_no_peft_layers",
     "cpu_isa",
     "cuda_layer_kernels",
     "disable_adapter",

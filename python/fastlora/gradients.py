@@ -650,6 +650,8 @@ def collect_gradients(
         ``summary["accumulator_bytes_peak"]`` the most this rank held at once.
     """
     _check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes)
+    if not isinstance(shard, bool):
+        raise TypeError(f"shard must be True or False, got {shard!r}")
     plan = _plan(model, batches, targets, exclude_modules, mode, sketch_rank, passes, products, memory_budget, offload)
     updates = _make_updates(plan, mode, sketch_rank, seed)
     world = world_size()

@@ -18,6 +18,7 @@ from .init.common import check_gradients
 from .init.lora_ga import rank_fits
 from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
+from .transaction import transaction
 
 __all__ = [
     "inject",
@@ -124,6 +125,10 @@ def inject(
     merged = [name for name, layer in lora_layers(model).items() if layer.merged]
     if merged:
         raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before adding adapters")
+    disabled = [name for name, layer in lora_layers(model).items() if not layer.adapter_enabled]
+    if disabled:
+        raise RuntimeError(f"the adapters of {disabled[:4]} are switched off (inside fastlora.disable_adapter): add "
+                           "adapters after the disable_adapter block")
     found = find_linear_targets(model, target_modules, exclude_modules)
     check_generator(generator, found[0][1].weight.device)
     configs: dict[str, AdapterConfig] = {}
@@ -181,7 +186,8 @@ def _tied_elsewhere(model: nn.Module, names: list[str]) -> dict[str, str]:
     for name in names:
         module = model.get_submodule(name)
         weight = module.base_layer.weight if isinstance(module, LoRALinear) else module.weight
-        others = [n for n in owners.get(id(weight), []) if not n.startswith(f"{name}.")]
+        inside = f"{name}." if name else ""  # "" is the model itself (a LoRALinear on its own)
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(inside)]
         if others:
             tied[name] = others[0]
     return tied
@@ -219,13 +225,11 @@ def add_layers(
     """Wraps the ``nn.Linear`` modules named (exactly) in ``configs`` in :class:`LoRALinear`
     (``adapter_dtype`` for all, or per name) and the modules named in ``copies`` in
     :class:`TrainableCopy`, then runs ``then(model)``. The first adapters of a model freeze every
-    other parameter; later ones leave the existing flags alone. On any error the model is
-    restored as it was."""
+    other parameter; later ones leave the existing flags alone. On any error (in ``then`` too)
+    the model is restored as it was."""
     _refuse_tied(model, list(configs), "training a LoRA on it and merging")
     first = not lora_layers(model)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    replaced = []
-    try:
+    with transaction(model):
         if first:
             for param in model.parameters():
                 param.requires_grad_(False)
@@ -234,10 +238,9 @@ def add_layers(
             init = config.init if config.init in INITS else "lora"
             dtype = adapter_dtype[name] if isinstance(adapter_dtype, Mapping) else adapter_dtype
             _swap(model, name, LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout,
-                                          config.use_rslora, dtype, init, generator))
-            replaced.append((name, module))
+                                          config.use_rslora, dtype, init, generator, name=name))
         for name in copies:
-            replaced.append((name, _swap(model, name, TrainableCopy(model.get_submodule(name)))))
+            _swap(model, name, TrainableCopy(model.get_submodule(name)))
         if trainable_modules is not None:
             for name, module in model.named_modules():
                 if name and name_matches(name, trainable_modules):
@@ -247,12 +250,6 @@ def add_layers(
             then(model)
         for hook in ON_ADAPTERS_ADDED:
             hook(model)
-    except BaseException:
-        for name, module in reversed(replaced):
-            _swap(model, name, module)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        raise
 
 
 def _gradient_init(init: str, found: list, configs: dict[str, AdapterConfig], gradients, init_config,
@@ -295,10 +292,11 @@ def merge(model: nn.Module, allow_requantize: bool = False) -> nn.Module:
         layer.check_merge(allow_requantize, name)
     _refuse_tied(model, list(layers), "merging")
     errors = {}
-    for name, layer in layers.items():
-        report = layer.merge(allow_requantize)
-        if report is not None:
-            errors[name] = report
+    with transaction(model):
+        for name, layer in layers.items():
+            report = layer.merge(allow_requantize)
+            if report is not None:
+                errors[name] = report
     if errors:
         worst = max(errors, key=lambda n: errors[n]["relative_error"])
         message = (f"fastlora: re-quantized {len(errors)} merged layers; largest error at {worst}: relative "
@@ -314,8 +312,9 @@ def unmerge(model: nn.Module) -> nn.Module:
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:
         raise RuntimeError(f"not merged: {unmerged[:4]}; call fastlora.merge(model) first")
-    for layer in layers.values():
-        layer.unmerge()
+    with transaction(model):
+        for layer in layers.values():
+            layer.unmerge()
     return model
 
 
@@ -324,19 +323,23 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
     merged into the weight (``merge=True``, computed in float32 and rounded once) or with the
     original weight (``merge=False``); ``modules_to_save`` copies by the trained copy or the
     original. ``save_pretrained`` then writes a standard checkpoint. Quantized bases merge only
-    with ``allow_requantize`` (see :func:`merge`)."""
+    with ``allow_requantize`` (see :func:`merge`). The LoRA layers taken out are
+    :attr:`~LoRALinear.detached`: optimizers still holding them refuse to step. A
+    :class:`LoRALinear` given on its own returns its base layer."""
     layers = _layers_or_raise(model)
-    if merge:
-        for name, layer in layers.items():
-            if not layer.merged:
-                layer.check_merge(allow_requantize, name)
-        _refuse_tied(model, list(layers), "merging")
     for name, layer in layers.items():
-        _swap(model, name, layer.unwrap(merge, allow_requantize))
-    for name, wrapper in trainable_copies(model).items():
-        _swap(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
-    for hook in ON_ADAPTERS_REMOVED:
-        hook(model)
+        layer.check_unwrap(merge, allow_requantize)
+    if merge:
+        _refuse_tied(model, list(layers), "merging")
+    if isinstance(model, LoRALinear):
+        return model.unwrap(merge, allow_requantize)
+    with transaction(model):
+        for name, layer in layers.items():
+            _swap(model, name, layer.unwrap(merge, allow_requantize))
+        for name, wrapper in trainable_copies(model).items():
+            _swap(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
+        for hook in ON_ADAPTERS_REMOVED:
+            hook(model)
     return model
 
 
@@ -366,7 +369,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         for name, layer in layers.items():
-            layer.set_adapter_enabled(before[name])
+            if not layer.detached:  # unload(merge=False) inside the block took it out
+                layer.set_adapter_enabled(before[name])
         for name, wrapper in copies.items():
             wrapper.set_enabled(copies_before[name])
 

@@ -2,26 +2,30 @@
 
 The layer is the one owner of its adapter's state (:class:`AdapterConfig`, whether it is merged,
 and the LoRA-GA offset its base weight carries). Every change goes through one of its transitions
-(:meth:`LoRALinear.set_adapter`, :meth:`~LoRALinear.reset_lora_parameters`,
-:meth:`~LoRALinear.set_rank`, :meth:`~LoRALinear.merge`, :meth:`~LoRALinear.unmerge`), each of which
-checks everything first and then either completes or raises with the layer unchanged. The rules
-are in docs/adapters.md.
+(:meth:`LoRALinear.load_factors`, :meth:`~LoRALinear.reset_lora_parameters`,
+:meth:`~LoRALinear.set_rank`, :meth:`~LoRALinear.merge`, :meth:`~LoRALinear.unmerge`,
+:meth:`~LoRALinear.set_adapter_enabled`, :meth:`~LoRALinear.decay_base`,
+:meth:`~LoRALinear.unwrap`), each of which checks everything first and then either completes or
+raises with the layer unchanged (a :func:`fastlora.transaction.transaction`). The rules are in
+docs/adapters.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._distributed import is_dtensor
+from ._distributed import is_dtensor, local
 from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
 from .reference import accumulation_dtype
 from .quantized import (check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind,
                         requantize, swap_weight)
+from .transaction import preserve, transaction
 
 __all__ = [
     "AdapterConfig",
@@ -31,6 +35,7 @@ __all__ = [
     "check_base_layer",
     "check_factors",
     "check_generator",
+    "check_no_peft_layers",
     "lora_layers",
     "lora_scaling",
     "validate_lora_config",
@@ -131,6 +136,17 @@ def check_factors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]]
             raise ValueError(f"{where}: {key} has NaN or infinite values")
 
 
+def check_values(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device, where: str) -> None:
+    """Raises ValueError unless every tensor can be put on ``device`` (real values where the layer has
+    them: none on the meta device) and stays finite in ``dtype``: 1e300 in a float64 file is
+    infinite in a float32 adapter."""
+    for key, t in tensors.items():
+        if t.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{where}: {key} is on the meta device (no values); materialise it first")
+        if t.device.type != "meta" and not bool(torch.isfinite(t.to(dtype)).all()):
+            raise ValueError(f"{where}: {key} is not finite in the adapters' dtype {dtype}")
+
+
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
     if generator is None:
         return
@@ -164,6 +180,7 @@ class LoRALinear(nn.Module):
         init: "lora" (A Kaiming-uniform, B = 0, as PEFT; the layer starts equal to the base
             layer) or "gaussian" (A ~ N(0, 1/r), B = 0).
         generator: RNG for the initial A.
+        name: the layer's name in its model (:func:`fastlora.inject` gives it), for error messages.
 
     Example:
         >>> layer = LoRALinear(nn.Linear(64, 32), r=4, lora_alpha=8)
@@ -180,6 +197,7 @@ class LoRALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
         init: str = "lora",
         generator: torch.Generator | None = None,
+        name: str | None = None,
     ) -> None:
         check_base_layer(base_layer)
         if init not in INITS:
@@ -196,8 +214,12 @@ class LoRALinear(nn.Module):
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
         self._config = dataclasses.replace(config, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout))
+        self._where = f"LoRA layer {name!r}" if name else "LoRALinear"
+        self._base_type = type(base_layer)  # PEFT wrapping base_layer later is caught in forward
         self._merged = False
+        self._merged_factors: tuple[Tensor, Tensor, float] | None = None  # what merge() added to W
         self._enabled = True
+        self._detached = False  # unwrap() gave the base layer back to the model
         self._quantized = is_quantized(base_layer)
         if self._quantized:
             cpu_repacking(base_layer, False)
@@ -274,6 +296,12 @@ class LoRALinear(nn.Module):
         return self._enabled
 
     @property
+    def detached(self) -> bool:
+        """True once :func:`fastlora.unload` has put the base layer back in the model: the layer
+        then refuses every transition (its base layer is the model's now)."""
+        return self._detached
+
+    @property
     def quantized(self) -> bool:
         """Whether the base is a quantized (bitsandbytes) layer: its weight is never changed in
         place, a LoRA-GA offset is kept as a frozen low-rank term instead."""
@@ -287,16 +315,33 @@ class LoRALinear(nn.Module):
 
     # ---- transitions ---------------------------------------------------------------------------
 
+    def _require_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError(
+                f"{self._where} was unloaded (fastlora.unload): its base layer is part of the model again and the "
+                "adapter is gone; work on the model's current layers (fastlora.lora_layers(model)) and build a new "
+                "optimizer for them"
+            )
+
     def _require_unmerged(self, action: str) -> None:
+        self._require_attached()
         if self._merged:
-            raise RuntimeError(f"this LoRA layer is merged; unmerge it (fastlora.unmerge(model)) before you {action}")
+            raise RuntimeError(f"{self._where} is merged; unmerge it (fastlora.unmerge(model)) before you {action}")
 
     @torch.no_grad()
     def _shift_weight(self, a0: Tensor, b0: Tensor, sign: float, scaling: float) -> None:
-        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back once."""
+        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back once;
+        refused (W unchanged) if the result would not be finite in W's dtype (a float16 overflow)."""
         w = self.base_layer.weight
         delta = self.delta_weight(a0, b0, sign * scaling)
-        w.copy_(w.to(delta.dtype) + delta)
+        new = (w.to(delta.dtype) + delta).to(w.dtype)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(
+                f"{self._where}: the base weight plus the adapter is not finite in {w.dtype} (it overflows); "
+                "nothing was changed. Keep the adapter separate, or cast the base to a wider dtype first"
+            )
+        preserve(w)
+        w.copy_(new)
 
     def _remove_base_offset(self) -> None:
         if self.lora_A0 is not None:
@@ -305,6 +350,8 @@ class LoRALinear(nn.Module):
             self.lora_A0 = self.lora_B0 = None
 
     def _draw(self, init: str, generator: torch.Generator | None) -> None:
+        preserve(self.lora_A)
+        preserve(self.lora_B)
         with torch.no_grad():
             if init == "lora":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
@@ -325,7 +372,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         """Raises (ValueError/TypeError/RuntimeError) unless :meth:`set_adapter` would accept
         these arguments; changes nothing."""
-        where = where or "LoRALinear"
+        where = where or self._where
         self._require_unmerged("load an adapter into it")
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"{where}: config must be an AdapterConfig, got {type(config).__name__}")
@@ -336,9 +383,10 @@ class LoRALinear(nn.Module):
             tensors.update(lora_A0=base_offset[0], lora_B0=base_offset[1])
             shapes.update(lora_A0=shapes["lora_A"], lora_B0=shapes["lora_B"])
         check_factors(tensors, shapes, where)
+        check_values(tensors, self.lora_A.dtype, self.lora_A.device, where)
 
     @torch.no_grad()
-    def set_adapter(
+    def load_factors(
         self,
         lora_A: Tensor,
         lora_B: Tensor,
@@ -357,7 +405,8 @@ class LoRALinear(nn.Module):
 
         The rank follows ``lora_A``; if it changes, the adapters become new Parameters (rebuild
         any optimizer). Raises before any change if an argument does not fit (see
-        :meth:`check_adapter`) or the layer is merged.
+        :meth:`check_adapter`) or the layer is merged; a failure while applying (an out-of-memory,
+        an overflow of the base weight) leaves the layer as it was.
 
         On a quantized base the offset is never written into the weight (``base_weights`` does
         not apply): forward computes ``Q(W) x - s·B0 A0 x + s·B A x``.
@@ -365,6 +414,18 @@ class LoRALinear(nn.Module):
         if base_weights not in ("recorded", "original", "offset"):
             raise ValueError(f"base_weights must be 'recorded', 'original' or 'offset', got {base_weights!r}")
         self.check_adapter(lora_A, lora_B, config, base_offset)
+        with transaction(self):
+            self._load_factors(lora_A, lora_B, config, base_offset, base_weights)
+
+    def set_adapter(self, *args, **kwargs) -> None:
+        """Deprecated name of :meth:`load_factors` (PEFT's ``set_adapter(name)`` selects an adapter,
+        a different thing); it will be removed in the next release."""
+        warnings.warn("LoRALinear.set_adapter is deprecated; call load_factors (same arguments)", DeprecationWarning,
+                      stacklevel=2)
+        self.load_factors(*args, **kwargs)
+
+    def _load_factors(self, lora_A: Tensor, lora_B: Tensor, config: AdapterConfig,
+                      base_offset: tuple[Tensor, Tensor] | None, base_weights: str) -> None:
         new_offset = None
         if base_offset is not None:  # the offset is kept exactly as the adapters store it
             new_offset = tuple(t.detach().to(self.lora_A.device, self.lora_A.dtype).clone() for t in base_offset)
@@ -382,6 +443,8 @@ class LoRALinear(nn.Module):
         if config.r != self.r:
             self._resize(config.r)
         self._config = config
+        preserve(self.lora_A)
+        preserve(self.lora_B)
         self.lora_A.copy_(lora_A)
         self.lora_B.copy_(lora_B)
         if new_offset is not None:
@@ -397,19 +460,22 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
         check_generator(generator, self.lora_A.device)
         self._require_unmerged("reset its adapter")
-        self._remove_base_offset()
-        self._config = dataclasses.replace(self._config, init=init)
-        self._draw(init, generator)
+        with transaction(self):
+            self._remove_base_offset()
+            self._config = dataclasses.replace(self._config, init=init)
+            self._draw(init, generator)
 
     def set_rank(self, r: int) -> None:
         """Replaces the adapters by zero ones of rank ``r`` (same dtype and device; new
-        Parameters) and removes any LoRA-GA offset; the caller initialises them."""
-        config = dataclasses.replace(self._config, r=r)
-        config.check(self.in_features, self.out_features)
+        Parameters) and removes any LoRA-GA offset (the recorded init becomes "lora"); the caller
+        initialises them."""
+        config = dataclasses.replace(self._config, r=r, init="lora")
+        config.check(self.in_features, self.out_features, self._where)
         self._require_unmerged("change its rank")
-        self._remove_base_offset()
-        self._resize(r)
-        self._config = config
+        with transaction(self):
+            self._remove_base_offset()
+            self._resize(r)
+            self._config = config
 
     def set_adapter_enabled(self, enabled: bool) -> None:
         """Switches the adapter off (the layer computes the original base layer, a LoRA-GA offset
@@ -419,21 +485,56 @@ class LoRALinear(nn.Module):
         self._require_unmerged("switch its adapter off or on")
         self._enabled = enabled
 
+    def check_unwrap(self, merge: bool = True, allow_requantize: bool = False) -> None:
+        """Raises unless :meth:`unwrap` with these arguments would run; changes nothing."""
+        self._require_attached()
+        if not isinstance(merge, bool):
+            raise TypeError(f"merge must be True or False, got {merge!r}")
+        if merge and not self._merged:
+            self.check_merge(allow_requantize)
+
     @torch.no_grad()
     def unwrap(self, merge: bool = True, allow_requantize: bool = False) -> nn.Linear:
         """The base layer, to put in this layer's place: with ``s·B A`` merged into its weight, or
         (``merge=False``) with its original weight (unmerged, a LoRA-GA offset removed). A
-        quantized base merges only with ``allow_requantize`` (see :meth:`merge`)."""
-        if merge and not self._merged:
-            self.merge(allow_requantize)
-        if not merge:
-            if self._merged:
-                self.unmerge()
-            self._remove_base_offset()
+        quantized base merges only with ``allow_requantize`` (see :meth:`merge`). Afterwards this
+        layer is :attr:`detached` and refuses every transition."""
+        self.check_unwrap(merge, allow_requantize)
+        with transaction(self):
+            if merge and not self._merged:
+                self.merge(allow_requantize)
+            if not merge:
+                if self._merged:
+                    self.unmerge()
+                self._remove_base_offset()
+            self._detached = True
         return self.base_layer
+
+    @torch.no_grad()
+    def decay_base(self, factor: float) -> None:
+        """Multiplies the original base weight ``W0`` by ``factor`` (LoRA-Pro's
+        ``decay_base_weight``: decoupled weight decay of the frozen part of the merged weight). A
+        LoRA-GA offset's factors scale by ``sqrt(factor)`` with it, so the layer's base becomes
+        ``factor·(W0 - s·B0 A0)`` and ``unload(merge=False)`` gives ``factor·W0``. Refused on
+        quantized bases (the packed weight cannot be scaled in place) and on merged layers."""
+        self._require_unmerged("decay its base weight")
+        if self._quantized:
+            raise ValueError(f"{self._where} has a quantized base ({quantization_kind(self.base_layer)}): its weight "
+                             "cannot decay in place; use decay_base_weight=False")
+        if not (_is_real_number(factor) and 0.0 <= factor <= 1.0):
+            raise ValueError(f"{self._where}: the decay factor must be in [0, 1], got {factor!r}")
+        w = local(self.base_layer.weight)
+        offset = [t for t in (self.lora_A0, self.lora_B0) if t is not None]
+        for t in [w, *offset]:
+            preserve(t)
+        w.mul_(factor)
+        for t in offset:
+            t.mul_(math.sqrt(factor))
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
+        if type(base) is not self._base_type:
+            self.check_base_unchanged()
         if self._quantized:
             return self._quantized_forward(x)
         if self._merged or (not self._enabled and self.lora_A0 is None):
@@ -467,6 +568,23 @@ class LoRALinear(nn.Module):
                 y = lora_update(x, y, self.lora_A0, self.lora_B0, -self.scaling)
         return lora_update(x, y, a, b, self.scaling, p)
 
+    def check_base_unchanged(self) -> None:
+        """Raises TypeError if ``base_layer`` was replaced since the adapter was added: PEFT
+        (``get_peft_model``, TRL's ``peft_config``, transformers' ``add_adapter``) wrapping fastlora's
+        base layers would train adapters fastlora never computes nor saves."""
+        base = self.base_layer
+        if type(base) is self._base_type:
+            return
+        peft = type(base).__module__.split(".")[0] == "peft"
+        raise TypeError(
+            f"{self._where}: its base layer was replaced by {type(base).__module__}.{type(base).__name__}"
+            + (": PEFT was applied on top of a fastlora model (get_peft_model, TRL's peft_config, or transformers' "
+               "add_adapter). The model already has fastlora's adapters: train it as a plain model (no peft_config), "
+               "or remove them first (fastlora.unload(model)) if PEFT should manage the adapters"
+               if peft else "; LoRA layers own their base layer: put the new module in the model before "
+               "fastlora.inject, or fastlora.unload(model) first")
+        )
+
     @torch.no_grad()
     def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None,
                      scaling: float | None = None) -> Tensor:
@@ -479,10 +597,18 @@ class LoRALinear(nn.Module):
         dtype = accumulation_dtype(w.dtype)
         return (b.to(w.device, dtype) @ a.to(w.device, dtype)) * (self.scaling if scaling is None else scaling)
 
-    def check_merge(self, allow_requantize: bool = False, where: str = "LoRALinear") -> None:
+    def check_merge(self, allow_requantize: bool = False, where: str | None = None) -> None:
         """Raises (RuntimeError/ValueError) unless :meth:`merge` with these arguments would run."""
+        where = where or self._where
+        self._require_attached()
         if self._merged:
             raise RuntimeError(f"{where} is already merged; call unmerge() first")
+        if not self._enabled:
+            raise RuntimeError(
+                f"{where}'s adapter is switched off (inside fastlora.disable_adapter, or set_adapter_enabled(False)): "
+                "a merge would fold in an adapter the layer does not compute. Merge after the disable_adapter block "
+                "(or set_adapter_enabled(True))"
+            )
         if not isinstance(allow_requantize, bool):
             raise TypeError(f"allow_requantize must be True or False, got {allow_requantize!r}")
         if self._quantized and not allow_requantize:
@@ -507,11 +633,15 @@ class LoRALinear(nn.Module):
         self.check_merge(allow_requantize)
         if not self._quantized:
             self._shift_weight(self.lora_A, self.lora_B, +1.0, self.scaling)
+            # unmerge subtracts what was added, even if an optimizer stepped the adapters meanwhile
+            self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
             self._merged = True
             return None
         target = dense_weight(self.base_layer) + self.delta_weight().to(self.lora_A.device)
         if self.lora_A0 is not None:
             target -= self.delta_weight(self.lora_A0, self.lora_B0)
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(f"{self._where}: the base weight plus the adapter is not finite; nothing was changed")
         new = requantize(self.base_layer, target)
         self._premerge_weight = swap_weight(self.base_layer, new)
         self._merged = True
@@ -523,13 +653,16 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Subtracts s * B A from the base weight again (a quantized base gets its weight from
         before the merge back, exactly). Raises RuntimeError if not merged."""
+        self._require_attached()
         if not self._merged:
-            raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
+            raise RuntimeError(f"{self._where} is not merged; nothing to unmerge")
         if self._quantized:
             swap_weight(self.base_layer, self._premerge_weight)
             self._premerge_weight = None
         else:
-            self._shift_weight(self.lora_A, self.lora_B, -1.0, self.scaling)
+            a, b, scaling = self._merged_factors
+            self._shift_weight(a, b, -1.0, scaling)
+            self._merged_factors = None
         self._merged = False
 
     def extra_repr(self) -> str:
@@ -545,3 +678,18 @@ class LoRALinear(nn.Module):
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """All :class:`LoRALinear` modules of ``model`` by name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def check_no_peft_layers(model: nn.Module) -> None:
+    """Raises TypeError if PEFT's layers were added to a fastlora model (``get_peft_model``, TRL's
+    ``peft_config``, transformers' ``add_adapter``): fastlora would neither train nor save them
+    correctly. Saves and optimizers call this; forward checks its own layer only."""
+    for layer in lora_layers(model).values():
+        layer.check_base_unchanged()
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            raise TypeError(
+                f"{name or type(model).__name__} is a PEFT module inside a fastlora model: PEFT was applied on top of "
+                "fastlora's adapters (get_peft_model, TRL's peft_config, or transformers' add_adapter). Use one of the "
+                "two: train the fastlora model as it is (no peft_config), or fastlora.unload(model) first"
+            )

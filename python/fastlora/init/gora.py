@@ -25,6 +25,7 @@ from .._distributed import chunk_rows, gather_row_chunks, sum_in_rank_order
 from ..gradients import GradientStats
 from ..quantized import dense_weight
 from ..targets import Targets, find_linear_targets
+from ..transaction import transaction
 from .common import collecting_ranks, select_layers
 
 __all__ = ["GoRAConfig", "Allocation", "allocate_ranks", "gora", "gora_a_max", "IMPORTANCES"]
@@ -279,8 +280,9 @@ def gora(
             "delta_over_gamma_grad": d_norm / (cfg.gamma * g_norm) if g_norm else float("nan"),
             "distance_to_minus_gamma_grad": distance / g_norm if g_norm else float("nan"),
         }
-    for name, layer in layers.items():
-        layer.set_adapter(*planned[name])
+    with transaction(model):  # a failure on layer k puts layers 0..k-1 back
+        for name, layer in layers.items():
+            layer.load_factors(*planned[name])
     ranks = sorted(alloc.ranks.values())
     logger.info("GoRA: budget %d adapter parameters, allocated %d (%.1f%%), ranks min %d / median %d / max %d",
                 alloc.budget, alloc.used, 100.0 * alloc.used / alloc.budget, ranks[0], ranks[len(ranks) // 2], ranks[-1])

@@ -24,6 +24,7 @@ from ..gradients import GradientStats, call_model, to_device
 from ..reference import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
+from ..transaction import transaction
 from .common import collecting_ranks, select_layers
 
 __all__ = ["LoraGAConfig", "lora_ga", "DIRECTIONS", "SCALES", "SVD_METHODS"]
@@ -164,13 +165,14 @@ def lora_ga(
         broadcast_from_rank0([t for a, b, _, _ in factors_by_layer.values() for t in (a, b)])
 
     report: dict[str, dict[str, Any]] = {}
-    for name, layer in layers.items():
-        if name not in factors_by_layer:
-            warnings.warn(f"LoRA-GA: layer {name} keeps the plain LoRA init (2r > min(in, out))", stacklevel=2)
-            report[name] = {"rank": layer.r, "init": "lora"}
-            continue
-        a, b, config, c = factors_by_layer[name]
-        report[name] = {"rank": layer.r, "scale": config.scaling, "c": c, **_apply(layer, a, b, config)}
+    with transaction(model):  # a failure on layer k puts layers 0..k-1 back
+        for name, layer in layers.items():
+            if name not in factors_by_layer:
+                warnings.warn(f"LoRA-GA: layer {name} keeps the plain LoRA init (2r > min(in, out))", stacklevel=2)
+                report[name] = {"rank": layer.r, "init": "lora"}
+                continue
+            a, b, config, c = factors_by_layer[name]
+            report[name] = {"rank": layer.r, "scale": config.scaling, "c": c, **_apply(layer, a, b, config)}
     if before is not None:
         after = _model_output(model, check_batch)
         report["__model__"] = {"max_output_change": (after.float() - before.float()).abs().max().item()}
@@ -185,14 +187,14 @@ def _apply(layer: LoRALinear, a: Tensor, b: Tensor, config) -> dict[str, float]:
     the layer had); returns the offset's norm and the largest rounding error of the new effective
     weight against the original one (zero on a quantized base, which keeps the offset as a term)."""
     if layer.quantized:
-        layer.set_adapter(a, b, config, base_offset=(a, b))
+        layer.load_factors(a, b, config, base_offset=(a, b))
         return {"offset_norm": layer.delta_weight().norm().item(), "max_weight_rounding": 0.0}
     w = layer.base_layer.weight
     offset = layer.base_offset
     original = w.detach().to(accumulation_dtype(w.dtype), copy=True)
     if offset is not None:
         original = original + layer.delta_weight(*offset)
-    layer.set_adapter(a, b, config, base_offset=(a, b))
+    layer.load_factors(a, b, config, base_offset=(a, b))
     after = layer.delta_weight()
     rounding = (w.to(after.dtype) + after - original).abs().max().item()
     return {"offset_norm": after.norm().item(), "max_weight_rounding": rounding}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._distributed import check_row_sharded, full, gather_rows, is_dtensor, local, row_range, rows_like, sum_over_mesh
-from ..layer import lora_layers
+from ..layer import check_no_peft_layers, lora_layers
 from ..layer import LoRALinear
 from ..reference import adam_directions
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype
@@ -106,6 +106,7 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
     if isinstance(model, LoRALinear):
         named, others_from = {"": model}, None
     elif isinstance(model, nn.Module):
+        check_no_peft_layers(model)
         named, others_from = lora_layers(model), model
     elif isinstance(model, Mapping):
         named, others_from = dict(model), None
@@ -151,13 +152,26 @@ def _discover(model: ModelOrLayers) -> tuple[list[_Layer], list[nn.Parameter]]:
     return layers, others
 
 
+def _check_steppable(layer: _Layer) -> None:
+    """RuntimeError unless the layer's adapter can be stepped: not unloaded, not merged (a step
+    would not reach the merged weight), its base layer not wrapped by PEFT since."""
+    module = layer.module
+    if module.detached:
+        raise RuntimeError(f"layer {layer.name!r} was unloaded (fastlora.unload) after this optimizer was built; "
+                           "build a new optimizer for the model's current LoRA layers")
+    if module.merged:
+        raise RuntimeError(f"layer {layer.name!r} is merged: a step would change adapters the merged weight does not "
+                           "follow; fastlora.unmerge(model) before training")
+    module.check_base_unchanged()
+
+
 def _check_hyperparameters(
     lr: float, weight_decay: float, betas: tuple[float, float] | None = None, eps: float | None = None
 ) -> None:
     if not isinstance(lr, numbers.Real) or not lr >= 0.0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0 or not math.isfinite(weight_decay):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if betas is not None:
         if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -183,9 +197,15 @@ class _LoRAProBase(torch.optim.Optimizer):
         if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
         trust = defaults["trust_region"]
-        if trust is not None and (not isinstance(trust, numbers.Real) or not trust > 0.0 or not math.isfinite(trust)):
+        if trust is not None and (not isinstance(trust, numbers.Real) or isinstance(trust, bool) or not trust > 0.0
+                                  or not math.isfinite(trust)):
             raise ValueError(f"trust_region must be None or a finite number > 0, got {trust!r}")
         layers, others = _discover(model)
+        if defaults.get("decay_base_weight"):
+            quantized = [layer.name for layer in layers if layer.module.quantized]
+            if quantized:
+                raise ValueError(f"decay_base_weight=True: layers {quantized[:4]} have quantized bases, whose weights "
+                                 "cannot decay in place; use decay_base_weight=False")
         self._layers = {id(layer.A): layer for layer in layers}
         self.check_finite = bool(check_finite)
         self._steps_taken = 0
@@ -232,6 +252,7 @@ class _LoRAProBase(torch.optim.Optimizer):
                     layer = self._layers.get(id(a))
                 if layer is None or layer.B is not b:
                     raise RuntimeError(_GROUP_MODIFIED)
+                _check_steppable(layer)
                 if layer.module.lora_A is not a or layer.module.lora_B is not b:
                     raise RuntimeError(
                         f"layer {layer.name!r}'s lora_A/lora_B were replaced after the optimizer was built; "
@@ -395,13 +416,9 @@ class _LoRAProBase(torch.optim.Optimizer):
             [local(layer.B) for layer in block.layers],
             [b[slice(*layer.rows_B)] for layer, b in zip(block.layers, new_b.unbind(0))],
         )
-        bases = [
-            (local(layer.module.base_layer.weight), 1.0 - g["lr"] * g["weight_decay"])
-            for layer, g in zip(block.layers, block.groups)
-            if g.get("decay_base_weight") and g["weight_decay"] > 0
-        ]
-        if bases:
-            torch._foreach_mul_([w for w, _ in bases], [f for _, f in bases])
+        for layer, g in zip(block.layers, block.groups):
+            if g.get("decay_base_weight") and g["weight_decay"] > 0:
+                layer.module.decay_base(1.0 - g["lr"] * g["weight_decay"])
         return change
 
     # ---- checkpoints -----------------------------------------------------------------------
