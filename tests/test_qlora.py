@@ -142,8 +142,8 @@ def test_the_branch_saves_x_and_a_T_by_r_tensor_only(offset, dropout):
     layer = model[0]
     if offset:  # without dropout the offset term shares the branch (T x 2r), with it keeps its own T x r
         config = dataclasses.replace(layer.config, init="lora_ga")
-        layer.set_adapter(layer.lora_A.detach(), layer.lora_B.detach(), config,
-                          (layer.lora_A.detach(), layer.lora_B.detach()))
+        layer.load_factors(layer.lora_A.detach(), layer.lora_B.detach(), config,
+                            (layer.lora_A.detach(), layer.lora_B.detach()))
     x = torch.randn(11, IN, requires_grad=True)
     saved = []
 
