@@ -48,7 +48,8 @@ def snapshot(model):
     tensors = {f"p:{n}": (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
     tensors.update({f"b:{n}": (b.clone(), False) for n, b in model.named_buffers()})
     layers = {n: (layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora, layer.init_method, layer.merged,
-                  getattr(layer, "lora_A0", None) is not None) for n, layer in fastlora.lora_layers(model).items()}
+                  getattr(layer, "lora_A0", None) is not None, layer.adapter_enabled, layer.detached)
+              for n, layer in fastlora.lora_layers(model).items()}
     return tensors, layers, [type(m) for m in model.modules()]
 
 

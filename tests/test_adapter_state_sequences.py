@@ -1,7 +1,13 @@
 """Random sequences of user operations on adapter state (hypothesis): after every step the model
-computes the fresh base plus the adapter the sequence last gave it, or the step raised and left
-the model exactly as it was. The expected function comes from a small model of the rules in
-docs/adapters.md, kept by the test itself (ΔW per layer relative to the fresh base)."""
+computes the base plus the adapter the sequence last gave it (the base alone inside an open
+``disable_adapter``, base plus what was merged while merged), or the step raised and left the
+model exactly as it was. The expected function comes from a small model of the rules in
+docs/adapters.md, kept by the test itself (ΔW per layer relative to the base). Operations include
+saves and loads in both formats, merges, ``disable_adapter`` blocks left open across other
+operations, re-ranking, unloading, and optimizer steps (AdamW, LoRA-Pro, LoRA-Pro SGD) from an
+optimizer built at some earlier point, also while merged and after unload. One machine runs on a
+float64 base (exact up to float64 rounding), one on a float16 base (within a bound derived from
+float16 rounding)."""
 
 from __future__ import annotations
 
@@ -14,14 +20,31 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 import fastlora
+from fastlora.optim import LoRAPro, LoRAProSGD
 from test_adapter_state import X, assert_unchanged, base_model, ga_model, snapshot
 
 F64 = torch.float64
 ALPHA = 2.0
 ERRORS = (ValueError, RuntimeError, TypeError)
+OPTIMIZERS = {
+    "adamw": lambda model: torch.optim.AdamW(fastlora.trainable_parameters(model), lr=0.05),
+    "lora_pro": lambda model: LoRAPro(model, lr=0.05),
+    "lora_pro_sgd": lambda model: LoRAProSGD(model, lr=0.05),
+}
+
+
+def _delta(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's ΔW on its original base, and a bound on its terms' magnitudes (float64)."""
+    s = layer.scaling
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    delta, size = s * b @ a, s * b.abs() @ a.abs()
+    if layer.base_offset is not None:
+        a0, b0 = (t.double() for t in layer.base_offset)
+        delta, size = delta - s * b0 @ a0, size + s * b0.abs() @ a0.abs()
+    return delta, size
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,33 +53,41 @@ def lora_ga_files():
     root = Path(tempfile.mkdtemp())
     model, _ = ga_model(1)
     layer = fastlora.lora_layers(model)["0"]
-    a0, b0 = layer.base_offset
-    delta = layer.scaling * (layer.lora_B.detach() @ layer.lora_A.detach() - b0 @ a0)
+    delta, size = _delta(layer)
     fastlora.save_adapter(model, root / "ga")
     fastlora.export_peft(model, root / "ga_peft")
-    AdapterSequences.seed_files = {
-        "ga": ("fastlora", root / "ga", {"0": 2}, {"0": layer.scaling}, {"0": delta}),
-        "ga_peft": ("peft", root / "ga_peft", {"0": 4}, {"0": layer.scaling}, {"0": delta}),
+    Adapters.seed_files = {
+        "ga": ("fastlora", root / "ga", {"0": 2}, {"0": layer.scaling}, {"0": (delta, size)}),
+        "ga_peft": ("peft", root / "ga_peft", {"0": 4}, {"0": layer.scaling}, {"0": (delta, size)}),
     }
     yield
     shutil.rmtree(root, ignore_errors=True)
 
 
-class AdapterSequences(RuleBasedStateMachine):
+class Adapters(RuleBasedStateMachine):
+    """The model, the expected function and the transitions every machine runs; the file and
+    optimizer rules below are mixed in."""
+
     seed_files: dict = {}
+    dtype = F64
 
     def __init__(self):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp())
-        self.base = base_model()
+        self.base = base_model().to(self.dtype)
         self.model = copy.deepcopy(self.base)
         self.ranks: dict[str, int] = {}  # the adapted layers and their ranks
         self.scaling: dict[str, float] = {}
-        self.delta: dict[str, torch.Tensor] = {}  # the adapter's ΔW on the fresh base
-        self.merged = False
+        self.delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (ΔW on the base, magnitude bound)
+        self.merged: dict | None = None  # the deltas merge folded in, while merged
+        self.disabled = None  # an open disable_adapter context
+        self.opt = None
+        self.roundings = 0  # how often a base weight was rounded to its dtype (float16 bound)
         self.files = dict(self.seed_files)
 
     def teardown(self):
+        if self.disabled is not None:
+            self.disabled.__exit__(None, None, None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- the check every step ends with --
@@ -73,59 +104,166 @@ class AdapterSequences(RuleBasedStateMachine):
         return True
 
     def check_function(self):
-        ref = copy.deepcopy(self.base)
+        if self.merged is None:
+            self.check_output(self.model, {} if self.disabled is not None else self.delta)
+            return
+        self.check_output(self.model, self.merged)
+        unmerged = fastlora.unmerge(copy.deepcopy(self.model))  # and what unmerging would give
+        self.check_output(unmerged, self.delta, roundings=1)
+
+    def check_output(self, model, deltas, roundings=0):
+        ref = copy.deepcopy(self.base).double()
+        size = copy.deepcopy(ref)
         with torch.no_grad():
-            for name, delta in self.delta.items():
+            for m in size.modules():
+                for p in m.parameters(recurse=False):
+                    p.abs_()
+            for name, (delta, bound) in deltas.items():
                 ref.get_submodule(name).weight += delta
-            want, got = ref(X), self.model.eval()(X)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+                size.get_submodule(name).weight += bound
+            want, got = ref(X), model.eval()(X.to(self.dtype)).double()
+            if self.dtype == F64:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+                return
+            # float16: each weight rounding, the input's and each output's rounding add at most
+            # u·magnitude per layer; a layer's error passes on through the next layer's |W|.
+            u = torch.finfo(self.dtype).eps / 2
+            err = torch.zeros_like(X)
+            h = X.abs()
+            for layer in (size[0], size[2][0]):
+                mag = h @ layer.weight.t() + layer.bias
+                err = err @ layer.weight.t() + (self.roundings + roundings + 4) * u * mag
+                h = mag.clamp(max=1.0)  # tanh: |tanh z| <= min(|z|, 1), 1-Lipschitz
+            assert bool(((got - want).abs() <= err).all()), f"error {(got - want).abs().max():.3g} beyond the bound"
+
+    def layers(self):
+        return fastlora.lora_layers(self.model)
+
+    def read_deltas(self):
+        self.delta = {name: _delta(layer) for name, layer in self.layers().items()}
 
     # -- operations --
+
+    @initialize(pattern=st.sampled_from([None, "0", "all-linear"]), kind=st.sampled_from([None, *sorted(OPTIMIZERS)]))
+    def start(self, pattern, kind):
+        """Most sequences start from trained adapters, in machines with optimizer rules also with
+        an optimizer and gradients waiting for a step (short sequences reach further)."""
+        if pattern is not None:
+            self.inject(pattern, 2)
+            self.train(0)
+            if kind is not None and isinstance(self, OptimizerRules):
+                self.build_optimizer(kind)
+                self.backward(0, kind)
 
     @rule(pattern=st.sampled_from(["0", "2.0", "all-linear"]), r=st.integers(1, 2))
     def inject(self, pattern, r):
         names = [n for n in ("0", "2.0") if n == pattern or pattern == "all-linear"]
         new = [n for n in names if n not in self.ranks]
-        if self.expect(bool(new) and not self.merged, lambda: fastlora.inject(self.model, pattern, r=r, lora_alpha=ALPHA,
-                                                          adapter_dtype=F64)):
+        ok = bool(new) and self.merged is None and self.disabled is None
+        if self.expect(ok, lambda: fastlora.inject(self.model, pattern, r=r, lora_alpha=ALPHA, adapter_dtype=F64)):
             for n in new:
-                self.ranks[n], self.scaling[n], self.delta[n] = r, ALPHA / r, torch.zeros_like(
-                    self.base.get_submodule(n).weight)
+                self.ranks[n], self.scaling[n] = r, ALPHA / r
+            self.read_deltas()
         self.check_function()
 
-    @precondition(lambda self: self.ranks and not self.merged)
+    @precondition(lambda self: self.ranks and self.merged is None)
     @rule(seed=st.integers(0, 2**16))
     def train(self, seed):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, layer in fastlora.lora_layers(self.model).items():
+            for layer in self.layers().values():
                 layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g, dtype=F64))
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=F64))
-                offset = 0.0
-                if layer.base_offset is not None:  # the base keeps -s·B0 A0; the factors are new
-                    a0, b0 = layer.base_offset
-                    offset = self.scaling[name] * b0 @ a0
-                self.delta[name] = self.scaling[name] * layer.lora_B.detach() @ layer.lora_A.detach() - offset
+        self.read_deltas()
         self.check_function()
+
+    @rule()
+    def merge(self):
+        ok = bool(self.ranks) and self.merged is None and self.disabled is None
+        if self.expect(ok, lambda: fastlora.merge(self.model)):
+            self.merged = dict(self.delta)
+            self.roundings += 1
+        self.check_function()
+
+    @rule()
+    def unmerge(self):
+        if self.expect(self.merged is not None and bool(self.ranks), lambda: fastlora.unmerge(self.model)):
+            self.merged = None
+            self.roundings += 1
+        self.check_function()
+
+    @precondition(lambda self: self.disabled is None)
+    @rule()
+    def open_disable_adapter(self):
+        context = fastlora.disable_adapter(self.model)
+        if self.expect(bool(self.ranks) and self.merged is None, context.__enter__):
+            self.disabled = context
+        self.check_function()
+
+    @precondition(lambda self: self.disabled is not None)
+    @rule()
+    def close_disable_adapter(self):
+        self.disabled.__exit__(None, None, None)
+        self.disabled = None
+        self.check_function()
+
+    @precondition(lambda self: self.ranks)
+    @rule(data=st.data())
+    def reset(self, data):
+        name = data.draw(st.sampled_from(sorted(self.ranks)))
+        layer = self.layers()[name]
+        if self.expect(self.merged is None, layer.reset_lora_parameters):
+            self.read_deltas()
+            self.delta[name] = (torch.zeros_like(self.delta[name][0]), self.delta[name][1])
+            self.roundings += 1
+        self.check_function()
+
+    @precondition(lambda self: self.ranks)
+    @rule(data=st.data(), r=st.integers(1, 3))
+    def set_rank(self, data, r):
+        name = data.draw(st.sampled_from(sorted(self.ranks)))
+        layer = self.layers()[name]
+        if self.expect(self.merged is None and r <= min(layer.in_features, layer.out_features),
+                       lambda: layer.set_rank(r)):
+            self.ranks[name] = r
+            self.read_deltas()
+            self.roundings += 1
+        self.check_function()
+
+    @rule(merge=st.booleans())
+    def unload(self, merge):
+        ok = bool(self.ranks) and not (merge and self.disabled is not None)
+        if self.expect(ok, lambda: fastlora.unload(self.model, merge=merge)):
+            folded = (self.merged if self.merged is not None else self.delta) if merge else {}
+            with torch.no_grad():  # the plain model is the base from now on
+                for name, (delta, _) in folded.items():
+                    weight = self.base.get_submodule(name).weight
+                    weight.copy_(weight.double() + delta)
+            self.ranks, self.scaling, self.delta, self.merged = {}, {}, {}, None
+            self.roundings += 1
+            if self.disabled is not None:  # the block still ends cleanly
+                self.disabled.__exit__(None, None, None)
+                self.disabled = None
+        self.check_function()
+
+class FileRules:
+    """Saves and exports of the current adapter; loads and imports of any file made so far."""
 
     @precondition(lambda self: self.ranks)
     @rule()
     def save(self):
         key = f"s{len(self.files)}"
         fastlora.save_adapter(self.model, self.dir / key)
-        self.files[key] = ("fastlora", self.dir / key, dict(self.ranks), dict(self.scaling),
-                           {n: d.clone() for n, d in self.delta.items()})
+        self.files[key] = ("fastlora", self.dir / key, dict(self.ranks), dict(self.scaling), dict(self.delta))
         self.check_function()
 
     @precondition(lambda self: self.ranks)
     @rule()
     def export(self):
         key = f"p{len(self.files)}"
-        layers = fastlora.lora_layers(self.model)
-        ranks = {n: 2 * r if layers[n].base_offset is not None else r for n, r in self.ranks.items()}
-        if self.expect(not self.merged, lambda: fastlora.export_peft(self.model, self.dir / key)):
-            self.files[key] = ("peft", self.dir / key, ranks, dict(self.scaling),
-                               {n: d.clone() for n, d in self.delta.items()})
+        ranks = {n: 2 * r if self.layers()[n].base_offset is not None else r for n, r in self.ranks.items()}
+        if self.expect(self.merged is None, lambda: fastlora.export_peft(self.model, self.dir / key)):
+            self.files[key] = ("peft", self.dir / key, ranks, dict(self.scaling), dict(self.delta))
         self.check_function()
 
     @rule(data=st.data())
@@ -134,44 +272,67 @@ class AdapterSequences(RuleBasedStateMachine):
         kind, path, ranks, scaling, delta = self.files[key]
         fits = not self.ranks or self.ranks == ranks
         load = fastlora.load_adapter if kind == "fastlora" else fastlora.import_peft
-        if self.expect(fits and not self.merged, lambda: load(self.model, path)):
-            self.ranks, self.scaling = dict(ranks), dict(scaling)
-            self.delta = {n: d.clone() for n, d in delta.items()}
+        if self.expect(fits and self.merged is None, lambda: load(self.model, path)):
+            self.ranks, self.scaling, self.delta = dict(ranks), dict(scaling), dict(delta)
+            self.roundings += 2  # an offset removed, another applied
         self.check_function()
 
-    @rule()
-    def merge(self):
-        if self.expect(bool(self.ranks) and not self.merged, lambda: fastlora.merge(self.model)):
-            self.merged = True
-        self.check_function()
 
-    @rule()
-    def unmerge(self):
-        if self.expect(self.merged, lambda: fastlora.unmerge(self.model)):
-            self.merged = False
-        self.check_function()
+
+class OptimizerRules:
+    """Optimizers built at some point and stepped later: after merges, loads, unloads."""
+
 
     @precondition(lambda self: self.ranks)
+    @rule(kind=st.sampled_from(sorted(OPTIMIZERS)))
+    def build_optimizer(self, kind):
+        self.opt = (kind, OPTIMIZERS[kind](self.model))
+
+    @rule(seed=st.integers(0, 2**16), kind=st.sampled_from(sorted(OPTIMIZERS)))
+    def backward(self, seed, kind):
+        """Gradients for the adapters, left in place for a later step (merges may come between);
+        the first adapters get an optimizer of ``kind``, kept until another is built."""
+        if self.opt is None and self.ranks:
+            self.build_optimizer(kind)
+        g = torch.Generator().manual_seed(seed)
+        loss = self.model.train()(torch.randn(4, 6, generator=g, dtype=F64).to(self.dtype)).float().pow(2).sum()
+        if loss.requires_grad:  # not when merged, disabled or unloaded: no adapter in the graph
+            loss.backward()
+        self.check_function()
+
+    @precondition(lambda self: self.opt is not None)
     @rule()
-    def disable_adapter(self):
-        def look():
-            with fastlora.disable_adapter(self.model):
-                torch.testing.assert_close(self.model.eval()(X), self.base(X), rtol=1e-10, atol=1e-10)
-
-        self.expect(not self.merged, look)
-        self.check_function()
-
-    @precondition(lambda self: self.ranks)
-    @rule(data=st.data())
-    def reset(self, data):
-        name = data.draw(st.sampled_from(sorted(self.ranks)))
-        layer = fastlora.lora_layers(self.model)[name]
-        if self.expect(not self.merged, layer.reset_lora_parameters):
-            self.delta[name] = torch.zeros_like(self.delta[name])
+    def optimizer_step(self):
+        kind, opt = self.opt
+        held = list(opt._layers.values()) if kind != "adamw" else []
+        steppable = all(not h.module.merged and not h.module.detached and h.module.lora_A is h.A for h in held)
+        if self.expect(steppable, opt.step) and self.ranks:
+            self.read_deltas()  # whatever the step did to the adapters; the base must be untouched
+        opt.zero_grad(set_to_none=True)
         self.check_function()
 
 
-AdapterSequences.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=10, deadline=None, suppress_health_check=list(HealthCheck)
-)
-TestAdapterSequences = AdapterSequences.TestCase
+
+class FileSequences(FileRules, Adapters):
+    pass
+
+
+class OptimizerSequences(OptimizerRules, Adapters):
+    pass
+
+
+class HalfPrecisionSequences(FileRules, OptimizerRules, Adapters):
+    dtype = torch.float16
+
+
+def _settings(examples):
+    return settings(max_examples=examples, stateful_step_count=12, deadline=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+FileSequences.TestCase.settings = _settings(200)
+OptimizerSequences.TestCase.settings = _settings(200)
+HalfPrecisionSequences.TestCase.settings = _settings(100)
+TestFileSequences = FileSequences.TestCase
+TestOptimizerSequences = OptimizerSequences.TestCase
+TestHalfPrecisionSequences = HalfPrecisionSequences.TestCase
