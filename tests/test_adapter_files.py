@@ -134,20 +134,25 @@ def test_modules_to_save_that_cannot_be_copies_are_refused(tmp_path, heads):
 # ---- finiteness in the dtype the values end in -------------------------------------------------------
 
 
-def test_values_finite_in_the_file_but_not_in_the_adapter_dtype_are_refused(tmp_path):
-    """float64 1e300 in a file whose adapters are float32 (or loaded into float32 layers) is inf."""
-    model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=torch.float32, modules_to_save=["2.0"])
+def files_with_lora_b(model, tmp_path, lora_b):
+    """Saves ``model`` in fastlora's format (tmp_path / "a") and PEFT's (tmp_path / "p"), each
+    with layer "0"'s B replaced by ``lora_b`` in the file."""
     fastlora.save_adapter(model, tmp_path / "a")
     fastlora.export_peft(model, tmp_path / "p")
-    huge = torch.full((8, 2), 1e300, dtype=F64)
 
     def edit(config, tensors):
-        tensors["0.lora_B"] = huge
+        tensors["0.lora_B"] = lora_b
         return config
 
     _rewrite_fastlora(tmp_path / "a", edit)
     file = tmp_path / "p" / "adapter_model.safetensors"
-    save_file({**load_file(file), "base_model.model.0.lora_B.weight": huge}, file)
+    save_file({**load_file(file), "base_model.model.0.lora_B.weight": lora_b}, file)
+
+
+def test_values_finite_in_the_file_but_not_in_the_adapter_dtype_are_refused(tmp_path):
+    """float64 1e300 in a file whose adapters are float32 (or loaded into float32 layers) is inf."""
+    model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=torch.float32, modules_to_save=["2.0"])
+    files_with_lora_b(model, tmp_path, torch.full((8, 2), 1e300, dtype=F64))
     for target, loads in ((base_model(), [fastlora.load_adapter]),  # new float32 layers from the saved dtype
                           (model, [fastlora.load_adapter, fastlora.import_peft])):  # existing float32 layers
         before = snapshot(target)
@@ -213,16 +218,7 @@ def test_apply_base_offset_takes_none_true_or_false_only(tmp_path, value):
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_float8_tensors_in_a_file_are_a_format_error(tmp_path, dtype):
     model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64)
-    fastlora.save_adapter(model, tmp_path / "a")
-    fastlora.export_peft(model, tmp_path / "p")
-
-    def edit(config, tensors):
-        tensors["0.lora_B"] = torch.ones(8, 2).to(dtype)
-        return config
-
-    _rewrite_fastlora(tmp_path / "a", edit)
-    file = tmp_path / "p" / "adapter_model.safetensors"
-    save_file({**load_file(file), "base_model.model.0.lora_B.weight": torch.ones(8, 2).to(dtype)}, file)
+    files_with_lora_b(model, tmp_path, torch.ones(8, 2).to(dtype))
     for target in (base_model(), model):
         before = snapshot(target)
         for load, where in ((fastlora.load_adapter, "a"), (fastlora.import_peft, "p")):
@@ -308,10 +304,12 @@ def test_a_save_keeps_the_users_files_and_replaces_only_adapter_files(tmp_path):
     (d / "README.md").write_text("mine")
     (d / "runs").mkdir()
     (d / "runs" / "log.txt").write_text("log")
+    (d / "latest").symlink_to("runs")
     fastlora.save_adapter(with_head(2, "copy"), d)
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "adapter_model.safetensors", "fastlora_config.json",
-                                                  "optimizer.pt", "runs"]
+                                                  "latest", "optimizer.pt", "runs"]
     assert (d / "optimizer.pt").read_bytes() == b"state" and (d / "runs" / "log.txt").read_text() == "log"
+    assert os.readlink(d / "latest") == "runs"
     users = tmp_path / "full"
     users.mkdir()
     save_file({"w": torch.ones(2)}, users / "model.safetensors")

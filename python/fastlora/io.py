@@ -184,10 +184,11 @@ def write_directory(target: Path, write: Callable[[Path], None]) -> None:
                 for entry in target.iterdir():
                     if entry.name in written or not _carried_over(entry):
                         continue
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy,
-                                        dirs_exist_ok=True)
-                    elif not (tmp / entry.name).exists():
+                    if entry.is_symlink():
+                        os.symlink(os.readlink(entry), tmp / entry.name)
+                    elif entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    else:
                         _link_or_copy(entry, tmp / entry.name)
                 _fsync(tmp)
                 _exchange(tmp, target)
