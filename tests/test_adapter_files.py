@@ -28,10 +28,10 @@ from fastlora.io import AdapterFormatError
 from test_adapter_state import F64, _rewrite_fastlora, assert_unchanged, base_model, close, out, randomise, snapshot
 
 
-def with_head(seed, head="copy"):
+def with_head(seed, head="copy", lora_alpha=3.0):
     """Adapters on "0" and a trained head "2.0": a modules_to_save copy, trained in place, or none."""
     kwargs = {"copy": dict(modules_to_save=["2.0"]), "in_place": dict(trainable_modules=["2.0"]), "none": {}}[head]
-    model = fastlora.inject(base_model(), "0", r=2, lora_alpha=3.0, adapter_dtype=F64, **kwargs)
+    model = fastlora.inject(base_model(), "0", r=2, lora_alpha=lora_alpha, adapter_dtype=F64, **kwargs)
     randomise(model, seed)
     if head != "none":
         with torch.no_grad():
@@ -336,6 +336,27 @@ def test_a_directory_created_meanwhile_by_another_save_is_swapped_not_an_error(t
     assert fastlora.io._fsync is real_fsync  # the other save did run in between
     close(out(fastlora.load_adapter(base_model(), target)), out(second))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_load_overtaken_by_a_save_reads_one_save_whole(tmp_path, monkeypatch, fmt):
+    """A save swaps a new folder in (and empties the old one) after the load read its first file:
+    the load gets the first save whole if it had it all, else starts over on the new one."""
+    first, second = with_head(1, "copy", lora_alpha=3.0), with_head(2, "copy", lora_alpha=5.0)
+    save(first, tmp_path / "d", fmt)
+    real = fastlora.io._Generation.read
+
+    def read_then_save(self, name):
+        data = real(self, name)
+        monkeypatch.setattr(fastlora.io._Generation, "read", real)
+        save(second, tmp_path / "d", fmt)
+        return data
+
+    monkeypatch.setattr(fastlora.io._Generation, "read", read_then_save)
+    loaded = load_for(fmt)(base_model(), tmp_path / "d")
+    assert fastlora.io._Generation.read is real  # the save did run in between
+    # save_pretrained's folder has fastlora's whole format in its first file; the others need a second file
+    close(out(loaded), out(first if fmt == "hf" else second))
 
 
 # ---- a reader while another process saves ----------------------------------------------------------------
