@@ -43,6 +43,7 @@ __all__ = ["save_pretrained", "RESUME_WEIGHTS"]
 
 logger = logging.getLogger("fastlora")
 
+
 def _base_name(model: nn.Module) -> str | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     return str(name) if name else None

@@ -9,7 +9,10 @@
 
 Every write builds the whole directory next to the target and swaps it in atomically (Linux
 ``renameat2(RENAME_EXCHANGE)``), so a crash at any point leaves the previous adapter intact and
-loadable. Every load reads and checks everything before changing the model.
+loadable; it replaces the adapter files of every format, so no earlier save's file outlives it.
+Every load reads all its files from one save (one handle on the directory, files read whole),
+and checks everything, heads and values in the dtypes they end in included, before changing the
+model, which afterwards computes its fresh base plus the loaded adapter. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ PEFT_PREFIX = "base_model.model."
 HF_WEIGHTS = "fastlora_adapter.safetensors"  # fastlora's format in a save_pretrained directory
 RESUME_WEIGHTS = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, what Trainer resumes from
 # Marks a RESUME_WEIGHTS file as written by a fastlora save (a model.safetensors without it is the user's).
-RESUME_MARK = ("fastlora", "resume")
+RESUME_MARK = ("written_by", "fastlora.save_pretrained")
 # The adapter files of every format (PEFT's legacy .bin included): each save replaces all of them, so
 # that no file of an earlier save outlives a later one and shadows it (see write_directory).
 ADAPTER_FILES = (WEIGHTS, CONFIG, PEFT_CONFIG, HF_WEIGHTS, "adapter_model.bin")
