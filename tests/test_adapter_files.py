@@ -306,6 +306,23 @@ def test_a_save_keeps_the_users_files_and_replaces_only_adapter_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "full"]  # no temporary leftovers
 
 
+def test_a_file_another_process_writes_into_the_folder_during_a_save_is_kept(tmp_path, monkeypatch):
+    """In DDP, Trainer's other ranks write rng_state_<rank>.pth into the checkpoint folder while
+    rank 0 saves the model into it (no barrier between them)."""
+    d = tmp_path / "checkpoint-1"
+    fastlora.hf.save_pretrained(with_head(1, "copy"), d)
+    real_exchange = fastlora.io._exchange
+
+    def other_rank_writes_then_exchange(a, b):
+        (d / "rng_state_1.pth").write_bytes(b"rank 1")
+        real_exchange(a, b)
+
+    monkeypatch.setattr(fastlora.io, "_exchange", other_rank_writes_then_exchange)
+    fastlora.hf.save_pretrained(with_head(2, "copy"), d)
+    assert (d / "rng_state_1.pth").read_bytes() == b"rank 1"
+    close(out(fastlora.load_adapter(base_model(), d)), out(with_head(2, "copy")))
+
+
 def test_a_directory_created_meanwhile_by_another_save_is_swapped_not_an_error(tmp_path, monkeypatch):
     """Two processes creating the same new directory: the other one's save lands between this
     one's check and its rename (simulated here), and the later save wins."""

@@ -195,6 +195,11 @@ def write_directory(target: Path, write: Callable[[Path], None]) -> None:
                         _link_or_copy(entry, tmp / entry.name)
                 _fsync(tmp)
                 _exchange(tmp, target)
+                # Files another process wrote into the folder meanwhile (in DDP, Trainer's other ranks
+                # write their rng_state_<rank>.pth while rank 0 saves the model) move on too.
+                for entry in tmp.iterdir():
+                    if entry.name not in written and _carried_over(entry) and not os.path.lexists(target / entry.name):
+                        os.rename(entry, target / entry.name)
                 break
             _fsync(tmp)
             try:
