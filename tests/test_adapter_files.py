@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -117,6 +119,29 @@ def test_modules_to_save_that_cannot_be_copies_are_refused(tmp_path, heads):
         with pytest.raises(AdapterFormatError, match="modules_to_save"):
             fastlora.load_adapter(target, tmp_path / "a")
         assert_unchanged(target, before)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fmt=st.sampled_from(["fastlora", "peft"]), cut=st.none() | st.integers(0, 10_000),
+       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4))
+def test_a_corrupted_weights_file_loads_or_is_a_format_error_that_changes_nothing(tmp_path_factory, fmt, cut, flips):
+    """Any truncation or flipped bytes (header, configuration or data): the load either succeeds
+    with finite adapters or raises AdapterFormatError with the model as it was."""
+    path = tmp_path_factory.mktemp("corrupt")
+    save(with_head(1, "copy"), path, fmt)
+    file = path / "adapter_model.safetensors"
+    data = bytearray(file.read_bytes())
+    for at, bits in flips:
+        data[at % len(data)] ^= bits
+    file.write_bytes(bytes(data[:cut]) if cut is not None else bytes(data))
+    model = with_head(2, "copy")
+    before = snapshot(model)
+    try:
+        load_for(fmt)(model, path)
+    except AdapterFormatError:
+        assert_unchanged(model, before)
+    else:
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ---- finiteness in the dtype the values end in -------------------------------------------------------
