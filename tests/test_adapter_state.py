@@ -585,24 +585,34 @@ def test_merge_rounds_once_into_a_low_precision_weight():
     assert not torch.equal(layer.base_layer.weight, w + delta.to(torch.bfloat16))  # the test can tell them apart
 
 
-def test_a_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["save_safetensors", "_exchange"])
+def test_a_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch, step):
+    """A save that fails while writing its files, or at the swap itself (what the save really calls:
+    renameat2 through _exchange), raises, and leaves the previous adapter whole and nothing else."""
+    import fastlora.io
+
     model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64)
     randomise(model, 1)
     fastlora.save_adapter(model, tmp_path / "a")
     saved = out(model)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     randomise(model, 2)
+    assert not torch.equal(out(model), saved)  # the test can tell the two saves apart
+
+    real = getattr(fastlora.io, step)
 
     def refuse(*args, **kwargs):
-        raise OSError("no renames today")
+        if step == "save_safetensors":
+            real(*args, **kwargs)  # the file is written, then the disk fills up
+        raise OSError(f"no {step} today")
 
-    monkeypatch.setattr(os, "rename", refuse)
-    try:
+    monkeypatch.setattr(fastlora.io, step, refuse)
+    with pytest.raises(OSError, match=f"no {step} today"):
         fastlora.save_adapter(model, tmp_path / "a")
-    except OSError:
-        pass  # where no atomic exchange exists the save fails; either way the old adapter stays whole
     monkeypatch.undo()
-    loaded = fastlora.load_adapter(base_model(), tmp_path / "a")
-    assert torch.equal(out(loaded), saved) or torch.equal(out(loaded), out(model))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directory left
+    assert torch.equal(out(fastlora.load_adapter(base_model(), tmp_path / "a")), saved)
 
 
 def test_lora_pro_ridge_regularises_both_grams():

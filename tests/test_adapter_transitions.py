@@ -265,7 +265,7 @@ def test_peft_on_top_of_a_fastlora_model_is_caught():
         LoRAPro(wrapped, lr=1e-3)
 
 
-def test_peft_layers_injected_into_a_fastlora_model_are_caught():
+def test_peft_layers_injected_into_a_fastlora_model_are_caught(tmp_path):
     """What transformers' ``model.add_adapter(LoraConfig)`` does (PEFT's ``inject_adapter_in_model``)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -278,6 +278,10 @@ def test_peft_layers_injected_into_a_fastlora_model_are_caught():
         fastlora.check_no_peft_layers(model)
     with pytest.raises(TypeError, match="PEFT module inside a fastlora model"):
         LoRAPro(model, lr=1e-3)
+    for save in (fastlora.save_adapter, fastlora.export_peft, lambda m, d: m.save_pretrained(d)):
+        with pytest.raises(TypeError, match="PEFT module inside a fastlora model"):
+            save(model, tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
 
 
 # ---- argument types and values ---------------------------------------------------------------------

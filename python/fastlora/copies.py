@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
+
+from .transaction import preserve
 
 __all__ = ["TrainableCopy", "trainable_copies", "COPY"]
 
@@ -27,6 +30,16 @@ class TrainableCopy(nn.Module):
         for p in trained.parameters():
             p.requires_grad_(True)
         self._enabled = True
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Makes the trained copy equal to the original module again (parameters and buffers, in
+        place: the same Parameter objects), every parameter trainable, as a new copy starts."""
+        trained = getattr(self, COPY)
+        for t in [*trained.parameters(), *trained.buffers()]:
+            preserve(t)
+        trained.load_state_dict(self.original_module.state_dict())
+        trained.requires_grad_(True)
 
     def set_enabled(self, enabled: bool) -> None:
         """Whether forward runs the trained copy (True) or the original module."""

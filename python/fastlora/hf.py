@@ -13,7 +13,10 @@ an instance-level ``save_pretrained`` that writes, atomically, into one director
 - ``model.safetensors``: only the trainable tensors under the model's own parameter names, which
   is what ``Trainer(resume_from_checkpoint=...)`` loads (non-strictly) into the rebuilt model.
 
-There is no ``config.json``, so nothing loads this directory as a full model by mistake.
+There is no ``config.json``, so nothing loads this directory as a full model by mistake. The save
+replaces every adapter file of an earlier save of any format (a ``model.safetensors`` only if a
+fastlora save wrote it) and keeps the folder's other files (a Trainer checkpoint's optimizer and
+trainer state, a README); see :func:`fastlora.io.write_directory`.
 
 A quantized transformers model (``BitsAndBytesConfig``) also gets transformers' mark of attached
 adapters (``_hf_peft_config_loaded``), without which Trainer refuses to train it; it goes when
@@ -32,14 +35,13 @@ from pathlib import Path
 from torch import nn
 
 from .inject import ON_ADAPTERS_ADDED, ON_ADAPTERS_REMOVED
-from .io import CONFIG, HF_WEIGHTS, PEFT_CONFIG, WEIGHTS, fastlora_state, peft_state, save_safetensors, write_directory
+from .io import (CONFIG, HF_WEIGHTS, PEFT_CONFIG, RESUME_MARK, RESUME_WEIGHTS, WEIGHTS, fastlora_state, peft_state,
+                 save_safetensors, write_directory)
 from .layer import lora_layers
 
 __all__ = ["save_pretrained", "RESUME_WEIGHTS"]
 
 logger = logging.getLogger("fastlora")
-
-RESUME_WEIGHTS = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, what Trainer resumes from
 
 
 def _base_name(model: nn.Module) -> str | None:
@@ -66,7 +68,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
         save_safetensors(tmp / HF_WEIGHTS, tensors, {"fastlora": text})
         (tmp / CONFIG).write_text(text)
-        save_safetensors(tmp / RESUME_WEIGHTS, resume, {"format": "pt"})
+        save_safetensors(tmp / RESUME_WEIGHTS, resume, {"format": "pt", RESUME_MARK[0]: RESUME_MARK[1]})
 
     write_directory(Path(save_directory), write)
     logger.info("fastlora: saved the adapter of %d LoRA layers to %s", len(lora_layers(model)), save_directory)

@@ -204,7 +204,7 @@ def _refuse_tied(model: nn.Module, names: list[str], action: str) -> None:
         )
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     """Puts ``module`` at the dotted ``name`` of ``model``; returns the module it replaces."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -237,10 +237,10 @@ def add_layers(
             module = model.get_submodule(name)
             init = config.init if config.init in INITS else "lora"
             dtype = adapter_dtype[name] if isinstance(adapter_dtype, Mapping) else adapter_dtype
-            _swap(model, name, LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout,
+            swap_module(model, name, LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout,
                                           config.use_rslora, dtype, init, generator, name=name))
         for name in copies:
-            _swap(model, name, TrainableCopy(model.get_submodule(name)))
+            swap_module(model, name, TrainableCopy(model.get_submodule(name)))
         if trainable_modules is not None:
             for name, module in model.named_modules():
                 if name and name_matches(name, trainable_modules):
@@ -335,9 +335,9 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
         return model.unwrap(merge, allow_requantize)
     with transaction(model):
         for name, layer in layers.items():
-            _swap(model, name, layer.unwrap(merge, allow_requantize))
+            swap_module(model, name, layer.unwrap(merge, allow_requantize))
         for name, wrapper in trainable_copies(model).items():
-            _swap(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
+            swap_module(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
         for hook in ON_ADAPTERS_REMOVED:
             hook(model)
     return model

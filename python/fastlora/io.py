@@ -9,7 +9,10 @@
 
 Every write builds the whole directory next to the target and swaps it in atomically (Linux
 ``renameat2(RENAME_EXCHANGE)``), so a crash at any point leaves the previous adapter intact and
-loadable. Every load reads and checks everything before changing the model.
+loadable; it replaces the adapter files of every format, so no earlier save's file outlives it.
+Every load reads all its files from one save (one handle on the directory, files read whole),
+and checks everything, heads and values in the dtypes they end in included, before changing the
+model, which afterwards computes its fresh base plus the loaded adapter. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -30,12 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .copies import COPY, trainable_copies
+from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
-from .inject import add_layers, refuse_peft_model
-from .layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, lora_layers
+from .inject import add_layers, refuse_peft_model, swap_module
+from .layer import (RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, check_no_peft_layers,
+                    lora_layers)
+from .quantized import is_quantized
 from .reference import accumulation_dtype
 from .targets import name_matches, pattern_value
+from .transaction import transaction, write
 
 __all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "AdapterFormatError", "infer_task_type"]
 
@@ -48,6 +56,12 @@ CONFIG = "fastlora_config.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 HF_WEIGHTS = "fastlora_adapter.safetensors"  # fastlora's format in a save_pretrained directory
+RESUME_WEIGHTS = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, what Trainer resumes from
+# Marks a RESUME_WEIGHTS file as written by a fastlora save (a model.safetensors without it is the user's).
+RESUME_MARK = ("written_by", "fastlora.save_pretrained")
+# The adapter files of every format (PEFT's legacy .bin included): each save replaces all of them, so
+# that no file of an earlier save outlives a later one and shadows it (see write_directory).
+ADAPTER_FILES = (WEIGHTS, CONFIG, PEFT_CONFIG, HF_WEIGHTS, "adapter_model.bin")
 
 
 class AdapterFormatError(ValueError):
@@ -113,10 +127,42 @@ def _remove_stale(parent: Path, prefix: str) -> None:
             os.close(fd)
 
 
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)  # no data copied: a Trainer folder may hold gigabytes of checkpoints
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _is_fastlora_resume_file(path: Path) -> bool:
+    """Whether ``path`` (a model.safetensors) was written by a fastlora save (its header holds RESUME_MARK)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else {}
+    except (OSError, ValueError):
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and metadata.get(RESUME_MARK[0]) == RESUME_MARK[1]
+
+
+def _carried_over(entry: Path) -> bool:
+    """Whether a save keeps ``entry`` of the folder it replaces: everything but the adapter files of
+    every format (and a model.safetensors a fastlora save wrote)."""
+    if entry.name in ADAPTER_FILES:
+        return False
+    return not (entry.name == RESUME_WEIGHTS and entry.is_file() and _is_fastlora_resume_file(entry))
+
+
 def write_directory(target: Path, write: Callable[[Path], None]) -> None:
-    """Writes a directory's files with ``write(tmpdir)`` and puts them in place atomically; other
-    files already in ``target`` are kept. A symlink is written through (its target directory is
-    replaced); temporary directories left by killed saves of the same target are cleaned up."""
+    """Writes a directory's files with ``write(tmpdir)`` and puts them in place atomically.
+
+    The save owns the adapter files: those of an earlier save that this one does not write
+    (another format's) are gone afterwards, so every reader gets this save or a clear error; the
+    user's other files and folders (a README, a Trainer checkpoint's optimizer state) are kept,
+    hard-linked into the new directory. A symlink is written through (its target directory is
+    replaced); temporary directories left by killed saves of the same target are cleaned up. Two
+    processes may create the same new directory at once: the later one swaps its own in."""
     target = Path(target)
     if target.is_symlink():
         target = target.resolve()
@@ -137,21 +183,33 @@ def write_directory(target: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         for f in tmp.iterdir():
             _fsync(f)
-        if target.exists():
-            for entry in target.iterdir():  # the user's own files (a README, say) stay
-                if not (tmp / entry.name).exists():
-                    if entry.is_dir():
-                        shutil.copytree(entry, tmp / entry.name, symlinks=True)
+        written = {f.name for f in tmp.iterdir()}
+        while True:
+            if target.exists():
+                for entry in target.iterdir():
+                    if entry.name in written or not _carried_over(entry):
+                        continue
+                    if entry.is_symlink():
+                        os.symlink(os.readlink(entry), tmp / entry.name)
+                    elif entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
                     else:
-                        try:
-                            os.link(entry, tmp / entry.name)
-                        except OSError:
-                            shutil.copy2(entry, tmp / entry.name)
+                        _link_or_copy(entry, tmp / entry.name)
+                _fsync(tmp)
+                _exchange(tmp, target)
+                # Files another process wrote into the folder meanwhile (in DDP, Trainer's other ranks
+                # write their rng_state_<rank>.pth while rank 0 saves the model) move on too.
+                for entry in tmp.iterdir():
+                    if entry.name not in written and _carried_over(entry) and not os.path.lexists(target / entry.name):
+                        os.rename(entry, target / entry.name)
+                break
             _fsync(tmp)
-            _exchange(tmp, target)
-        else:
-            _fsync(tmp)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+                break
+            except OSError as exc:  # another save created the target meanwhile: swap with it instead
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
         _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the old content after an exchange
@@ -164,18 +222,105 @@ def save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str,
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
+# ---- consistent reads ----------------------------------------------------------------------------
 
-    if not path.is_file():
-        raise AdapterFormatError(f"{path} is missing")
+
+class _Generation:
+    """One directory as it was when opened: files are read relative to a handle on it, so a save
+    that swaps a new directory in meanwhile is not seen half (the old files stay readable once
+    open). ``stale()`` says whether a file was missing because the directory was replaced (and
+    the old one emptied) meanwhile: then the read must start over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise AdapterFormatError(f"{path} is missing or not an adapter directory ({exc.strerror})") from None
+        self.missing = False
+
+    def read(self, name: str) -> bytes | None:
+        """The whole file ``name``, or None if it does not exist; AdapterFormatError unless it is a
+        regular file (a FIFO would block)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=self.fd)
+        except FileNotFoundError:
+            self.missing = True
+            return None
+        except OSError as exc:
+            raise AdapterFormatError(f"{self.path / name} is unreadable ({exc.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise AdapterFormatError(f"{self.path / name} is not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
+    def stale(self) -> bool:
+        if not self.missing:
+            return False
+        try:
+            now, mine = os.stat(self.path), os.fstat(self.fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+READ_ATTEMPTS = 20
+
+
+def _read_consistently(path: Path, read: Callable[[_Generation], Any]) -> Any:
+    """``read(generation)`` on one generation of the directory ``path``, started over while a save
+    replaced it in the middle of the read."""
+    for _ in range(READ_ATTEMPTS):
+        generation = _Generation(path)
+        try:
+            try:
+                result = read(generation)
+            except AdapterFormatError:
+                if generation.stale():
+                    continue
+                raise
+            if not generation.stale():
+                return result
+        finally:
+            generation.close()
+    raise AdapterFormatError(f"{path} was replaced {READ_ATTEMPTS} times while it was being read; try again")
+
+
+def _parse_safetensors(data: bytes, where: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file's bytes."""
+    from safetensors.torch import load
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        metadata = header.get("__metadata__") or {}
+        tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for corrupted headers
-        raise AdapterFormatError(f"{path} is not a readable safetensors file ({exc})") from exc
+        raise AdapterFormatError(f"{where} is not a readable safetensors file ({exc})") from exc
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{where}: its metadata is not a mapping of strings")
     return tensors, metadata
+
+
+def _check_dtypes(tensors: dict[str, Tensor], where: str) -> list[str]:
+    """Problems with tensors that are not of an adapter dtype (float8 and others have no finiteness
+    check, integers and complex numbers are no adapters)."""
+    return [f"{where}: {key} has dtype {t.dtype}; adapters are real floating-point tensors of "
+            f"{', '.join(_dtype_name(d) for d in SUPPORTED_DTYPES)}"
+            for key, t in tensors.items() if t.dtype not in SUPPORTED_DTYPES]
+
+
+def _nonfinite_after_cast(tensors: dict[str, Tensor], dtype: torch.dtype, where: str) -> list[str]:
+    """Problems with tensors that are not finite once cast to ``dtype`` (float64 1e300 is inf in float32)."""
+    return [f"{where}: {key} has NaN or infinite values in {_dtype_name(dtype)}" + (
+                "" if t.dtype == dtype else f" (cast from {_dtype_name(t.dtype)})")
+            for key, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
 
 
 # ---- fastlora's own format ----------------------------------------------------------------------
@@ -216,6 +361,7 @@ def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
 
 def fastlora_state(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     """The tensors and the JSON configuration of fastlora's format for ``model``'s adapters."""
+    check_no_peft_layers(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -267,19 +413,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _read_fastlora(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if not path.is_dir():
-        raise AdapterFormatError(f"{path} is missing or not an adapter directory")
-    # A save_pretrained directory keeps fastlora's format beside PEFT's adapter_model.safetensors.
-    tensors, metadata = _load_safetensors(path / HF_WEIGHTS if (path / HF_WEIGHTS).is_file() else path / WEIGHTS)
-    if "fastlora" not in metadata:
-        raise AdapterFormatError(f"{path / WEIGHTS} has no fastlora configuration; for a PEFT adapter use import_peft")
-    try:
-        config = json.loads(metadata["fastlora"])
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{path / WEIGHTS}: unreadable configuration ({exc})") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise AdapterFormatError(f"{path}: not a {FORMAT} v{VERSION} directory")
-    return config, tensors
+    """The configuration and tensors of a fastlora directory, both from one save."""
+
+    def read(generation: _Generation) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        # A save_pretrained directory keeps fastlora's format beside PEFT's adapter_model.safetensors.
+        name = HF_WEIGHTS
+        data = generation.read(HF_WEIGHTS)
+        if data is None:
+            name, data = WEIGHTS, generation.read(WEIGHTS)
+        if data is None:
+            raise AdapterFormatError(f"{path / WEIGHTS} is missing")
+        tensors, metadata = _parse_safetensors(data, path / name)
+        if "fastlora" not in metadata:
+            raise AdapterFormatError(f"{path / name} has no fastlora configuration; for a PEFT adapter use import_peft")
+        try:
+            config = json.loads(metadata["fastlora"])
+        except json.JSONDecodeError as exc:
+            raise AdapterFormatError(f"{path / name}: unreadable configuration ({exc})") from exc
+        if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
+            raise AdapterFormatError(f"{path}: not a {FORMAT} v{VERSION} directory")
+        return config, tensors
+
+    return _read_consistently(path, read)
 
 
 def _field(cfg: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -353,6 +508,125 @@ def _target_problems(module: nn.Module, r: int, name: str) -> list[str]:
     return []
 
 
+def _factor_problems(tensors: dict[str, Tensor | None], shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+                     name: str) -> list[str]:
+    """Why these factors cannot become a layer's adapter in ``dtype``: missing, not of an adapter dtype,
+    misshapen, or not finite (in the file or once cast to ``dtype``)."""
+    problems = _check_dtypes({k: t for k, t in tensors.items() if isinstance(t, Tensor)}, name)
+    if problems:
+        return problems
+    try:
+        check_factors(tensors, shapes, name)
+    except ValueError as exc:
+        return [str(exc)]
+    return _nonfinite_after_cast(tensors, dtype, name)
+
+
+def _offset_problems(module: nn.Module, offset: tuple[Tensor, Tensor], scaling: float, dtype: torch.dtype,
+                     base_weights: str, name: str) -> list[str]:
+    """Why a LoRA-GA offset cannot go into ``module``'s base weight: ``W − s·B0 A0`` (as the layer
+    computes it: the offset in the adapter dtype, the product in float32, float64 for a float64
+    base, rounded to the weight's dtype) is not finite. A quantized base never holds the offset."""
+    layer = module if isinstance(module, LoRALinear) else None
+    base = layer.base_layer if layer is not None else module
+    if base_weights == "offset" or is_quantized(base):
+        return []
+    w = base.weight.detach()
+    acc = accumulation_dtype(w.dtype)
+    a0, b0 = (t.to(w.device, dtype) for t in offset)
+    if layer is not None and base_weights == "recorded" and layer.base_offset is not None:
+        old_a0, old_b0 = layer.base_offset
+        if scaling == layer.scaling and torch.equal(old_a0, a0.to(old_a0)) and torch.equal(old_b0, b0.to(old_b0)):
+            return []  # the same offset: the weight does not move
+        w = (w.to(acc) + layer.delta_weight(old_a0, old_b0, layer.scaling)).to(w.dtype)
+    shifted = (w.to(acc) - (b0.to(acc) @ a0.to(acc)) * scaling).to(w.dtype)
+    if not bool(torch.isfinite(shifted).all()):
+        return [f"{name}: the base weight minus the LoRA-GA offset s·B0 A0 is not finite in {_dtype_name(w.dtype)}"]
+    return []
+
+
+# ---- what a load does outside the LoRA layers: modules_to_save copies, parameters trained in place -------
+
+
+def _inside(name: str, modules: Any) -> bool:
+    return any(name.startswith(f"{m}.") for m in modules)
+
+
+def _base_module_names(model: nn.Module) -> set[str]:
+    """The names of the model's modules without adapters (a copy's original module under the
+    copy's name; a LoRA layer's inner modules and a copy's trained modules left out)."""
+    copies, layers = trainable_copies(model), lora_layers(model)
+    names = set()
+    for name, _ in model.named_modules():
+        owner = next((c for c in copies if name.startswith(f"{c}.")), None)
+        if owner is not None:
+            rest = name[len(owner) + 1:].split(".", 1)
+            if rest[0] != "original_module":
+                continue
+            name = ".".join([owner] + rest[1:])
+        elif _inside(name, layers):
+            continue
+        names.add(name)
+    return names
+
+
+def _head_problems(model: nn.Module, copies: list[str], values: dict[str, Tensor], adapted: list[str],
+                   replaces: bool) -> list[str]:
+    """Why the model cannot end as its fresh base plus these heads: ``copies`` (modules_to_save,
+    made afresh from the original modules) and ``values`` (named as in the model without adapters:
+    the copies' parameters, and parameters trained in place). ``replaces``: the model holds an
+    adapter now, whose parameters trained in place must all be among ``values`` outside the
+    copies (their base values are lost, so nothing else could give the fresh base)."""
+    problems = []
+    names = _base_module_names(model)
+    for c in copies:
+        if not c or c not in names:
+            problems.append(f"modules_to_save {c!r}: not a module of the model")
+        elif c in adapted or _inside(c, adapted) or any(a.startswith(f"{c}.") for a in adapted):
+            problems.append(f"modules_to_save {c!r}: is, contains or is inside a LoRA layer")
+        elif _inside(c, copies):
+            problems.append(f"modules_to_save {c!r}: inside another of the modules to save")
+    params = _plain_parameters(model)
+    problems += _check_dtypes(values, "trainable parameters")
+    for name, t in values.items():
+        p = params.get(name)
+        if p is None or p.shape != t.shape:
+            problems.append(f"trainable parameter {name}: not a parameter of the model with shape {tuple(t.shape)}")
+        elif t.dtype in SUPPORTED_DTYPES:
+            problems += _nonfinite_after_cast({name: t}, p.dtype, "trainable parameter")
+    if replaces:
+        current = trainable_copies(model)
+        lost = [n for n, p in params.items()
+                if p.requires_grad and not _inside(n, current) and (n not in values or _inside(n, copies))]
+        if lost:
+            problems.append(
+                f"the model's {lost[:4]} were trained in place (trainable_modules) and this adapter does not carry them "
+                "in place: their base values are lost, so the model cannot become its base plus this adapter. Load it "
+                "into a freshly loaded base model (train heads with modules_to_save to keep their originals)")
+    return problems
+
+
+@torch.no_grad()
+def _apply_heads(model: nn.Module, copies: list[str], values: dict[str, Tensor]) -> None:
+    """Makes the model's modules_to_save exactly ``copies``, each a fresh copy of its original
+    module (a copy not among them gives its original back, frozen), then writes ``values`` and makes
+    them trainable. Checked by :func:`_head_problems` first."""
+    for name, wrapper in trainable_copies(model).items():
+        if name in copies:
+            wrapper.reset()
+        else:
+            swap_module(model, name, wrapper.original_module)
+            wrapper.original_module.requires_grad_(False)
+    kept = trainable_copies(model)
+    for name in copies:
+        if name not in kept:
+            swap_module(model, name, TrainableCopy(model.get_submodule(name)))
+    params = _plain_parameters(model)  # a new copy's parameters are new Parameters
+    for name, t in values.items():
+        write(params[name], t)
+        params[name].requires_grad_(True)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: bool | None = None) -> nn.Module:
     """Loads an adapter saved by :func:`save_adapter` into ``model`` and returns it.
@@ -360,8 +634,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
     A model without adapters gets them (on exactly the saved module names, with the saved ranks
     and scales); a model with adapters must have exactly the saved layers, ranks and shapes, and
     must not be merged. Afterwards the model computes the original base plus the loaded adapter,
-    whatever adapter it held before. Everything is checked before anything changes: on any
-    mismatch the model is left as it was.
+    whatever adapter it held before, heads included: the adapter's ``modules_to_save`` are fresh
+    copies of the original modules holding the saved values, copies it lacks are removed (the
+    original back, frozen). Parameters the model trained in place (``trainable_modules``) must be
+    in the adapter (their base values are lost). Everything is checked before anything changes
+    (values also in the dtype they are cast to, and a LoRA-GA offset's effect on the base weight):
+    on any mismatch the model is left as it was.
 
     ``apply_base_offset`` (LoRA-GA layers store ``A0``, ``B0``; the base must hold ``W − s·B0 A0``):
     ``None`` lets each layer's record decide (the offset it carries, if any, is replaced; nothing
@@ -370,8 +648,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
     model saved whole after LoRA-GA, say).
     """
     path = Path(path)
-    if apply_base_offset not in BASE_WEIGHTS:
+    if apply_base_offset is not None and not isinstance(apply_base_offset, bool):  # 0 == False, 1 == True
         raise TypeError(f"apply_base_offset must be None, True or False, got {apply_base_offset!r}")
+    base_weights = BASE_WEIGHTS[apply_base_offset]
     refuse_peft_model(model)
     config, tensors = _read_fastlora(path)
     saved = _saved_layers(config, path)
@@ -383,7 +662,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
     problems = []
     if existing and set(existing) != set(saved):
         problems.append(f"the model's LoRA layers {sorted(set(existing) ^ set(saved))[:4]} differ from the adapter's")
-    for name, (cfg, in_f, out_f, _, has_offset) in saved.items():
+    for name, (cfg, in_f, out_f, saved_dtype, has_offset) in saved.items():
         module = existing.get(name, modules.get(name))
         if not isinstance(module, (nn.Linear, LoRALinear)):
             problems.append(f"{name}: no such linear layer in the model")
@@ -396,40 +675,34 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
         keys = ("lora_A", "lora_B") + (("lora_A0", "lora_B0") if has_offset else ())
         shapes = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
         shapes.update({"lora_A0": shapes["lora_A"], "lora_B0": shapes["lora_B"]})
-        try:
-            check_factors({k: tensors.get(f"{name}.{k}") for k in keys}, {k: shapes[k] for k in keys}, name)
-        except ValueError as exc:
-            problems.append(str(exc))
-    params = _plain_parameters(model)
+        dtype = module.lora_A.dtype if isinstance(module, LoRALinear) else saved_dtype  # what load_factors casts to
+        factors = {k: tensors.get(f"{name}.{k}") for k in keys}
+        found = _factor_problems(factors, {k: shapes[k] for k in keys}, dtype, name)
+        if not found and has_offset:
+            found = _offset_problems(module, (factors["lora_A0"], factors["lora_B0"]), cfg.scaling, dtype,
+                                     base_weights, name)
+        problems += found
+    copies = config.get("modules_to_save", [])
+    values = {}
     for name in config.get("trainable", []):
-        t, p = tensors.get(f"trainable.{name}"), params.get(name)
-        if t is None or p is None or t.shape != p.shape:
-            problems.append(f"trainable parameter {name}: not in the model or the adapter, or shapes differ")
-        elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            problems.append(f"trainable parameter {name}: not finite floating-point values")
+        if f"trainable.{name}" not in tensors:
+            problems.append(f"trainable parameter {name}: listed, but not in the file")
+        else:
+            values[name] = tensors[f"trainable.{name}"]
+    problems += _head_problems(model, copies, values, list(saved), replaces=bool(existing))
     if problems:
         raise AdapterFormatError(f"{path} does not fit this model: " + "; ".join(problems[:6]))
-
-    copies = config.get("modules_to_save", [])
-    if not existing:
-        bad = [n for n in copies if n not in modules or n in saved or any(n.startswith(f"{s}.") for s in saved)]
-        if bad:
-            raise AdapterFormatError(f"{path} does not fit this model: modules_to_save {bad[:4]} are not modules "
-                                     "of the model apart from the adapted layers")
 
     def apply(model: nn.Module) -> None:
         layers = lora_layers(model)
         for name, (cfg, *_, has_offset) in saved.items():
             offset = (tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]) if has_offset else None
-            layers[name].set_adapter(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset,
-                                     BASE_WEIGHTS[apply_base_offset])
-        now = _plain_parameters(model)  # modules_to_save copies are new Parameters
-        for name in config.get("trainable", []):
-            now[name].copy_(tensors[f"trainable.{name}"])
-            now[name].requires_grad_(True)
+            layers[name].load_factors(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset, base_weights)
+        _apply_heads(model, copies, values)
 
     if existing:
-        apply(model)
+        with transaction(model):  # a failure on layer k puts everything back
+            apply(model)
     else:
         add_layers(model, {n: v[0] for n, v in saved.items()}, {n: v[3] for n, v in saved.items()}, then=apply,
                    copies=copies)
@@ -449,8 +722,8 @@ def _peft_factors(layer: LoRALinear, fold_scaling: bool) -> tuple[Tensor, Tensor
         a = torch.cat([a, a0.to(a.dtype)], dim=0)
         b = torch.cat([b, -b0.to(b.dtype)], dim=1)
         r = 2 * r
-    if fold_scaling:
-        return a, (b.float() * s).to(b.dtype), r, float(r), False
+    if fold_scaling:  # float64 adapters stay exact to float64's rounding
+        return a, (b.to(accumulation_dtype(b.dtype)) * s).to(b.dtype), r, float(r), False
     alpha = s * (r**0.5 if layer.use_rslora else r)  # keeps PEFT's scale equal to s at rank r
     return a, b, r, alpha, layer.use_rslora
 
@@ -485,6 +758,7 @@ def peft_state(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and ``adapter_config.json`` of PEFT's format for ``model``'s adapters (see
     :func:`export_peft`)."""
+    check_no_peft_layers(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
@@ -500,6 +774,13 @@ def peft_state(
         ranks[name], alphas[name] = r, alpha
         rslora.add(use_rslora)
         dropouts.add(layer.lora_dropout)
+    if len(dropouts) > 1:
+        raise ValueError(
+            f"the LoRA layers have different lora_dropout values {sorted(dropouts)}; PEFT's adapter_config.json "
+            "holds one for all layers (it has no per-module dropout). Give every layer the same dropout "
+            "(layer.load_factors(layer.lora_A, layer.lora_B, dataclasses.replace(layer.config, lora_dropout=p), "
+            "layer.base_offset)), or save fastlora's format with fastlora.save_adapter, which keeps each layer's"
+        )
     if len(rslora) > 1:  # mixed (never with fold_scaling): express every scale as alpha / r
         for name, layer in layers.items():
             alphas[name] = layer.scaling * ranks[name]
@@ -520,7 +801,7 @@ def peft_state(
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha_default},
         "use_rslora": rslora.pop(),
         "target_modules": list(layers),
-        "lora_dropout": max(dropouts),
+        "lora_dropout": dropouts.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -583,14 +864,28 @@ PEFT_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "us
                     "kasa_config")
 
 
-def _read_peft_config(path: Path) -> dict[str, Any]:
-    """adapter_config.json, checked for everything import_peft relies on (AdapterFormatError)."""
+def _read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """adapter_config.json, checked for everything import_peft relies on, and the tensors, both
+    from one save (AdapterFormatError)."""
+
+    def read(generation: _Generation) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        text = generation.read(PEFT_CONFIG)
+        if text is None:
+            raise AdapterFormatError(f"{path / PEFT_CONFIG} is missing")
+        config = _parse_peft_config(text, path)
+        data = generation.read(WEIGHTS)
+        if data is None:
+            raise AdapterFormatError(f"{path / WEIGHTS} is missing")
+        return config, _parse_safetensors(data, path / WEIGHTS)[0]
+
+    return _read_consistently(path, read)
+
+
+def _parse_peft_config(text: bytes, path: Path) -> dict[str, Any]:
     file = path / PEFT_CONFIG
-    if not path.is_dir() or not file.is_file():  # is_file: a FIFO or device would block the read
-        raise AdapterFormatError(f"{file} is missing or not a regular file")
     try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{file} is unreadable ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{file}: not a JSON object")
@@ -638,8 +933,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     refuse_peft_model(model)
-    config = _read_peft_config(path)
-    tensors, _ = _load_safetensors(path / WEIGHTS)
+    config, tensors = _read_peft(path)
     existing = lora_layers(model)
     merged = [n for n, layer in existing.items() if layer.merged]
     if merged:
@@ -663,7 +957,6 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             else:
                 ignored.append(key)
     modules = dict(model.named_modules())
-    params = _plain_parameters(model)
     use_rslora = config.get("use_rslora", False)
     dropout = config.get("lora_dropout", 0.0)
     configs: dict[str, AdapterConfig] = {}
@@ -687,21 +980,27 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8))
         try:
             cfg = _adapter_config(r, alpha, dropout, use_rslora, "peft", module.in_features, module.out_features, name)
-            check_factors(pair, {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}, name)
-        except (AdapterFormatError, ValueError) as exc:
+        except AdapterFormatError as exc:
             problems.append(str(exc))
             continue
-        problems += _target_problems(module, r, name)
+        # load_factors casts into an existing layer's dtype; new layers are float32 (float64 for float64 files)
+        dtype = (module.lora_A.dtype if isinstance(module, LoRALinear)
+                 else accumulation_dtype(a.dtype) if a.dtype in SUPPORTED_DTYPES else None)
+        found = _factor_problems(pair, {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)},
+                                 dtype, name)
+        problems += found + _target_problems(module, r, name)
         configs[name] = cfg
     if existing and set(existing) != set(factors):
         problems.append(f"the model's LoRA layers differ from the adapter's: {sorted(set(existing) ^ set(factors))[:4]}")
-    for name, t in extras.items():
-        if name not in params or params[name].shape != t.shape:
-            problems.append(f"{name}: not a parameter of the model with shape {tuple(t.shape)}")
-        elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            problems.append(f"{name}: not finite floating-point values")
     if not factors:
         problems.append("no LoRA weights found")
+    # PEFT's modules_to_save become trained copies: the outermost matching modules holding saved weights
+    copies: list[str] = []
+    for m in sorted(_base_module_names(model), key=lambda n: (n.count("."), n)):
+        if (m and name_matches(m, saved_modules) and not _inside(m, copies)
+                and any(e.startswith(f"{m}.") for e in extras)):
+            copies.append(m)
+    problems += _head_problems(model, copies, extras, list(factors), replaces=bool(existing))
     if problems:
         raise AdapterFormatError(f"{path} does not fit this model: " + "; ".join(problems[:6]))
     if ignored:
@@ -711,22 +1010,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     def apply(model: nn.Module) -> None:
         layers = lora_layers(model)
         for name, cfg in configs.items():
-            layers[name].set_adapter(factors[name]["lora_A"], factors[name]["lora_B"], cfg)
-        now = _plain_parameters(model)  # modules_to_save copies are new Parameters
-        for name, t in extras.items():
-            now[name].copy_(t)
-            now[name].requires_grad_(True)
+            layers[name].load_factors(factors[name]["lora_A"], factors[name]["lora_B"], cfg)
+        _apply_heads(model, copies, extras)
 
     if existing:
-        apply(model)
+        with transaction(model):
+            apply(model)
     else:
         # float32 master adapters, as inject's default; float64 files keep their precision
         dtypes = {n: accumulation_dtype(factors[n]["lora_A"].dtype) for n in configs}
-        copies: list[str] = []  # PEFT's modules_to_save become trained copies, outermost matches
-        for m in modules:
-            if (m and name_matches(m, saved_modules) and not any(m.startswith(f"{c}.") for c in copies)
-                    and any(e.startswith(f"{m}.") for e in extras)):
-                copies.append(m)
         add_layers(model, configs, dtypes, then=apply, copies=copies)
     logger.info("fastlora: imported %d LoRA layers from the PEFT adapter %s", len(factors), path)
     return model
