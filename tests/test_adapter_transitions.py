@@ -233,6 +233,18 @@ def test_inject_failing_after_lora_ga_restores_the_shifted_base_weight_and_every
     assert not fastlora.lora_layers(model)
 
 
+def test_layers_inside_a_modules_to_save_copy_are_never_adapted():
+    model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64, modules_to_save=["2"])
+    for pattern in ("all-linear", "2.0", r".*\.0"):
+        refused(model, lambda: fastlora.inject(model, pattern, r=1), ValueError, "modules_to_save copies")
+    assert list(fastlora.lora_layers(model)) == ["0"]
+    # nor is a module that contains LoRA layers copied
+    refused(model := base_model(), lambda: fastlora.inject(model, "all-linear", r=1, modules_to_save=["2"]),
+            ValueError, "contains the LoRA layer")
+    model = fastlora.inject(base_model(), "2.0", r=1)
+    refused(model, lambda: fastlora.inject(model, "0", r=1, modules_to_save=["2"]), ValueError, "contains the LoRA")
+
+
 # ---- a LoRALinear on its own ------------------------------------------------------------------------
 
 

@@ -148,7 +148,7 @@ def inject(
 
 def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, AdapterConfig]) -> list[str]:
     """Names of the modules ``targets`` selects for trainable copies (outermost matches only),
-    checked: none adapted, none inside an adapted layer or another copy."""
+    checked: none adapted, none inside an adapted layer or another copy, none containing one."""
     names = []
     adapted = list(configs) + list(lora_layers(model)) + list(trainable_copies(model))
     for name, module in model.named_modules():
@@ -158,6 +158,10 @@ def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, A
             raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which has or gets an adapter already")
         if any(name.startswith(f"{n}.") for n in adapted):
             raise ValueError(f"modules_to_save={targets!r} selects {name!r}, inside an adapted module")
+        inner = [n for n in adapted if n.startswith(f"{name}.")]
+        if inner:
+            raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which contains the LoRA layer {inner[0]!r}: "
+                             "its copy would duplicate that adapter. Leave one of the two out")
         names.append(name)
     if not names:
         raise ValueError(f"no module matched modules_to_save={targets!r}")

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from .copies import TrainableCopy
+
 __all__ = ["Targets", "check_targets", "find_linear_targets", "name_matches", "pattern_value"]
 
 # Leaf names of output heads that "all-linear" leaves alone (besides get_output_embeddings()).
@@ -69,7 +71,8 @@ def find_linear_targets(
     ``"all-linear"`` selects every ``nn.Linear`` except the output head (``get_output_embeddings()``
     and modules named lm_head/score/classifier); a regex must match a full module name; a list
     matches names or name suffixes. Layers that already have an adapter (``LoRALinear``) are
-    skipped, or selected whole when ``include_adapted`` (never their inner ``base_layer``).
+    skipped, or selected whole when ``include_adapted`` (never their inner ``base_layer``); so is
+    everything inside a ``modules_to_save`` copy (its original and its trained copy).
 
     Raises:
         ValueError: nothing matched, or a matched module is not a linear layer.
@@ -85,9 +88,12 @@ def find_linear_targets(
         check_targets(exclude_modules, "exclude_modules")
     excluded = _output_heads(model) if all_linear else set()
     adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    copies = [name for name, m in model.named_modules() if isinstance(m, TrainableCopy)]
     found = []
     for name, module in model.named_modules():
         if not name or name in excluded or name.rpartition(".")[0] in adapted:
+            continue
+        if any(name.startswith(f"{c}.") for c in copies):
             continue
         if isinstance(module, LoRALinear) and not include_adapted:
             continue
@@ -105,7 +111,9 @@ def find_linear_targets(
             )
         found.append((name, module))
     if not found:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in adapted]
-        hint = "they already have adapters" if adapted and not linear else f"linear layers: {linear[:8]}"
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in adapted
+                  and not any(n.startswith(f"{c}.") for c in copies)]
+        hint = ("they already have adapters or are in modules_to_save copies" if (adapted or copies) and not linear
+                else f"linear layers: {linear[:8]}")
         raise ValueError(f"no module matched target_modules={target_modules!r} ({hint})")
     return found
