@@ -1,9 +1,11 @@
 """Random sequences of user operations on adapter state (hypothesis): after every step the model
-computes the base plus the adapter the sequence last gave it (the base alone inside an open
-``disable_adapter``, base plus what was merged while merged), or the step raised and left the
-model exactly as it was. The expected function comes from a small model of the rules in
-docs/adapters.md, kept by the test itself (ΔW per layer relative to the base). Operations include
-saves and loads in both formats, merges, ``disable_adapter`` blocks left open across other
+computes the base plus the adapter the sequence last gave it, head included (the base alone
+inside an open ``disable_adapter``, base plus what was merged while merged), or the step raised
+and left the model exactly as it was. The expected function comes from a small model of the rules
+in docs/adapters.md, kept by the test itself (ΔW per layer relative to the base, the head's
+values). Operations include adapters with and without a trained ``modules_to_save`` head, saves
+of every format (``save_adapter``, ``export_peft``, ``save_pretrained``) into the same folders and
+loads of them by each reader, merges, ``disable_adapter`` blocks left open across other
 operations, re-ranking, unloading, and optimizer steps (AdamW, LoRA-Pro, LoRA-Pro SGD) from an
 optimizer built at some earlier point, also while merged and after unload. One machine runs on a
 float64 base (exact up to float64 rounding), one on a float16 base (within a bound derived from
@@ -12,6 +14,7 @@ float16 rounding)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +50,18 @@ def _delta(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return delta, size
 
 
+@dataclasses.dataclass
+class SavedAdapter:
+    format: str  # "fastlora", "peft" or "pretrained" (both)
+    path: Path
+    ranks: dict[str, dict[str, int]]  # by reader format
+    delta: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head: dict[str, torch.Tensor] | None
+
+    def readable_by(self, reader: str) -> bool:
+        return self.format in (reader, "pretrained")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def lora_ga_files():
     """A trained LoRA-GA adapter on layer "0" (rank 2, base offset) in both formats."""
@@ -56,9 +71,10 @@ def lora_ga_files():
     delta, size = _delta(layer)
     fastlora.save_adapter(model, root / "ga")
     fastlora.export_peft(model, root / "ga_peft")
+    ranks = {"fastlora": {"0": 2}, "peft": {"0": 4}}  # PEFT holds LoRA-GA as a rank-2r adapter
     Adapters.seed_files = {
-        "ga": ("fastlora", root / "ga", {"0": 2}, {"0": layer.scaling}, {"0": (delta, size)}),
-        "ga_peft": ("peft", root / "ga_peft", {"0": 4}, {"0": layer.scaling}, {"0": (delta, size)}),
+        "ga": SavedAdapter("fastlora", root / "ga", ranks, {"0": (delta, size)}, None),
+        "ga_peft": SavedAdapter("peft", root / "ga_peft", ranks, {"0": (delta, size)}, None),
     }
     yield
     shutil.rmtree(root, ignore_errors=True)
@@ -77,7 +93,7 @@ class Adapters(RuleBasedStateMachine):
         self.base = base_model().to(self.dtype)
         self.model = copy.deepcopy(self.base)
         self.ranks: dict[str, int] = {}  # the adapted layers and their ranks
-        self.scaling: dict[str, float] = {}
+        self.head: dict[str, torch.Tensor] | None = None  # the trained copy of module "2", if any
         self.delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (ΔW on the base, magnitude bound)
         self.merged: dict | None = None  # the deltas merge folded in, while merged
         self.disabled = None  # an open disable_adapter context
@@ -104,17 +120,22 @@ class Adapters(RuleBasedStateMachine):
         return True
 
     def check_function(self):
-        if self.merged is None:
-            self.check_output(self.model, {} if self.disabled is not None else self.delta)
-            return
-        self.check_output(self.model, self.merged)
-        unmerged = fastlora.unmerge(copy.deepcopy(self.model))  # and what unmerging would give
-        self.check_output(unmerged, self.delta, roundings=1)
+        if self.disabled is not None:
+            self.check_output(self.model, {}, None)
+        elif self.merged is None:
+            self.check_output(self.model, self.delta, self.head)
+        else:
+            self.check_output(self.model, self.merged, self.head)
+            unmerged = fastlora.unmerge(copy.deepcopy(self.model))  # and what unmerging would give
+            self.check_output(unmerged, self.delta, self.head, roundings=1)
 
-    def check_output(self, model, deltas, roundings=0):
+    def check_output(self, model, deltas, head, roundings=0):
         ref = copy.deepcopy(self.base).double()
-        size = copy.deepcopy(ref)
         with torch.no_grad():
+            if head is not None:
+                for key, value in head.items():
+                    ref[2].get_parameter(key).copy_(value)
+            size = copy.deepcopy(ref)
             for m in size.modules():
                 for p in m.parameters(recurse=False):
                     p.abs_()
@@ -140,29 +161,40 @@ class Adapters(RuleBasedStateMachine):
         return fastlora.lora_layers(self.model)
 
     def read_deltas(self):
+        """The adapters' ΔW and the head's values as the model holds them now."""
         self.delta = {name: _delta(layer) for name, layer in self.layers().items()}
+        if any(n == "2" or n.startswith("2.") for n in fastlora.copies.trainable_copies(self.model)):
+            # module "2" as it computes with its copy switched on (a PEFT import copies "2.0" instead)
+            self.head = {k.replace("trained.", ""): v.detach().double().clone()
+                         for k, v in self.model[2].named_parameters() if "original_module" not in k}
 
     # -- operations --
 
-    @initialize(pattern=st.sampled_from([None, "0", "all-linear"]), kind=st.sampled_from([None, *sorted(OPTIMIZERS)]))
+    @initialize(pattern=st.sampled_from([None, "0", "0+head", "all-linear"]),
+                kind=st.sampled_from([None, *sorted(OPTIMIZERS)]))
     def start(self, pattern, kind):
-        """Most sequences start from trained adapters, in machines with optimizer rules also with
-        an optimizer and gradients waiting for a step (short sequences reach further)."""
+        """Most sequences start from trained adapters (and head), in machines with optimizer rules
+        also with an optimizer and gradients waiting for a step (short sequences reach further)."""
         if pattern is not None:
-            self.inject(pattern, 2)
+            self.inject(pattern.removesuffix("+head"), 2, head=pattern.endswith("+head"))
             self.train(0)
             if kind is not None and isinstance(self, OptimizerRules):
                 self.build_optimizer(kind)
                 self.backward(0, kind)
 
-    @rule(pattern=st.sampled_from(["0", "2.0", "all-linear"]), r=st.integers(1, 2))
-    def inject(self, pattern, r):
+    @rule(pattern=st.sampled_from(["0", "2.0", "all-linear"]), r=st.integers(1, 2), head=st.booleans())
+    def inject(self, pattern, r, head=False):
+        """New adapters, with ``head`` also a modules_to_save copy of module "2" (which holds "2.0")."""
         names = [n for n in ("0", "2.0") if n == pattern or pattern == "all-linear"]
-        new = [n for n in names if n not in self.ranks]
+        new = [n for n in names if n not in self.ranks and not (n == "2.0" and self.head is not None)]
         ok = bool(new) and self.merged is None and self.disabled is None
-        if self.expect(ok, lambda: fastlora.inject(self.model, pattern, r=r, lora_alpha=ALPHA, adapter_dtype=F64)):
+        if head:  # a copy of "2" cannot hold a LoRA layer, nor be made twice
+            ok = ok and self.head is None and "2.0" not in self.ranks and "2.0" not in new
+        kwargs = {"modules_to_save": ["2"]} if head else {}
+        if self.expect(ok, lambda: fastlora.inject(self.model, pattern, r=r, lora_alpha=ALPHA, adapter_dtype=F64,
+                                                   **kwargs)):
             for n in new:
-                self.ranks[n], self.scaling[n] = r, ALPHA / r
+                self.ranks[n] = r
             self.read_deltas()
         self.check_function()
 
@@ -174,6 +206,9 @@ class Adapters(RuleBasedStateMachine):
             for layer in self.layers().values():
                 layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g, dtype=F64))
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=F64))
+            for copied in fastlora.copies.trainable_copies(self.model).values():
+                for p in copied.trained.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
         self.read_deltas()
         self.check_function()
 
@@ -239,7 +274,11 @@ class Adapters(RuleBasedStateMachine):
                 for name, (delta, _) in folded.items():
                     weight = self.base.get_submodule(name).weight
                     weight.copy_(weight.double() + delta)
-            self.ranks, self.scaling, self.delta, self.merged = {}, {}, {}, None
+            if merge and self.head is not None:
+                with torch.no_grad():
+                    for key, value in self.head.items():
+                        self.base[2].get_parameter(key).copy_(value)
+            self.ranks, self.delta, self.merged, self.head = {}, {}, None, None
             self.roundings += 1
             if self.disabled is not None:  # the block still ends cleanly
                 self.disabled.__exit__(None, None, None)
@@ -247,36 +286,31 @@ class Adapters(RuleBasedStateMachine):
         self.check_function()
 
 class FileRules:
-    """Saves and exports of the current adapter; loads and imports of any file made so far."""
+    """Saves of every format into two folders (the last save of a folder owns it) and loads of any
+    file made so far by either reader."""
 
     @precondition(lambda self: self.ranks)
-    @rule()
-    def save(self):
-        key = f"s{len(self.files)}"
-        fastlora.save_adapter(self.model, self.dir / key)
-        self.files[key] = ("fastlora", self.dir / key, dict(self.ranks), dict(self.scaling), dict(self.delta))
+    @rule(fmt=st.sampled_from(["fastlora", "peft", "pretrained"]), slot=st.sampled_from(["a", "b"]))
+    def save(self, fmt, slot):
+        path = self.dir / slot
+        save = {"fastlora": fastlora.save_adapter, "peft": fastlora.export_peft,
+                "pretrained": fastlora.hf.save_pretrained}[fmt]
+        ranks = {"fastlora": dict(self.ranks),
+                 "peft": {n: 2 * r if self.layers()[n].base_offset is not None else r for n, r in self.ranks.items()}}
+        if self.expect(fmt == "fastlora" or self.merged is None, lambda: save(self.model, path)):
+            self.files[slot] = SavedAdapter(fmt, path, ranks, dict(self.delta), self.head)
         self.check_function()
 
-    @precondition(lambda self: self.ranks)
-    @rule()
-    def export(self):
-        key = f"p{len(self.files)}"
-        ranks = {n: 2 * r if self.layers()[n].base_offset is not None else r for n, r in self.ranks.items()}
-        if self.expect(self.merged is None, lambda: fastlora.export_peft(self.model, self.dir / key)):
-            self.files[key] = ("peft", self.dir / key, ranks, dict(self.scaling), dict(self.delta))
-        self.check_function()
-
-    @rule(data=st.data())
-    def load(self, data):
-        key = data.draw(st.sampled_from(sorted(self.files)))
-        kind, path, ranks, scaling, delta = self.files[key]
-        fits = not self.ranks or self.ranks == ranks
-        load = fastlora.load_adapter if kind == "fastlora" else fastlora.import_peft
-        if self.expect(fits and self.merged is None, lambda: load(self.model, path)):
-            self.ranks, self.scaling, self.delta = dict(ranks), dict(scaling), dict(delta)
+    @rule(data=st.data(), reader=st.sampled_from(["fastlora", "peft"]))
+    def load(self, data, reader):
+        saved = self.files[data.draw(st.sampled_from(sorted(self.files)))]
+        ranks = saved.ranks[reader]
+        fits = saved.readable_by(reader) and (not self.ranks or self.ranks == ranks) and self.merged is None
+        load = fastlora.load_adapter if reader == "fastlora" else fastlora.import_peft
+        if self.expect(fits, lambda: load(self.model, saved.path)):
+            self.ranks, self.delta, self.head = dict(ranks), dict(saved.delta), saved.head
             self.roundings += 2  # an offset removed, another applied
         self.check_function()
-
 
 
 class OptimizerRules:

@@ -74,6 +74,22 @@ def test_a_load_inside_disable_adapter_takes_effect_when_the_block_ends(tmp_path
     torch.testing.assert_close(out(model), out(source), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fmt", ["fastlora", "peft"])
+def test_a_head_loaded_inside_disable_adapter_stays_off_until_the_block_ends(tmp_path, fmt):
+    source = fastlora.inject(base_model(), "0", r=2, lora_alpha=2.0, adapter_dtype=F64, modules_to_save=["2"])
+    randomise(source, 5)
+    with torch.no_grad():
+        source[2].trained[0].weight.add_(1.0)
+    save, load = ((fastlora.save_adapter, fastlora.load_adapter) if fmt == "fastlora"
+                  else (fastlora.export_peft, fastlora.import_peft))
+    save(source, tmp_path / "a")
+    model = adapted(seed=1, exclude_modules=["2.0"])
+    with fastlora.disable_adapter(model):
+        load(model, tmp_path / "a")
+        torch.testing.assert_close(out(model), out(base_model()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out(model), out(source), rtol=1e-12, atol=1e-12)
+
+
 def test_inject_inside_disable_adapter_is_refused_and_unload_inside_it_gives_the_base():
     model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64)
     randomise(model, 1)
@@ -240,9 +256,9 @@ def test_layers_inside_a_modules_to_save_copy_are_never_adapted():
     assert list(fastlora.lora_layers(model)) == ["0"]
     # nor is a module that contains LoRA layers copied
     refused(model := base_model(), lambda: fastlora.inject(model, "all-linear", r=1, modules_to_save=["2"]),
-            ValueError, "contains the LoRA layer")
+            ValueError, "which contains")
     model = fastlora.inject(base_model(), "2.0", r=1)
-    refused(model, lambda: fastlora.inject(model, "0", r=1, modules_to_save=["2"]), ValueError, "contains the LoRA")
+    refused(model, lambda: fastlora.inject(model, "0", r=1, modules_to_save=["2"]), ValueError, "which contains")
 
 
 # ---- a LoRALinear on its own ------------------------------------------------------------------------

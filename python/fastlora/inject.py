@@ -160,8 +160,8 @@ def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, A
             raise ValueError(f"modules_to_save={targets!r} selects {name!r}, inside an adapted module")
         inner = [n for n in adapted if n.startswith(f"{name}.")]
         if inner:
-            raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which contains the LoRA layer {inner[0]!r}: "
-                             "its copy would duplicate that adapter. Leave one of the two out")
+            raise ValueError(f"modules_to_save={targets!r} selects {name!r}, which contains {inner[0]!r}, a LoRA layer or "
+                             "a modules_to_save copy: its copy would duplicate that. Leave one of the two out")
         names.append(name)
     if not names:
         raise ValueError(f"no module matched modules_to_save={targets!r}")
@@ -375,8 +375,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         for name, layer in layers.items():
             if not layer.detached:  # unload(merge=False) inside the block took it out
                 layer.set_adapter_enabled(before[name])
-        for name, wrapper in copies.items():
-            wrapper.set_enabled(copies_before[name])
+        for name, wrapper in trainable_copies(model).items():  # a load inside the block may have made new ones
+            wrapper.set_enabled(copies_before.get(name, True))
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -618,9 +618,13 @@ def _apply_heads(model: nn.Module, copies: list[str], values: dict[str, Tensor])
             swap_module(model, name, wrapper.original_module)
             wrapper.original_module.requires_grad_(False)
     kept = trainable_copies(model)
+    layers = lora_layers(model).values()
+    inside_disable = bool(layers) and not any(layer.adapter_enabled for layer in layers)
     for name in copies:
         if name not in kept:
-            swap_module(model, name, TrainableCopy(model.get_submodule(name)))
+            copied = TrainableCopy(model.get_submodule(name))
+            copied.set_enabled(not inside_disable)  # a new head follows an open disable_adapter block
+            swap_module(model, name, copied)
     params = _plain_parameters(model)  # a new copy's parameters are new Parameters
     for name, t in values.items():
         write(params[name], t)
