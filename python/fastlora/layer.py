@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._distributed import is_dtensor, local
-from .functional import SUPPORTED_DTYPES, lora_linear, lora_update
+from .bases import Quantized, for_base
+from .functional import SUPPORTED_DTYPES
 from .reference import accumulation_dtype
-from .quantized import (check_quantized_layer, cpu_repacking, dense_weight, is_quantized, quantization_kind,
-                        requantize, swap_weight)
+from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .transaction import preserve, transaction
 
 __all__ = [
@@ -216,14 +215,13 @@ class LoRALinear(nn.Module):
         self._config = dataclasses.replace(config, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout))
         self._where = f"LoRA layer {name!r}" if name else "LoRALinear"
         self._base_type = type(base_layer)  # PEFT wrapping base_layer later is caught in forward
+        self._base_ops = for_base(base_layer)  # what merges, offsets and forward do with this kind of base
         self._merged = False
-        self._merged_factors: tuple[Tensor, Tensor, float] | None = None  # what merge() added to W
+        self._merged_state: object = None  # what unmerge needs: the factors merged, or the weight replaced
         self._enabled = True
         self._detached = False  # unwrap() gave the base layer back to the model
-        self._quantized = is_quantized(base_layer)
-        if self._quantized:
+        if self.quantized:
             cpu_repacking(base_layer, False)
-        self._premerge_weight: nn.Parameter | None = None  # a quantized base's weight while merged
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
         # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set (a quantized
@@ -296,6 +294,11 @@ class LoRALinear(nn.Module):
         return self._enabled
 
     @property
+    def where(self) -> str:
+        """How error messages name this layer."""
+        return self._where
+
+    @property
     def detached(self) -> bool:
         """True once :func:`fastlora.unload` has put the base layer back in the model: the layer
         then refuses every transition (its base layer is the model's now)."""
@@ -305,7 +308,7 @@ class LoRALinear(nn.Module):
     def quantized(self) -> bool:
         """Whether the base is a quantized (bitsandbytes) layer: its weight is never changed in
         place, a LoRA-GA offset is kept as a frozen low-rank term instead."""
-        return self._quantized
+        return self._base_ops is Quantized
 
     @property
     def base_offset(self) -> tuple[Tensor, Tensor] | None:
@@ -328,25 +331,9 @@ class LoRALinear(nn.Module):
         if self._merged:
             raise RuntimeError(f"{self._where} is merged; unmerge it (fastlora.unmerge(model)) before you {action}")
 
-    @torch.no_grad()
-    def _shift_weight(self, a0: Tensor, b0: Tensor, sign: float, scaling: float) -> None:
-        """W += sign·scaling·B0 A0, computed in float32 (float64 for a float64 base), cast back once;
-        refused (W unchanged) if the result would not be finite in W's dtype (a float16 overflow)."""
-        w = self.base_layer.weight
-        delta = self.delta_weight(a0, b0, sign * scaling)
-        new = (w.to(delta.dtype) + delta).to(w.dtype)
-        if not bool(torch.isfinite(new).all()):
-            raise ValueError(
-                f"{self._where}: the base weight plus the adapter is not finite in {w.dtype} (it overflows); "
-                "nothing was changed. Keep the adapter separate, or cast the base to a wider dtype first"
-            )
-        preserve(w)
-        w.copy_(new)
-
     def _remove_base_offset(self) -> None:
         if self.lora_A0 is not None:
-            if not self._quantized:  # a quantized weight never held it
-                self._shift_weight(self.lora_A0, self.lora_B0, +1.0, self.scaling)
+            self._base_ops.shift(self, self.lora_A0, self.lora_B0, +1.0, self.scaling)
             self.lora_A0 = self.lora_B0 = None
 
     def _draw(self, init: str, generator: torch.Generator | None) -> None:
@@ -448,8 +435,8 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(lora_A)
         self.lora_B.copy_(lora_B)
         if new_offset is not None:
-            if base_weights != "offset" and not same and not self._quantized:
-                self._shift_weight(*new_offset, -1.0, config.scaling)
+            if base_weights != "offset" and not same:
+                self._base_ops.shift(self, *new_offset, -1.0, config.scaling)
             self.lora_A0, self.lora_B0 = new_offset
 
     @torch.no_grad()
@@ -518,55 +505,14 @@ class LoRALinear(nn.Module):
         ``factor·(W0 - s·B0 A0)`` and ``unload(merge=False)`` gives ``factor·W0``. Refused on
         quantized bases (the packed weight cannot be scaled in place) and on merged layers."""
         self._require_unmerged("decay its base weight")
-        if self._quantized:
-            raise ValueError(f"{self._where} has a quantized base ({quantization_kind(self.base_layer)}): its weight "
-                             "cannot decay in place; use decay_base_weight=False")
         if not (_is_real_number(factor) and 0.0 <= factor <= 1.0):
             raise ValueError(f"{self._where}: the decay factor must be in [0, 1], got {factor!r}")
-        w = local(self.base_layer.weight)
-        offset = [t for t in (self.lora_A0, self.lora_B0) if t is not None]
-        for t in [w, *offset]:
-            preserve(t)
-        w.mul_(factor)
-        for t in offset:
-            t.mul_(math.sqrt(factor))
+        self._base_ops.decay(self, factor)
 
     def forward(self, x: Tensor) -> Tensor:
-        base = self.base_layer
-        if type(base) is not self._base_type:
+        if type(self.base_layer) is not self._base_type:
             self.check_base_unchanged()
-        if self._quantized:
-            return self._quantized_forward(x)
-        if self._merged or (not self._enabled and self.lora_A0 is None):
-            return base(x)
-        if not torch.compiler.is_compiling() and is_dtensor(base.weight):
-            # base_layer.forward never runs here, so FSDP hooks on base_layer alone never unshard it.
-            raise TypeError(
-                "LoRALinear: the base layer's weight is still a DTensor at forward time: fully_shard was applied to "
-                "base_layer alone (or the weight is tensor-parallel). fastlora computes the base layer inside its own "
-                "kernel, so apply fully_shard to the LoRALinear or to a module that contains it (a decoder layer, "
-                "the root); see docs/distributed.md"
-            )
-        if not self._enabled:  # the original base: W x = (W - s·B0 A0) x + s·(x A0^T) B0^T
-            return lora_linear(x, base.weight, base.bias, self.lora_A0, self.lora_B0, self.scaling, 0.0)
-        p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
-
-    def _quantized_forward(self, x: Tensor) -> Tensor:
-        """``Q(W) x + b`` by the quantized layer's own forward, then the exact LoRA-GA offset term
-        and the adapter branch (fastlora's ops) added to it."""
-        y = self.base_layer(x)
-        if self._merged or not self._enabled:
-            return y
-        p = self.lora_dropout if self.training else 0.0
-        a, b = self.lora_A, self.lora_B
-        if self.lora_A0 is not None:
-            if p == 0.0:  # both terms in one rank-2r branch: one pass over x, one dx update
-                a = torch.cat([a, self.lora_A0.to(a.dtype)])
-                b = torch.cat([b, -self.lora_B0.to(b.dtype)], dim=1)
-            else:  # dropout applies to the adapter's input only, not to the offset term's
-                y = lora_update(x, y, self.lora_A0, self.lora_B0, -self.scaling)
-        return lora_update(x, y, a, b, self.scaling, p)
+        return self._base_ops.forward(self, x)
 
     def check_base_unchanged(self) -> None:
         """Raises TypeError if ``base_layer`` was replaced since the adapter was added: PEFT
@@ -611,13 +557,7 @@ class LoRALinear(nn.Module):
             )
         if not isinstance(allow_requantize, bool):
             raise TypeError(f"allow_requantize must be True or False, got {allow_requantize!r}")
-        if self._quantized and not allow_requantize:
-            raise ValueError(
-                f"{where} has a quantized base ({quantization_kind(self.base_layer)}): merging rounds W + s·B A back "
-                "onto the quantization grid, so the merged layer no longer computes the trained adapter exactly. "
-                "Keep the adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
-                "dequantize, merge in float32 and re-quantize (the error is reported)"
-            )
+        self._base_ops.check_merge(self, allow_requantize, where)
 
     @torch.no_grad()
     def merge(self, allow_requantize: bool = False) -> dict[str, float] | None:
@@ -631,38 +571,20 @@ class LoRALinear(nn.Module):
         introduced: ``max_abs_error`` and ``relative_error`` (Frobenius norm, relative to the
         merged float32 weight's); None otherwise."""
         self.check_merge(allow_requantize)
-        if not self._quantized:
-            self._shift_weight(self.lora_A, self.lora_B, +1.0, self.scaling)
-            # unmerge subtracts what was added, even if an optimizer stepped the adapters meanwhile
-            self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-            self._merged = True
-            return None
-        target = dense_weight(self.base_layer) + self.delta_weight().to(self.lora_A.device)
-        if self.lora_A0 is not None:
-            target -= self.delta_weight(self.lora_A0, self.lora_B0)
-        if not bool(torch.isfinite(target).all()):
-            raise ValueError(f"{self._where}: the base weight plus the adapter is not finite; nothing was changed")
-        new = requantize(self.base_layer, target)
-        self._premerge_weight = swap_weight(self.base_layer, new)
+        report, self._merged_state = self._base_ops.merge(self, allow_requantize)
         self._merged = True
-        error = dense_weight(self.base_layer) - target
-        return {"max_abs_error": error.abs().max().item(),
-                "relative_error": (error.norm() / target.norm().clamp_min(1e-30)).item()}
+        return report
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtracts s * B A from the base weight again (a quantized base gets its weight from
-        before the merge back, exactly). Raises RuntimeError if not merged."""
+        """Takes out of the base weight what :meth:`merge` added (the factors as they were merged;
+        a quantized base gets its weight from before the merge back, exactly). Raises
+        RuntimeError if not merged."""
         self._require_attached()
         if not self._merged:
             raise RuntimeError(f"{self._where} is not merged; nothing to unmerge")
-        if self._quantized:
-            swap_weight(self.base_layer, self._premerge_weight)
-            self._premerge_weight = None
-        else:
-            a, b, scaling = self._merged_factors
-            self._shift_weight(a, b, -1.0, scaling)
-            self._merged_factors = None
+        self._base_ops.unmerge(self, self._merged_state)
+        self._merged_state = None
         self._merged = False
 
     def extra_repr(self) -> str:
@@ -670,7 +592,7 @@ class LoRALinear(nn.Module):
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout:g}, use_rslora={self.use_rslora}, "
             f"adapter_dtype={self.lora_A.dtype}, merged={self.merged}"
-            + (f", quantized={quantization_kind(self.base_layer)}" if self._quantized else "")
+            + self._base_ops.describe(self.base_layer)
             + (", base_offset=True" if self.lora_A0 is not None else "")
         )
 

@@ -1,0 +1,170 @@
+"""What a LoRA layer does with its base layer, one strategy per kind of base: a dense
+``nn.Linear`` (LoRA-GA's offset and merges live in its weight) or a bitsandbytes 4-bit / 8-bit
+layer (the packed weight is never changed in place: the offset is a frozen low-rank term, a merge
+re-quantizes into a new weight and unmerge swaps the old one back). The strategies are stateless;
+the state they change (weights, the factors a merge added, a quantized weight kept across a
+merge) belongs to the layer, so its transitions and transactions see all of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ._distributed import is_dtensor, local
+from .functional import lora_linear, lora_update
+from .quantized import dense_weight, is_quantized, quantization_kind, requantize, swap_weight
+from .transaction import preserve
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .layer import LoRALinear
+
+__all__ = ["Dense", "Quantized", "for_base"]
+
+
+class Dense:
+    """A plain ``nn.Linear``: the base and the adapter in one fused call; LoRA-GA's offset is
+    held in the weight (``W0 - s·B0 A0``)."""
+
+    holds_offset = True
+
+    @staticmethod
+    def describe(base: nn.Module) -> str:
+        return ""
+
+    @staticmethod
+    def forward(layer: LoRALinear, x: Tensor) -> Tensor:
+        base = layer.base_layer
+        if layer.merged or (not layer.adapter_enabled and layer.lora_A0 is None):
+            return base(x)
+        if not torch.compiler.is_compiling() and is_dtensor(base.weight):
+            # base_layer.forward never runs here, so FSDP hooks on base_layer alone never unshard it.
+            raise TypeError(
+                "LoRALinear: the base layer's weight is still a DTensor at forward time: fully_shard was applied to "
+                "base_layer alone (or the weight is tensor-parallel). fastlora computes the base layer inside its own "
+                "kernel, so apply fully_shard to the LoRALinear or to a module that contains it (a decoder layer, "
+                "the root); see docs/distributed.md"
+            )
+        if not layer.adapter_enabled:  # the original base: W x = (W - s·B0 A0) x + s·(x A0^T) B0^T
+            return lora_linear(x, base.weight, base.bias, layer.lora_A0, layer.lora_B0, layer.scaling, 0.0)
+        p = layer.lora_dropout if layer.training else 0.0
+        return lora_linear(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p)
+
+    @staticmethod
+    @torch.no_grad()
+    def shift(layer: LoRALinear, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
+        """W += sign·scaling·B A, computed in float32 (float64 for a float64 base), cast back once;
+        refused (W unchanged) if the result would not be finite in W's dtype (a float16 overflow)."""
+        w = layer.base_layer.weight
+        delta = layer.delta_weight(a, b, sign * scaling)
+        new = (w.to(delta.dtype) + delta).to(w.dtype)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(
+                f"{layer.where}: the base weight plus the adapter is not finite in {w.dtype} (it overflows); "
+                "nothing was changed. Keep the adapter separate, or cast the base to a wider dtype first"
+            )
+        preserve(w)
+        w.copy_(new)
+
+    @staticmethod
+    def check_merge(layer: LoRALinear, allow_requantize: bool, where: str) -> None:
+        pass
+
+    @staticmethod
+    def merge(layer: LoRALinear, allow_requantize: bool) -> tuple[dict[str, float] | None, object]:
+        """Folds s·B A into the weight; returns (no report, what unmerge must subtract: the factors
+        as merged, even if an optimizer steps the adapters meanwhile)."""
+        Dense.shift(layer, layer.lora_A, layer.lora_B, +1.0, layer.scaling)
+        return None, (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling)
+
+    @staticmethod
+    def unmerge(layer: LoRALinear, merged: object) -> None:
+        a, b, scaling = merged
+        Dense.shift(layer, a, b, -1.0, scaling)
+
+    @staticmethod
+    @torch.no_grad()
+    def decay(layer: LoRALinear, factor: float) -> None:
+        """The original weight times ``factor``; the offset's factors by sqrt(factor) with it."""
+        w = local(layer.base_layer.weight)
+        offset = [t for t in (layer.lora_A0, layer.lora_B0) if t is not None]
+        for t in [w, *offset]:
+            preserve(t)
+        w.mul_(factor)
+        for t in offset:
+            t.mul_(math.sqrt(factor))
+
+
+class Quantized:
+    """A bitsandbytes ``Linear4bit`` (NF4/FP4) or ``Linear8bitLt``: its own forward computes
+    ``Q(W) x + b`` and fastlora's ops add the exact offset term and the adapter branch."""
+
+    holds_offset = False
+
+    @staticmethod
+    def describe(base: nn.Module) -> str:
+        return f", quantized={quantization_kind(base)}"
+
+    @staticmethod
+    def forward(layer: LoRALinear, x: Tensor) -> Tensor:
+        y = layer.base_layer(x)
+        if layer.merged or not layer.adapter_enabled:
+            return y
+        p = layer.lora_dropout if layer.training else 0.0
+        a, b = layer.lora_A, layer.lora_B
+        if layer.lora_A0 is not None:
+            if p == 0.0:  # both terms in one rank-2r branch: one pass over x, one dx update
+                a = torch.cat([a, layer.lora_A0.to(a.dtype)])
+                b = torch.cat([b, -layer.lora_B0.to(b.dtype)], dim=1)
+            else:  # dropout applies to the adapter's input only, not to the offset term's
+                y = lora_update(x, y, layer.lora_A0, layer.lora_B0, -layer.scaling)
+        return lora_update(x, y, a, b, layer.scaling, p)
+
+    @staticmethod
+    def shift(layer: LoRALinear, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
+        pass  # the packed weight never holds the offset: forward computes its term
+
+    @staticmethod
+    def check_merge(layer: LoRALinear, allow_requantize: bool, where: str) -> None:
+        if not allow_requantize:
+            raise ValueError(
+                f"{where} has a quantized base ({quantization_kind(layer.base_layer)}): merging rounds W + s·B A back "
+                "onto the quantization grid, so the merged layer no longer computes the trained adapter exactly. "
+                "Keep the adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
+                "dequantize, merge in float32 and re-quantize (the error is reported)"
+            )
+
+    @staticmethod
+    @torch.no_grad()
+    def merge(layer: LoRALinear, allow_requantize: bool) -> tuple[dict[str, float], object]:
+        """Dequantizes, adds ``s·B A - s·B0 A0`` in float32 and re-quantizes into a new weight;
+        returns the rounding error and the weight it replaced (unmerge swaps it back exactly)."""
+        target = dense_weight(layer.base_layer) + layer.delta_weight().to(layer.lora_A.device)
+        if layer.lora_A0 is not None:
+            target -= layer.delta_weight(layer.lora_A0, layer.lora_B0)
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(f"{layer.where}: the base weight plus the adapter is not finite; nothing was changed")
+        previous = swap_weight(layer.base_layer, requantize(layer.base_layer, target))
+        error = dense_weight(layer.base_layer) - target
+        report = {"max_abs_error": error.abs().max().item(),
+                  "relative_error": (error.norm() / target.norm().clamp_min(1e-30)).item()}
+        return report, previous
+
+    @staticmethod
+    def unmerge(layer: LoRALinear, merged: object) -> None:
+        swap_weight(layer.base_layer, merged)
+
+    @staticmethod
+    def decay(layer: LoRALinear, factor: float) -> None:
+        raise ValueError(f"{layer.where} has a quantized base ({quantization_kind(layer.base_layer)}): its weight "
+                         "cannot decay in place; use decay_base_weight=False")
+
+
+def for_base(base: nn.Module) -> type[Dense] | type[Quantized]:
+    """The strategy for a base layer that passed :func:`fastlora.layer.check_base_layer`."""
+    return Quantized if is_quantized(base) else Dense
