@@ -39,7 +39,7 @@ from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
 from .inject import add_layers, refuse_peft_model, swap_module
 from .layer import (RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, check_no_peft_layers,
-                    lora_layers)
+                    finite_in, lora_layers)
 from .quantized import is_quantized
 from .reference import accumulation_dtype
 from .targets import name_matches, pattern_value
@@ -316,13 +316,6 @@ def _check_dtypes(tensors: dict[str, Tensor], where: str) -> list[str]:
             for key, t in tensors.items() if t.dtype not in SUPPORTED_DTYPES]
 
 
-def _nonfinite_after_cast(tensors: dict[str, Tensor], dtype: torch.dtype, where: str) -> list[str]:
-    """Problems with tensors that are not finite once cast to ``dtype`` (float64 1e300 is inf in float32)."""
-    return [f"{where}: {key} has NaN or infinite values in {_dtype_name(dtype)}" + (
-                "" if t.dtype == dtype else f" (cast from {_dtype_name(t.dtype)})")
-            for key, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
-
-
 # ---- fastlora's own format ----------------------------------------------------------------------
 
 
@@ -516,10 +509,10 @@ def _factor_problems(tensors: dict[str, Tensor | None], shapes: dict[str, tuple[
     if problems:
         return problems
     try:
-        check_factors(tensors, shapes, name)
+        check_factors(tensors, shapes, name, dtype)
     except ValueError as exc:
         return [str(exc)]
-    return _nonfinite_after_cast(tensors, dtype, name)
+    return []
 
 
 def _offset_problems(module: nn.Module, offset: tuple[Tensor, Tensor], scaling: float, dtype: torch.dtype,
@@ -592,8 +585,8 @@ def _head_problems(model: nn.Module, copies: list[str], values: dict[str, Tensor
         p = params.get(name)
         if p is None or p.shape != t.shape:
             problems.append(f"trainable parameter {name}: not a parameter of the model with shape {tuple(t.shape)}")
-        elif t.dtype in SUPPORTED_DTYPES:
-            problems += _nonfinite_after_cast({name: t}, p.dtype, "trainable parameter")
+        elif t.dtype in SUPPORTED_DTYPES and not finite_in(t, p.dtype):
+            problems.append(f"trainable parameter: {name} has NaN or infinite values in {_dtype_name(p.dtype)}")
     if replaces:
         current = trainable_copies(model)
         lost = [n for n, p in params.items()

@@ -33,6 +33,7 @@ __all__ = [
     "RECORDED_INITS",
     "check_base_layer",
     "check_factors",
+    "finite_in",
     "check_generator",
     "check_no_peft_layers",
     "lora_layers",
@@ -120,9 +121,16 @@ def check_base_layer(module: nn.Module, where: str = "LoRALinear") -> None:
         raise TypeError(f"{where}: the base weight's dtype {module.weight.dtype} is not one of {SUPPORTED_DTYPES}")
 
 
-def check_factors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]], where: str) -> None:
+def finite_in(t: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``t``'s values are finite once cast to ``dtype`` (its own by default): float64 1e300
+    is infinite in float32. Meta tensors have no values and pass."""
+    return t.device.type == "meta" or bool(torch.isfinite(t.to(dtype or t.dtype)).all())
+
+
+def check_factors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]], where: str,
+                  dtype: torch.dtype | None = None) -> None:
     """Raises ValueError unless every named tensor exists, is a real floating-point tensor of its
-    shape and is finite."""
+    shape and is finite in ``dtype`` (what it will be cast to; its own dtype by default)."""
     for key, shape in shapes.items():
         t = tensors.get(key)
         if not isinstance(t, Tensor):
@@ -131,19 +139,9 @@ def check_factors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]]
             raise ValueError(f"{where}: {key} has dtype {t.dtype}; adapters are real floating-point tensors")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}: {key} has NaN or infinite values")
-
-
-def check_values(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device, where: str) -> None:
-    """Raises ValueError unless every tensor can be put on ``device`` (real values where the layer has
-    them: none on the meta device) and stays finite in ``dtype``: 1e300 in a float64 file is
-    infinite in a float32 adapter."""
-    for key, t in tensors.items():
-        if t.device.type == "meta" and device.type != "meta":
-            raise ValueError(f"{where}: {key} is on the meta device (no values); materialise it first")
-        if t.device.type != "meta" and not bool(torch.isfinite(t.to(dtype)).all()):
-            raise ValueError(f"{where}: {key} is not finite in the adapters' dtype {dtype}")
+        if not finite_in(t, dtype):
+            cast = "" if dtype in (None, t.dtype) else f" in {str(dtype).removeprefix('torch.')}"
+            raise ValueError(f"{where}: {key} has NaN or infinite values{cast}")
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -369,8 +367,10 @@ class LoRALinear(nn.Module):
         if base_offset is not None:
             tensors.update(lora_A0=base_offset[0], lora_B0=base_offset[1])
             shapes.update(lora_A0=shapes["lora_A"], lora_B0=shapes["lora_B"])
-        check_factors(tensors, shapes, where)
-        check_values(tensors, self.lora_A.dtype, self.lora_A.device, where)
+        for key, t in tensors.items():
+            if t.device.type == "meta" and self.lora_A.device.type != "meta":
+                raise ValueError(f"{where}: {key} is on the meta device (no values); materialise it first")
+        check_factors(tensors, shapes, where, self.lora_A.dtype)
 
     @torch.no_grad()
     def load_factors(
