@@ -242,7 +242,7 @@ def add_layers(
             init = config.init if config.init in INITS else "lora"
             dtype = adapter_dtype[name] if isinstance(adapter_dtype, Mapping) else adapter_dtype
             swap_module(model, name, LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout,
-                                          config.use_rslora, dtype, init, generator, name=name))
+                                                config.use_rslora, dtype, init, generator, name=name))
         for name in copies:
             swap_module(model, name, TrainableCopy(model.get_submodule(name)))
         if trainable_modules is not None:
@@ -331,7 +331,7 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
     :attr:`~LoRALinear.detached`: optimizers still holding them refuse to step. A
     :class:`LoRALinear` given on its own returns its base layer."""
     layers = _layers_or_raise(model)
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.check_unwrap(merge, allow_requantize)
     if merge:
         _refuse_tied(model, list(layers), "merging")

@@ -355,7 +355,7 @@ class LoRALinear(nn.Module):
         self, lora_A: Tensor, lora_B: Tensor, config: AdapterConfig, base_offset: tuple[Tensor, Tensor] | None = None,
         where: str | None = None,
     ) -> None:
-        """Raises (ValueError/TypeError/RuntimeError) unless :meth:`set_adapter` would accept
+        """Raises (ValueError/TypeError/RuntimeError) unless :meth:`load_factors` would accept
         these arguments; changes nothing."""
         where = where or self._where
         self._require_unmerged("load an adapter into it")
