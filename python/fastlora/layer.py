@@ -519,7 +519,7 @@ class LoRALinear(nn.Module):
         (``get_peft_model``, TRL's ``peft_config``, transformers' ``add_adapter``) wrapping fastlora's
         base layers would train adapters fastlora never computes nor saves."""
         base = self.base_layer
-        if type(base) is self._base_type:
+        if isinstance(base, self._base_type):  # the same class, or a subclass fully_shard made of it
             return
         peft = type(base).__module__.split(".")[0] == "peft"
         raise TypeError(
