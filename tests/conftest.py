@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Before fastlora is imported (here and in the subprocesses tests start): measured dispatch off,
+# so which implementation a call runs never depends on a timing (tests/test_dispatch.py turns it
+# on with injected timings), and no choice is read from or written to the user's cache.
+os.environ["FASTLORA_MEASURED"] = "0"
+os.environ["FASTLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTLORA_CACHE_DIR"], ignore_errors=True)
 
-import fastlora
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastlora  # noqa: E402
 
 requires_extension = pytest.mark.skipif(
     not fastlora.extension_available(), reason=f"compiled extension unavailable: {fastlora.extension_error()}"

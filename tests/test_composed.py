@@ -167,7 +167,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_default_on_devices_without_kernels():
     # The meta device stands for any device fastlora has no kernels for (CUDA with the kernels
-    # off goes the same way: has_kernel is false there).
+    # off goes the same way: the registry finds no trusted kernel there).
     with fastlora.use_backend("auto"):
         w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in _params(8, 6, 2))
         x = torch.empty(5, 8, dtype=torch.float64, device="meta", requires_grad=True)

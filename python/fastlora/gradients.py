@@ -28,7 +28,7 @@ from . import reference
 from ._distributed import (
     BUCKET_BYTES, chunk_rows, flat_in_place, gather_row_chunks, in_place, sum_in_rank_order, world_size,
 )
-from ._extension import has_kernel
+from .backends.registry import op_function
 from .layer import LoRALinear
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .targets import Targets, find_linear_targets
@@ -43,8 +43,8 @@ NONFINITE = ("skip", "error")
 
 
 def _op(name: str, device: torch.device) -> Callable:
-    """The compiled op where the device has a kernel, else the reference (same signature)."""
-    return getattr(torch.ops.fastlora, name) if has_kernel(name, device.type) else getattr(reference, name)
+    """The compiled op where the registry says it runs on this device, else the reference (same signature)."""
+    return op_function(name, device)
 
 
 # ---- results ------------------------------------------------------------------------------------
