@@ -58,26 +58,26 @@ def _reference_update(x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scal
     return reference.lora_up(y.to(x.dtype), reference.lora_down(x, lora_A, dropout_p, seed), lora_B, scale)
 
 
-LINEAR = {
-    "reference": register(Implementation("reference", "linear", validated=_EVERYWHERE, fn=reference.lora_linear)),
-    "composed": register(Implementation("composed", "linear", validated=_EVERYWHERE, fn=composed.lora_linear)),
-    "fused": register(Implementation(
+for _impl in (
+    Implementation("reference", "linear", validated=_EVERYWHERE, fn=reference.lora_linear),
+    Implementation("composed", "linear", validated=_EVERYWHERE, fn=composed.lora_linear),
+    Implementation(
         "fused", "linear", devices=frozenset(("cuda", "cpu")), interpreted=frozenset(("cpu",)), dtypes=_TRITON_DTYPES,
         available=lambda: fused.available(), unavailable="it needs Triton: pip install triton",
         max_index=2**31,  # 32-bit offsets
-        validated=frozenset(("cpu",)), fn=fused.lora_linear)),
-    "kernels": register(Implementation(
+        validated=frozenset(("cpu",)), fn=fused.lora_linear),
+    Implementation(
         "kernels", "linear", devices=frozenset(("cpu", "cuda")), needs_extension=_EXTENSION_LINEAR, weight_grad=False,
-        experimental_cuda=True, fn=_kernels_linear)),
-}
-UPDATE = {
-    "reference": register(Implementation("reference", "update", validated=_EVERYWHERE, fn=_reference_update)),
-    "composed": register(Implementation("composed", "update", validated=_EVERYWHERE, fn=composed.lora_update)),
-    "kernels": register(Implementation(
+        experimental_cuda=True, fn=_kernels_linear),
+    Implementation("reference", "update", validated=_EVERYWHERE, fn=_reference_update),
+    Implementation("composed", "update", validated=_EVERYWHERE, fn=composed.lora_update),
+    Implementation(
         "kernels", "update", devices=frozenset(("cpu", "cuda")), experimental_cuda=True, fn=_kernels_update,
-        needs_extension=("lora_down", "lora_up", "lora_dy_products", "lora_grad_A"))),
-}
-_BY_OP = {"linear": LINEAR, "update": UPDATE}
+        needs_extension=("lora_down", "lora_up", "lora_dy_products", "lora_grad_A")),
+):
+    register(_impl)
+del _impl
+_BY_OP = {"linear": registry.implementations("linear"), "update": registry.implementations("update")}
 
 # key -> the implementation a call of that key runs (cleared when a switch changes)
 _memo: dict[tuple, Implementation] = {}

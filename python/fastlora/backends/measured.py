@@ -175,13 +175,22 @@ def time_run(name: str, run: Callable[[], Any], device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _unit(dtype: torch.dtype, device: torch.device) -> float:
+    """Unit roundoff of products in ``dtype`` on ``device`` (float32 GEMMs may run in TF32 there)."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return 2.0**-11
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    return _UNIT[dtype]
+
+
 def _disagreement(got: Sequence[Tensor | None], want: Sequence[Tensor | None], names: Sequence[str],
-                  dtype: torch.dtype, depth: int) -> str | None:
+                  dtype: torch.dtype, depth: int, unit: float | None = None) -> str | None:
     """Why ``got`` differs from the composed path's ``want`` beyond rounding, or None. Each
     result is a sum of at most ``depth`` products: its error against max|want| is a few units
-    of the compute dtype (outputs, xa and dxa round there) plus the fp32 accumulation's."""
+    of the compute dtype (``unit``; outputs, xa and dxa round there) plus the fp32 accumulation's."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rtol = 8 * _UNIT[dtype] + 4 * math.sqrt(depth) * _UNIT[acc]
+    rtol = 8 * (unit or _UNIT[dtype]) + 4 * math.sqrt(depth) * _UNIT[acc]
     for name, g, w in zip(names, got, want):
         if (g is None) != (w is None):
             return f"{name} is {'missing' if g is None else 'unexpected'}"
@@ -217,7 +226,7 @@ def settle(key: Key, candidates: Sequence[Any], oracle: Any, run: Callable[[Call
         if impl is oracle:
             continue
         try:
-            why = _disagreement(run(impl.fn), want, names, dtype, depth)
+            why = _disagreement(run(impl.fn), want, names, dtype, depth, _unit(dtype, device))
         except Exception as exc:  # noqa: BLE001  (any failure disqualifies the candidate)
             why = f"it raised {type(exc).__name__}: {exc}"
         if why is None:

@@ -24,6 +24,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -41,6 +42,7 @@ __all__ = [
     "measured",
     "op_function",
     "register",
+    "unregister",
     "set_backend",
     "set_cuda_layer_kernels",
     "set_measured",
@@ -88,9 +90,15 @@ def register(impl: Implementation) -> Implementation:
     return impl
 
 
-def implementations(op: str) -> dict[str, Implementation]:
-    """The registered implementations of ``op`` by name."""
-    return dict(_registry.get(op, {}))
+def implementations(op: str) -> Mapping[str, Implementation]:
+    """The registered implementations of ``op`` by name (a live, read-only view)."""
+    return MappingProxyType(_registry.setdefault(op, {}))
+
+
+def unregister(op: str, name: str) -> None:
+    """Removes an implementation (tests that register a poisoned one)."""
+    del _registry[op][name]
+    _changed()
 
 
 # ---- switches -----------------------------------------------------------------------------------
