@@ -314,3 +314,16 @@ def test_check_tolerance_follows_the_dtype():
         assert measured._disagreement(ok, want, ["y"], dtype, 64) is None
         assert "y differs" in measured._disagreement(bad, want, ["y"], dtype, 64)
     assert "non-finite" in measured._disagreement([want[0] * float("nan")], want, ["y"], torch.float32, 1)
+
+
+def test_index_range_is_decided_by_the_exact_token_count():
+    # T beyond the bucket cap shares a key, except across 2^31 elements, where 32-bit offsets wrap
+    fused = registry.implementations("linear")["fused"]
+    small = dispatch._key("linear", torch.empty(2**17, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,
+                          False, False)
+    huge = dispatch._key("linear", torch.empty(2**20, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,
+                         False, False)
+    assert small[4] == huge[4] == measured.T_CAP and small != huge
+    on_cuda = [(k[0], torch.device("cuda"), torch.float16, *k[3:]) for k in (small, huge)]
+    assert dispatch._eligible(on_cuda[0], fused) in (None, "it needs Triton: pip install triton")
+    assert "index range" in (dispatch._eligible(on_cuda[1], dataclasses.replace(fused, available=None)) or "")

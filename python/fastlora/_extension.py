@@ -75,7 +75,8 @@ def extension_error() -> str | None:
     return _load_error
 
 
-_OPS = (
+# Every operator the extension registers (the registry declares an implementation of each).
+OPS = (
     "lora_down",
     "lora_up",
     "lora_forward",
@@ -94,7 +95,7 @@ def _kernel_table() -> dict[tuple[str, str], bool]:
     if _load_error is not None:
         return {}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {(op, dev): has(f"fastlora::{op}", key) for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+    return {(op, dev): has(f"fastlora::{op}", key) for op in OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 _kernels = _kernel_table()

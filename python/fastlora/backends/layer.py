@@ -86,8 +86,8 @@ _recording: dict[tuple, None] | None = None  # keys met during tune()'s pass
 
 
 def _eligible(key: tuple, impl: Implementation, pinned: bool = False) -> str | None:
-    op, device, dtype, adtype, t, n_in, n_out, r, dropout, bias, wgrad = key
-    index = (t or 1) * max(n_in, n_out)
+    op, device, dtype, adtype, t, n_in, n_out, r, dropout, bias, wgrad, huge = key
+    index = _HUGE if huge else (t or 1) * max(n_in, n_out)
     return registry.ineligibility(impl, device.type, dtype, r, dropout, wgrad, index, pinned)
 
 
@@ -162,11 +162,18 @@ def _choose(key: tuple, x: Tensor) -> Implementation:
     return impl
 
 
+_HUGE = 2**31  # operands of this many elements or more need 64-bit offsets
+
+
 def _key(op: str, x: Tensor, adapter_dtype: torch.dtype, n_in: int, n_out: int, r: int, dropout_p: float, bias: bool,
          weight_grad: bool) -> tuple:
     t = x.shape[0]
-    return (op, x.device, x.dtype, adapter_dtype, measured.bucket(t) if isinstance(t, int) else None, n_in, n_out, r,
-            dropout_p > 0.0, bias, weight_grad)
+    if not isinstance(t, int):  # a symbolic T (torch.compile with dynamic shapes): no bucket
+        return (op, x.device, x.dtype, adapter_dtype, None, n_in, n_out, r, dropout_p > 0.0, bias, weight_grad, False)
+    # the exact size decides the index range: T beyond the bucket cap shares its key otherwise
+    huge = t * max(n_in, n_out) >= _HUGE
+    return (op, x.device, x.dtype, adapter_dtype, measured.bucket(t), n_in, n_out, r, dropout_p > 0.0, bias,
+            weight_grad, huge)
 
 
 def choose_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, dropout_p: float) -> Implementation:
@@ -188,7 +195,7 @@ def choose_update(x: Tensor, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -
 def _problem(key: tuple) -> tuple[Callable[[Callable], list], list[str], int]:
     """Synthetic operands of ``key``'s shape and ``run(fn)``: one forward and backward of an
     implementation's ``fn``, returning the output and every gradient."""
-    op, device, dtype, adtype, _, n_in, n_out, r, dropout, has_bias, wgrad = key
+    op, device, dtype, adtype, _, n_in, n_out, r, dropout, has_bias, wgrad, _ = key
     rows = measured.synthetic_rows(key)
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -237,7 +244,7 @@ def tune_shape(tokens: int, in_features: int, out_features: int, r: int, *, dtyp
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (op, device, dtype, adapter_dtype, measured.bucket(tokens), in_features, out_features, r, dropout_p > 0.0,
-           bias, False)
+           bias, False, tokens * max(in_features, out_features) >= _HUGE)
     impl, record = _settle(key, _candidates(key))
     if registry.get_backend() == "auto" and registry.measured():
         _memo[key] = impl

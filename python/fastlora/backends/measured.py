@@ -34,7 +34,8 @@ __all__ = ["Key", "bucket", "cache_path", "device_name", "settle", "time_run", "
 
 logger = logging.getLogger("fastlora")
 
-Key = tuple  # (op, torch.device, dtype, adapter dtype, T bucket, in, out, r, p > 0, bias, weight grad)
+# (op, torch.device, dtype, adapter dtype, T bucket, in, out, r, p > 0, bias, weight grad, >= 2^31 elements)
+Key = tuple
 
 # Token counts share a key per power of two up to this (so varying batch lengths tune rarely);
 # synthetic tensors have the bucket's rows, at most _SYNTHETIC_ROWS[device type].
@@ -54,9 +55,10 @@ def bucket(tokens: int) -> int:
 
 def key_text(key: Key) -> str:
     """The key without its device, as stored in the cache file's device section."""
-    op, _, dtype, adtype, t, n_in, n_out, r, dropout, bias, wgrad = key
+    op, _, dtype, adtype, t, n_in, n_out, r, dropout, bias, wgrad, huge = key
     return (f"{op} {str(dtype).removeprefix('torch.')}/{str(adtype).removeprefix('torch.')} T<={t} "
-            f"{n_in}->{n_out} r={r} p{'>0' if dropout else '=0'}{' bias' if bias else ''}{' grad_W' if wgrad else ''}")
+            f"{n_in}->{n_out} r={r} p{'>0' if dropout else '=0'}{' bias' if bias else ''}{' grad_W' if wgrad else ''}"
+            f"{' 2^31+' if huge else ''}")
 
 
 _device_names: dict[torch.device, str] = {}

@@ -29,7 +29,7 @@ from types import MappingProxyType
 import torch
 
 from .. import reference
-from .._extension import compiled_kernel, env_flag
+from .._extension import OPS, compiled_kernel, env_flag
 
 __all__ = [
     "BACKENDS",
@@ -241,8 +241,7 @@ def trusted(impl: Implementation, device_type: str) -> bool:
 # Largest rank of the CUDA lora_pro_moments kernel (csrc/kernels/cuda/lora_pro_moments.cuh).
 _CUDA_LORA_PRO_MAX_RANK = {torch.float64: 32, torch.float32: 128, torch.bfloat16: 128, torch.float16: 0}
 
-KERNEL_OPS = ("lora_down", "lora_up", "lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x",
-              "accumulate_outer", "dropout_mask", "lora_pro_moments")
+KERNEL_OPS = OPS
 for _op in KERNEL_OPS:
     register(Implementation(name="reference", op=_op))
     register(Implementation(
