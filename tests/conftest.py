@@ -130,6 +130,17 @@ def seed_tensor(value: int = 1234) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
 
 
+def small_lora_model(dropout: float = 0.1) -> torch.nn.Module:
+    """Linear(32, 48), GELU, Linear(48, 16) with both linears adapted (r = 4) and B drawn from
+    N(0, 1), so the adapters change the output and every gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
+    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=dropout)
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)
+    return model
+
+
 def traced_graphs(module, *args) -> list[str]:
     """The FX graphs (as text) that torch.compile(fullgraph=True) traces for module(*args)."""
     graphs = []

@@ -12,18 +12,18 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 from fastlora import composed, reference
 from fastlora.backends import layer as dispatch
 from fastlora.backends import measured, registry
-from conftest import assert_matches, seed_tensor
+from conftest import assert_matches, seed_tensor, small_lora_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,6 @@ def test_poisoned_candidate_is_disabled_with_one_warning_and_a_correct_one_runs(
     (device,) = _record_file(measuring["dir"]).values()
     (record,) = device.values()
     assert record["choice"] == want and "dA differs" in record["rejected"]["poisoned"]
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the key is settled: no second warning, no timing
         n = len(measuring["timed"])
@@ -182,19 +180,10 @@ def test_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(measuring):
     assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temporary
 
 
-def _model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
-    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
-    for lora in fastlora.lora_layers(model).values():
-        nn.init.normal_(lora.lora_B)
-    return model
-
-
 def test_nothing_is_timed_under_torch_compile_and_tune_warms_every_key(measuring):
     measuring["add"]("alt", _alt)
     measuring["timings"].update(alt=0.1)
-    model, x = _model(), torch.randn(2, 9, 32)
+    model, x = small_lora_model(), torch.randn(2, 9, 32)
     params = fastlora.trainable_parameters(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -229,7 +218,7 @@ def test_nothing_is_timed_under_torch_compile_and_tune_warms_every_key(measuring
 def test_tune_prints_one_summary_line(measuring, capsys):
     measuring["add"]("alt", _alt)
     measuring["timings"].update(alt=0.1)
-    fastlora.tune(_model().train(), torch.randn(3, 32))
+    fastlora.tune(small_lora_model().train(), torch.randn(3, 32))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastlora: chose alt for 2 of 2 layer shapes in ")
 
@@ -327,3 +316,15 @@ def test_index_range_is_decided_by_the_exact_token_count():
     on_cuda = [(k[0], torch.device("cuda"), torch.float16, *k[3:]) for k in (small, huge)]
     assert dispatch._eligible(on_cuda[0], fused) in (None, "it needs Triton: pip install triton")
     assert "index range" in (dispatch._eligible(on_cuda[1], dataclasses.replace(fused, available=None)) or "")
+
+
+@pytest.mark.skipif(not fastlora.extension_available(), reason="one candidate only: nothing to measure")
+def test_the_quantized_branch_is_measured_too(measuring):
+    measuring["timings"].update(kernels=0.1, composed=1.0)
+    x, _, _, a, bb = _operands(T=7)
+    y = torch.randn(7, 36, requires_grad=True)
+    out = fastlora.lora_update(x, y, a, bb, 1.5, 0.2, seed_tensor(5))
+    assert sorted(measuring["timed"]) == ["composed", "kernels"]
+    assert [name for key, name in dispatch.decisions().items() if key.startswith("update")] == ["kernels"]
+    want = reference.lora_up(y, reference.lora_down(x, a, 0.2, seed_tensor(5)), bb, 1.5)
+    assert_matches(out, want, torch.float32, "out", magnitude=float(want.detach().abs().max()) * 4)

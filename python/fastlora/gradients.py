@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._batches import call_model
 from ._distributed import (
     BUCKET_BYTES, chunk_rows, flat_in_place, gather_row_chunks, in_place, sum_in_rank_order, world_size,
 )
@@ -431,15 +432,6 @@ class _Engine:
 
 
 # ---- the collection -----------------------------------------------------------------------------
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)``, ``model(*batch)`` or ``model(batch)`` by the batch's type."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import composed, fused, ops, reference
+from .._batches import call_model
 from . import measured, registry
 from .registry import Implementation, register
 
@@ -256,14 +257,6 @@ def decisions() -> dict[str, str]:
     return {f"{measured.key_text(k)} on {k[1]}": impl.name for k, impl in _memo.items()}
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def _loss(out: Any) -> Tensor | None:
     loss = getattr(out, "loss", None)
     if isinstance(loss, Tensor):
@@ -298,7 +291,7 @@ def tune(model: nn.Module, example_batch: Any, *, verbose: bool = True) -> dict[
     cpu_rng = torch.random.get_rng_state()
     _recording = {}
     try:
-        loss = _loss(_call(model, example_batch))
+        loss = _loss(call_model(model, example_batch))
         if loss is not None and loss.requires_grad and params:
             torch.autograd.grad(loss.float().sum(), params, allow_unused=True)
         keys = list(_recording)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .._version import __version__
 
-__all__ = ["Key", "bucket", "cache_path", "device_name", "settle", "time_run", "cached_choice"]
+__all__ = ["Key", "bucket", "cache_path", "cached_choice", "cpu_model", "device_name", "elapsed", "settle", "time_run"]
 
 logger = logging.getLogger("fastlora")
 
@@ -61,6 +61,18 @@ def key_text(key: Key) -> str:
             f"{' 2^31+' if huge else ''}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 _device_names: dict[torch.device, str] = {}
 
 
@@ -72,13 +84,7 @@ def device_name(device: torch.device) -> str:
             major, minor = torch.cuda.get_device_capability(device)
             name = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
         elif device.type == "cpu":
-            model = platform.processor() or platform.machine()
-            try:
-                with open("/proc/cpuinfo") as f:
-                    model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-            except OSError:
-                pass
-            name = f"cpu {model}"
+            name = f"cpu {cpu_model()}"
         else:
             name = device.type
         _device_names[device] = name
@@ -156,24 +162,26 @@ def _store(key: Key, record: dict) -> None:
         logger.warning("fastlora: cannot write the dispatch cache %s (%s); choices last for this process", path, exc)
 
 
+def elapsed(run: Callable[[], Any], device: torch.device | str) -> float:
+    """Seconds one ``run()`` takes on ``device`` (CUDA events on CUDA, ``time.perf_counter`` elsewhere)."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
 def time_run(name: str, run: Callable[[], Any], device: torch.device) -> float:
-    """Median seconds of ``run()`` on ``device`` over a few repetitions (CUDA events on CUDA);
-    ``name`` is the candidate's (for tests that inject timings)."""
+    """Median seconds of ``run()`` on ``device`` over a few repetitions, fewer once they have
+    taken :data:`_TIME_BUDGET_S`; ``name`` is the candidate's (for tests that inject timings)."""
     times: list[float] = []
-    spent = 0.0
-    while len(times) < _REPEATS and (spent < _TIME_BUDGET_S or not times):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        spent += times[-1]
+    while len(times) < _REPEATS and (sum(times) < _TIME_BUDGET_S or not times):
+        times.append(elapsed(run, device))
     return statistics.median(times)
 
 

@@ -24,7 +24,6 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 import torch
 
@@ -90,9 +89,10 @@ def register(impl: Implementation) -> Implementation:
     return impl
 
 
-def implementations(op: str) -> Mapping[str, Implementation]:
-    """The registered implementations of ``op`` by name (a live, read-only view)."""
-    return MappingProxyType(_registry.setdefault(op, {}))
+def implementations(op: str) -> dict[str, Implementation]:
+    """The registered implementations of ``op`` by name: the registry's own dict, live (change it
+    only through :func:`register` / :func:`unregister`; a plain dict, which torch.compile traces)."""
+    return _registry.setdefault(op, {})
 
 
 def unregister(op: str, name: str) -> None:
