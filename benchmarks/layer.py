@@ -89,12 +89,13 @@ def make(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
     return build("fastlora" if variant == "kernels" else variant, base, r, p)
 
 
-def dispatch_rows(configs: list[tuple], dtype: torch.dtype) -> list[dict]:
-    """Measured dispatch on each configuration: every candidate's fwd+bwd ms (after its check
-    against the composed path), the choice, and the rejected candidates with the reason."""
+def dispatch_rows(configs: list[tuple], dtype: torch.dtype, device: str = "cuda") -> list[dict]:
+    """Measured dispatch on each configuration (a layer with bias, as the variants below): every
+    candidate's fwd+bwd ms (after its check against the composed path), the choice, and the
+    rejected candidates with the reason."""
     rows = []
     for tokens, n_in, n_out, r, p in configs:
-        record = tune_shape(tokens, n_in, n_out, r, dtype=dtype, device="cuda", dropout_p=p)
+        record = tune_shape(tokens, n_in, n_out, r, dtype=dtype, device=device, dropout_p=p, bias=True)
         row = {"T": tokens, "shape": f"{n_in}->{n_out}", "r": r, "p": p, "choice": record["choice"]}
         row.update({f"{name} ms": ms for name, ms in record["ms"].items()})
         row["rejected"] = "; ".join(f"{name}: {why}" for name, why in record["rejected"].items()) or "-"
