@@ -169,6 +169,13 @@ def test_fastest_correct_candidate_is_chosen_cached_and_reloaded(measuring):
     assert len(measuring["timed"]) > n
 
 
+def test_a_candidate_within_the_noise_does_not_replace_the_composed_path(measuring):
+    measuring["add"]("alt", _alt)
+    measuring["timings"].update(alt=0.99, composed=1.0, kernels=0.995)
+    fastlora.lora_linear(*_operands(T=9), 1.5)
+    assert set(dispatch.decisions().values()) == {"composed"}
+
+
 def test_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(measuring):
     path = measured.cache_path()
     path.write_text("{not json")

@@ -148,7 +148,26 @@ class _Unsettled(Exception):
     """A key measured dispatch has not settled yet, met where nothing may be timed."""
 
 
+@torch._dynamo.assume_constant_result
+def _traced_choice(key: tuple, backend: str, measured_on: bool, cuda_trusted: bool) -> str:
+    """The choice for ``key`` while torch.compile traces, made outside the trace: the result is
+    a constant of the graph, not guarded on the memo (which grows with every new shape and would
+    make each call recompile). The switches are arguments, read in the trace, so that changing
+    one does re-trace."""
+    impl = _memo.get(key)
+    if impl is None:
+        try:
+            impl = _decide(key, traced=True)
+        except _Unsettled:
+            return "composed"
+        _memo[key] = impl
+    return impl.name
+
+
 def _choose(key: tuple, x: Tensor) -> Implementation:
+    if torch.compiler.is_compiling():
+        name = _traced_choice(key, registry.get_backend(), registry.measured(), registry.cuda_layer_kernels())
+        return _BY_OP[key[0]][name]
     if _recording is not None:
         _recording[key] = None
     impl = _memo.get(key)
