@@ -220,6 +220,18 @@ def test_nothing_is_timed_under_torch_compile_and_tune_warms_every_key(measuring
     for u, v in zip(g_got, g_want):
         torch.testing.assert_close(u, v)
     assert fastlora.tune(model, x, verbose=False) == chosen and len(measuring["timed"]) == timed  # nothing new
+    torch._dynamo.reset()  # this test's recompiles do not count against later tests' compiles
+
+
+def test_nothing_is_timed_on_fake_tensors(measuring):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    measuring["add"]("alt", _alt)
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(t) for t in _operands(T=5)]
+    with mode:
+        y = fastlora.lora_linear(*fake, 1.5)
+    assert y.shape == (5, 36) and measuring["timed"] == [] and dispatch.decisions() == {}
 
 
 def test_tune_prints_one_summary_line(measuring, capsys):

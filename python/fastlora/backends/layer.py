@@ -122,12 +122,14 @@ def _candidates(key: tuple) -> list[Implementation]:
                                   and _eligible(key, impl) is None]
 
 
-def _tracing(x: Tensor) -> bool:
-    return (torch.compiler.is_compiling() or isinstance(x, FakeTensor)
-            or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+def _untimeable(x: Tensor) -> bool:
+    """Fake tensors (tracing outside torch.compile) or CUDA-graph capture: nothing may be timed."""
+    return isinstance(x, FakeTensor) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _decide(key: tuple, traced: bool) -> Implementation:
+def _decide(key: tuple, untimeable: bool) -> Implementation:
+    """The implementation for ``key``; raises _Unsettled where it would have to time candidates
+    but may not (``untimeable``, or during tune()'s recording pass)."""
     backend = registry.get_backend()
     if backend != "auto":
         return _pinned(key, backend)
@@ -136,10 +138,10 @@ def _decide(key: tuple, traced: bool) -> Implementation:
     candidates = _candidates(key)
     if len(candidates) == 1:
         return candidates[0]
-    record = None if torch.compiler.is_compiling() else measured.cached_choice(key)
+    record = measured.cached_choice(key)
     if record is not None and record.get("choice") in {c.name for c in candidates}:
         return _BY_OP[key[0]][record["choice"]]
-    if traced or _recording is not None:
+    if untimeable or _recording is not None:
         raise _Unsettled
     return _settle(key, candidates)[0]
 
@@ -157,7 +159,7 @@ def _traced_choice(key: tuple, backend: str, measured_on: bool, cuda_trusted: bo
     impl = _memo.get(key)
     if impl is None:
         try:
-            impl = _decide(key, traced=True)
+            impl = _decide(key, untimeable=True)
         except _Unsettled:
             return "composed"
         _memo[key] = impl
@@ -173,9 +175,8 @@ def _choose(key: tuple, x: Tensor) -> Implementation:
     impl = _memo.get(key)
     if impl is not None:
         return impl
-    traced = _tracing(x)
     try:
-        impl = _decide(key, traced)
+        impl = _decide(key, _untimeable(x))
     except _Unsettled:
         return _BY_OP[key[0]]["composed"]  # not memoised: an eager call settles the key later
     _memo[key] = impl
