@@ -66,7 +66,7 @@ class Implementation:
     op: str
     devices: frozenset[str] | None = None  # None: any device type
     dtypes: frozenset[torch.dtype] = ANY_FLOAT
-    needs_extension: tuple[str, ...] = ()  # compiled ops it calls, per device type
+    needs_extension: tuple[str, ...] = ()  # compiled ops it calls: each needs a kernel for the device type
     available: Callable[[], bool] | None = None  # a run-time requirement (Triton), with ...
     unavailable: str = ""  # ... what to do when it is not met
     dropout: bool = True
