@@ -26,6 +26,7 @@ from fastlora.backends import measured, registry
 from conftest import assert_matches, seed_tensor, small_lora_model
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_TIME_RUN = measured.time_run  # the fixture below replaces it
 
 
 class _DoubleGrad(torch.autograd.Function):
@@ -174,6 +175,15 @@ def test_a_candidate_within_the_noise_does_not_replace_the_composed_path(measuri
     measuring["timings"].update(alt=0.99, composed=1.0, kernels=0.995)
     fastlora.lora_linear(*_operands(T=9), 1.5)
     assert set(dispatch.decisions().values()) == {"composed"}
+
+
+@pytest.mark.skipif(not fastlora.extension_available(), reason="one candidate only: nothing to measure")
+def test_real_timing_on_cpu_settles_a_key_in_milliseconds(measuring, monkeypatch):
+    # the real timer (whichever candidate wins on this machine is fine: only that one is chosen)
+    monkeypatch.setattr(measured, "time_run", REAL_TIME_RUN)
+    record = dispatch.tune_shape(40, 24, 20, 2, dtype=torch.float32, device="cpu", dropout_p=0.1)
+    assert set(record["ms"]) == {"composed", "kernels"} and record["rejected"] == {}
+    assert record["choice"] in record["ms"] and all(0 < ms < 1000 for ms in record["ms"].values())
 
 
 def test_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(measuring):
