@@ -305,6 +305,7 @@ def tune(model: nn.Module, example_batch: Any, *, verbose: bool = True) -> dict[
                     "on" if registry.measured() else "off")
         return {}
     started = time.perf_counter()
+    measured.forget()  # read the choices file again: another process (rank 0) may have added to it
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
