@@ -6,33 +6,19 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from fastlora.backends.measured import cpu_model, elapsed
+
 
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3, repeat: int = 30) -> float:
     """Median wall time of fn() in seconds (CUDA events on a GPU, perf_counter on the CPU)."""
-    device = torch.device(device)
     for _ in range(warmup):
         fn()
-    times = []
-    if device.type == "cuda":
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(elapsed(fn, device) for _ in range(repeat))
 
 
 def measure_interleaved(
@@ -51,13 +37,7 @@ def measure_interleaved(
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def environment(device: torch.device | str = "cpu") -> dict:

@@ -11,21 +11,23 @@ alternating within each round), in training mode with gradients for x as inside 
   plain       F.linear(x, W, b) + s F.linear(F.linear(dropout(x), A), B), adapters in x's dtype
   fused       one autograd.Function over cuBLAS calls saving x, A, B and recomputing x A^T in
               backward (the op sequence of Unsloth's LoRA_W; no dropout, so p > 0 is skipped)
-  fastlora    fastlora.LoRALinear (float32 adapters) on its CUDA kernels
-  composed    fastlora.LoRALinear on its composed path (cuBLAS calls in one autograd.Function; what
-              CUDA runs with the kernels off)
+  fastlora    fastlora.LoRALinear (float32 adapters) as a user gets it: measured dispatch's choice
+  kernels     fastlora.LoRALinear pinned to its CUDA kernels (experimental)
+  composed    fastlora.LoRALinear on its composed path (cuBLAS calls in one autograd.Function)
   reference   fastlora.LoRALinear on its PyTorch reference path (plain autograd)
-  triton      fastlora.LoRALinear on its fused Triton path (the rank-r terms inside the two big
-              GEMMs; what CUDA runs by default when Triton is installed), if Triton is present
+  triton      fastlora.LoRALinear pinned to its fused Triton path (the rank-r terms inside the two
+              big GEMMs), if Triton is present
 "held MiB" is the device memory a forward leaves allocated (output plus what autograd keeps).
-A second table times each fastlora op against the cuBLAS calls it replaces and against the
-time to move its bytes at the copy bandwidth measured in the same process.
+First, the headline table: for each configuration, measured dispatch's check and timing of every
+candidate (fastlora.backends.layer.tune_shape), which one it chose and which it rejected and why.
+A later table times each fastlora op against the cuBLAS calls it replaces and against the time
+to move its bytes at the copy bandwidth measured in the same process.
 
     python benchmarks/layer.py            # issue 3's grid: T 2048/8192/32768, 3 shapes, r 8-128, p 0/0.05
     python benchmarks/layer.py --quick    # T = 8192 subset with the headline configuration
     python benchmarks/layer.py --headline # the headline configuration, p = 0 and 0.05 (gpu_check.sh)
-
-This switches fastlora's experimental CUDA layer kernels on (fastlora.set_cuda_layer_kernels).
+    python benchmarks/layer.py --warm     # compile and autotune the Triton kernels at the headline
+                                          # shapes, print the dispatch table and register spills
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from layer_cpu import PlainLoRA, backend_of, build, timed_row  # noqa: E402
 
 import fastlora  # noqa: E402
 
-VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "composed", "reference") + (
-    ("triton",) if fastlora.fused.available() else ())
+from fastlora.backends.layer import tune_shape  # noqa: E402
+
+VARIANTS = ("frozen", "full", "peft", "peft_bf16", "plain", "fused", "fastlora", "kernels", "composed",
+            "reference") + (("triton",) if fastlora.fused.available() else ())
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 HEADLINE = dict(T=8192, shape="4096->4096", r=16)  # the configuration issue 3's targets name
 
@@ -82,7 +86,44 @@ class FusedAutogradLoRA(PlainLoRA):
 def make(variant: str, base: nn.Linear, r: int, p: float) -> nn.Module:
     if variant == "fused":
         return FusedAutogradLoRA(build("frozen", base, r, p), r, 2 * r, p)
-    return build(variant, base, r, p)
+    return build("fastlora" if variant == "kernels" else variant, base, r, p)
+
+
+def dispatch_rows(configs: list[tuple], dtype: torch.dtype, device: str = "cuda") -> list[dict]:
+    """Measured dispatch on each configuration (a layer with bias, as the variants below): every
+    candidate's fwd+bwd ms (after its check against the composed path), the choice, and the
+    rejected candidates with the reason."""
+    rows = []
+    for tokens, n_in, n_out, r, p in configs:
+        record = tune_shape(tokens, n_in, n_out, r, dtype=dtype, device=device, dropout_p=p, bias=True)
+        row = {"T": tokens, "shape": f"{n_in}->{n_out}", "r": r, "p": p, "choice": record["choice"]}
+        row.update({f"{name} ms": ms for name, ms in record["ms"].items()})
+        row["rejected"] = "; ".join(f"{name}: {why}" for name, why in record["rejected"].items()) or "-"
+        rows.append(row)
+    return rows
+
+
+def print_dispatch(rows: list[dict], dtype: str) -> None:
+    names = sorted({k for r in rows for k in r if k.endswith(" ms")})
+    print(f"\nmeasured dispatch (fastlora.backends), {dtype}: fwd+bwd ms per candidate on synthetic tensors, choice")
+    print(format_table(rows, ["T", "shape", "r", "p", "choice", *names, "rejected"]), flush=True)
+
+
+def triton_spills() -> list[dict]:
+    """Registers and spills of each compiled Triton kernel variant (best effort: Triton's
+    internals differ between versions)."""
+    rows = []
+    for name in ("forward", "grad_x"):
+        try:
+            jit = fastlora.fused._kernel(name, False)
+            jit = getattr(jit, "fn", jit)  # the autotuner wraps the jit function
+            for caches in getattr(jit, "device_caches", {}).values():
+                for compiled in (caches[0] if isinstance(caches, tuple) else caches).values():
+                    rows.append({"kernel": name, "name": getattr(compiled, "name", "?"),
+                                 "n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None)})
+        except Exception as exc:  # noqa: BLE001  (a report, not a check)
+            rows.append({"kernel": name, "name": f"not available ({type(exc).__name__}: {exc})"})
+    return rows
 
 
 def held_mib(module: nn.Module, x: torch.Tensor) -> float:
@@ -202,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the T = 8192 subset (every rank, every shape at r = 16)")
     parser.add_argument("--headline", action="store_true", help="T = 8192, 4096->4096, r = 16, p = 0 and 0.05 only")
+    parser.add_argument("--warm", action="store_true",
+                        help="compile and autotune the Triton kernels at the headline shapes (gpu_check.sh's build)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64, 128])
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
@@ -212,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/layer.py needs a CUDA GPU (benchmarks/layer_cpu.py is the CPU version)", file=sys.stderr)
         return 1
-    fastlora.set_cuda_layer_kernels(True)
     dtype = getattr(torch, args.dtype)
+    if args.warm:
+        configs = [(HEADLINE["T"], n_in, n_out, HEADLINE["r"], p) for n_in, n_out in SHAPES for p in (0.0, 0.05)]
+        print_dispatch(dispatch_rows(configs, dtype), args.dtype)
+        if fastlora.fused.available():
+            print("\ncompiled Triton kernels")
+            print(format_table(triton_spills(), ["kernel", "name", "n_regs", "n_spills"]))
+        return 0
     if args.headline:
         configs = [(HEADLINE["T"], 4096, 4096, HEADLINE["r"], p) for p in (0.0, 0.05)]
     elif args.quick:  # the headline shape at every rank, the other shapes at r = 16, dropout on the headline
@@ -227,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment("cuda")
     print(f"# layer: torch {env['torch']}, {env['device']}, peft {env.get('peft', 'missing')}, {args.dtype}, "
           f"median of {args.repeat}", flush=True)
+    dispatch = dispatch_rows(configs, dtype)  # the headline: also settles every key before timing
+    print_dispatch(dispatch, args.dtype)
     rows = []
     for i, (tokens, n_in, n_out, r, p) in enumerate(configs, 1):
         rows.append(run_config(tokens, n_in, n_out, r, p, dtype, args.repeat))
@@ -241,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     write_json(out / "layer.json", {"environment": env, "command": " ".join(sys.argv), "copy_bandwidth": bandwidth,
-                                    "rows": rows, "ops": op_rows, "fused_gemm": gemm, "summary": accept})
+                                    "dispatch": dispatch, "rows": rows, "ops": op_rows, "fused_gemm": gemm, "summary": accept})
     for r in rows:
         r["config"] = f"T{r['T']} {r['shape']} r{r['r']} p{r['p']}"
     plot_ratios(out / "layer.png", rows, "config", [f"{v} f+b x" for v in VARIANTS[1:]],
@@ -256,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     columns += [f"{v} fwd x" for v in ("fastlora", "composed", "triton", "peft")]
     columns += [f"{v} held MiB" for v in ("frozen", "peft", "composed", "fastlora", "triton")]
     print(format_table(rows, [c for c in columns if any(c in r for r in rows)]))
+    print_dispatch(dispatch, args.dtype)  # again at the end, next to the acceptance table
     print("\nissue 3 acceptance (fastlora, measured above)")
     print(format_table(accept, ["measure", "value", "target"]))
     return 0

@@ -88,8 +88,9 @@ def saved_mib(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def backend_of(variant: str) -> str:
-    """The fastlora backend a variant runs under ("triton": the fused Triton path)."""
-    return {"composed": "composed", "reference": "reference", "triton": "fused"}.get(variant, "auto")
+    """The fastlora backend a variant runs under ("triton": the fused Triton path, "kernels": the
+    compiled kernels pinned; "fastlora": "auto", what a user gets)."""
+    return {"composed": "composed", "reference": "reference", "triton": "fused", "kernels": "kernels"}.get(variant, "auto")
 
 
 def timed_row(modules: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, device: str = "cpu",

@@ -7,7 +7,8 @@ optimizer), median over timed steps after warm-up, with and without gradient che
 Variants, each on a fresh copy of the same weights and batch:
   frozen          only the embedding trainable (the floor for any adapter method)
   full-ft         every weight trainable
-  fastlora        fastlora.inject(all-linear), float32 adapters
+  fastlora        fastlora.inject(all-linear), float32 adapters, layer shapes settled by
+                  fastlora.tune (measured dispatch) before timing
   peft            get_peft_model(LoraConfig(...)), PEFT's default (float32 adapters)
   peft-bf16       the same with autocast_adapter_dtype=False (adapters in the model dtype)
   plain           F.linear(x, W) + s * F.linear(F.linear(x, A), B), adapters in the model dtype
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 if hasattr(m, "enable_input_require_grads"):
                     m.enable_input_require_grads()
+            if v == "fastlora":
+                fastlora.tune(m, batch)  # prints "fastlora: chose ... for N layer shapes in ... s"
             models[v] = m
         times = {v: [] for v in variants}
         peaks = {}

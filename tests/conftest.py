@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Before fastlora is imported (here and in the subprocesses tests start): measured dispatch off,
+# so which implementation a call runs never depends on a timing (tests/test_dispatch.py turns it
+# on with injected timings), and no choice is read from or written to the user's cache.
+os.environ["FASTLORA_MEASURED"] = "0"
+os.environ["FASTLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTLORA_CACHE_DIR"], ignore_errors=True)
 
-import fastlora
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastlora  # noqa: E402
 
 requires_extension = pytest.mark.skipif(
     not fastlora.extension_available(), reason=f"compiled extension unavailable: {fastlora.extension_error()}"
@@ -117,6 +128,17 @@ def using_isa(name: str):
 
 def seed_tensor(value: int = 1234) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
+
+
+def small_lora_model(dropout: float = 0.1) -> torch.nn.Module:
+    """Linear(32, 48), GELU, Linear(48, 16) with both linears adapted (r = 4) and B drawn from
+    N(0, 1), so the adapters change the output and every gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
+    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=dropout)
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)
+    return model
 
 
 def traced_graphs(module, *args) -> list[str]:

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import fastlora
 from fastlora import reference
-from conftest import RTOL, assert_matches, make_matrix, seed_tensor, traced_graphs
+from conftest import RTOL, assert_matches, make_matrix, seed_tensor, small_lora_model, traced_graphs
 
 # (T, in, out, r, leading shape, layout): T = 1, r = 1, 3-D and non-contiguous inputs.
 CASES = [
@@ -140,11 +139,7 @@ def test_saves_only_x_xa_and_seed(p, dtype):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
-    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
-    for layer in fastlora.lora_layers(model).values():
-        nn.init.normal_(layer.lora_B)
+    model = small_lora_model()
     params = fastlora.trainable_parameters(model)
     x = torch.randn(2, 9, 32)
     compiled = torch.compile(model, fullgraph=True)  # a graph break raises
@@ -167,7 +162,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_default_on_devices_without_kernels():
     # The meta device stands for any device fastlora has no kernels for (CUDA with the kernels
-    # off goes the same way: has_kernel is false there).
+    # off goes the same way: the registry finds no trusted kernel there).
     with fastlora.use_backend("auto"):
         w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in _params(8, 6, 2))
         x = torch.empty(5, 8, dtype=torch.float64, device="meta", requires_grad=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora._extension import has_kernel
+from fastlora.backends.registry import kernel_used
 from conftest import requires_extension
 
 BLOCK_EXTENSION = """
@@ -85,10 +85,10 @@ def test_reference_backend_switch_gives_the_same_layer():
     with fastlora.use_backend("reference"):
         assert fastlora.get_backend() == "reference"
         slow = fastlora.lora_linear(x, *args)
-        # Every caller routes through has_kernel, the gradient engine included.
-        assert not any(has_kernel(op, "cpu") for op in ("lora_forward", "lora_pro_moments", "accumulate_outer"))
+        # Every caller asks the registry, the gradient engine included.
+        assert not any(kernel_used(op, "cpu") for op in ("lora_forward", "lora_pro_moments", "accumulate_outer"))
         assert fastlora.gradients._op("accumulate_outer", x.device) is fastlora.reference.accumulate_outer
-    assert has_kernel("lora_forward", "cpu")
+    assert kernel_used("lora_forward", "cpu")
     assert fastlora.get_backend() == "auto"
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -109,18 +109,19 @@ def test_cuda_layer_kernels_switch():
     # on CUDA (the dropout mask included): CPU kernels are used whatever it says.
     code = """
         import fastlora
-        from fastlora._extension import compiled_kernel as compiled, has_kernel as used
+        from fastlora._extension import compiled_kernel as compiled
+        from fastlora.backends.registry import kernel_used as used
         print(fastlora.cuda_layer_kernels(), used("lora_forward", "cpu") == compiled("lora_forward", "cpu"),
               used("dropout_mask", "cuda") == (fastlora.cuda_layer_kernels() and compiled("dropout_mask", "cuda")))
     """
     assert _run(code).stdout.split() == ["False", "True", "True"]
     assert _run(code, FASTLORA_CUDA_LAYER="1").stdout.split() == ["True", "True", "True"]
-    from fastlora._extension import compiled_kernel, has_kernel
+    from fastlora._extension import compiled_kernel
 
     previous = fastlora.set_cuda_layer_kernels(False)
     try:
-        assert not has_kernel("lora_dy_products", "cuda") and not has_kernel("dropout_mask", "cuda")
+        assert not kernel_used("lora_dy_products", "cuda") and not kernel_used("dropout_mask", "cuda")
         assert fastlora.set_cuda_layer_kernels(True) is False and fastlora.cuda_layer_kernels()
-        assert has_kernel("lora_dy_products", "cuda") == compiled_kernel("lora_dy_products", "cuda")
+        assert kernel_used("lora_dy_products", "cuda") == compiled_kernel("lora_dy_products", "cuda")
     finally:
         fastlora.set_cuda_layer_kernels(previous)

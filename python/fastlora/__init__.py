@@ -12,15 +12,16 @@ See docs/quickstart.md and docs/api.md.
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import copies, init, ops, optim, quantized, reference
-from ._extension import (
-    cpu_isa,
+from . import backends, copies, init, ops, optim, quantized, reference
+from ._extension import cpu_isa, extension_available, extension_error
+from ._version import __version__
+from .backends.layer import tune
+from .backends.registry import (
     cuda_layer_kernels,
-    extension_available,
-    extension_error,
     get_backend,
     set_backend,
     set_cuda_layer_kernels,
+    set_measured,
     use_backend,
 )
 from .functional import lora_linear, lora_update
@@ -41,16 +42,16 @@ from . import hf  # noqa: F401  (registers the Hugging Face save hook)
 from .optim import param_groups
 from .layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AdapterConfig",
     "AdapterFormatError",
+    "__version__",
     "GradientSketch",
     "GradientStats",
     "LayerGradient",
     "LoRALinear",
     "adapter_state_dict",
+    "backends",
     "collect_gradients",
     "copies",
     "check_no_peft_layers",
@@ -79,7 +80,9 @@ __all__ = [
     "save_adapter",
     "set_backend",
     "set_cuda_layer_kernels",
+    "set_measured",
     "trainable_parameters",
+    "tune",
     "unload",
     "unmerge",
     "use_backend",

@@ -1,26 +1,23 @@
-"""Loading the compiled operators (``fastlora._C``) and choosing between them and the reference.
+"""Loading the compiled operators (``fastlora._C``) and recording which kernels they registered.
 
 The extension registers ``torch.ops.fastlora.*``. It is compiled against one torch version;
 under another one it refuses to load with an error that says how to rebuild. If it is missing
 or fails to load for another reason, fastlora runs on the composed path (library GEMMs, see
 ``fastlora.composed``) and warns once; ``FASTLORA_REQUIRE_EXTENSION=1`` turns that into an error and
-``FASTLORA_DISABLE_EXTENSION=1`` skips loading on purpose.
+``FASTLORA_DISABLE_EXTENSION=1`` skips loading on purpose. Which implementation runs is decided
+in :mod:`fastlora.backends.registry`, not here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 
 import torch
 
 logger = logging.getLogger("fastlora")
 
-_BACKENDS = ("auto", "composed", "fused", "reference")
-_backend = "auto"
 _load_error: str | None = None
 
 _REBUILD = (
@@ -30,13 +27,14 @@ _REBUILD = (
 )
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1/true/yes/on."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _load() -> str | None:
     """Imports the extension; returns why it is unavailable, or None when it loaded."""
-    if _env_flag("FASTLORA_DISABLE_EXTENSION"):
+    if env_flag("FASTLORA_DISABLE_EXTENSION"):
         return "disabled by FASTLORA_DISABLE_EXTENSION"
     try:
         from . import _build_info
@@ -56,9 +54,9 @@ def _load() -> str | None:
 
 _load_error = _load()
 if _load_error is not None:
-    if _env_flag("FASTLORA_REQUIRE_EXTENSION"):
+    if env_flag("FASTLORA_REQUIRE_EXTENSION"):
         raise ImportError(f"fastlora: {_load_error}, and FASTLORA_REQUIRE_EXTENSION is set. {_REBUILD}")
-    if not _env_flag("FASTLORA_DISABLE_EXTENSION"):
+    if not env_flag("FASTLORA_DISABLE_EXTENSION"):
         warnings.warn(
             f"fastlora: {_load_error}; running on the composed path of library GEMMs (slower than "
             "the kernels). Set FASTLORA_REQUIRE_EXTENSION=1 to make this an error.",
@@ -77,7 +75,8 @@ def extension_error() -> str | None:
     return _load_error
 
 
-_OPS = (
+# Every operator the extension registers (the registry declares an implementation of each).
+OPS = (
     "lora_down",
     "lora_up",
     "lora_forward",
@@ -96,29 +95,10 @@ def _kernel_table() -> dict[tuple[str, str], bool]:
     if _load_error is not None:
         return {}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {(op, dev): has(f"fastlora::{op}", key) for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+    return {(op, dev): has(f"fastlora::{op}", key) for op in OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 _kernels = _kernel_table()
-
-
-# The layer's CUDA kernels (the dropout mask's included) are compiled and registered
-# (torch.ops.fastlora.* runs them on CUDA tensors), but fastlora's own callers (the layer, the
-# gradient engine) use them only when switched on: they stay experimental until
-# benchmarks/gpu_check.sh has validated them on a GPU.
-_CUDA_LAYER_OPS = frozenset(
-    (
-        "lora_down",
-        "lora_up",
-        "lora_forward",
-        "lora_dy_products",
-        "lora_grad_A",
-        "lora_grad_x",
-        "dropout_mask",
-        "lora_pro_moments",
-    )
-)
-_cuda_layer_kernels = _env_flag("FASTLORA_CUDA_LAYER")
 
 
 def compiled_kernel(op: str, device_type: str) -> bool:
@@ -126,69 +106,9 @@ def compiled_kernel(op: str, device_type: str) -> bool:
     return _kernels.get((op, device_type), False)
 
 
-def has_kernel(op: str, device_type: str) -> bool:
-    """Whether fastlora routes ``op`` on ``device_type`` ("cpu", "cuda") to a compiled kernel: it
-    is compiled, the backend is "auto", and (CUDA layer ops) they are switched on."""
-    if _backend != "auto":
-        return False
-    if device_type == "cuda" and op in _CUDA_LAYER_OPS and not _cuda_layer_kernels:
-        return False
-    return compiled_kernel(op, device_type)
-
-
-def cuda_layer_kernels() -> bool:
-    """Whether the layer's experimental CUDA kernels are switched on (see :func:`set_cuda_layer_kernels`)."""
-    return _cuda_layer_kernels
-
-
-def set_cuda_layer_kernels(enabled: bool) -> bool:
-    """Switches the layer's CUDA kernels (the dropout mask's and LoRA-Pro's moment kernel
-    included) on or off; returns the previous setting.
-
-    Off by default (``FASTLORA_CUDA_LAYER=1`` turns it on at import): CUDA tensors then run the
-    composed path of library GEMMs (``fastlora.composed``). The kernels are experimental until ``benchmarks/gpu_check.sh`` has
-    validated them on a GPU.
-    """
-    global _cuda_layer_kernels
-    previous, _cuda_layer_kernels = _cuda_layer_kernels, bool(enabled)
-    return previous
-
-
 def note_python_kernel(op: str, device_type: str) -> None:
     """Records a kernel registered from Python (after the table was built)."""
     _kernels[(op, device_type)] = True
-
-
-def get_backend() -> str:
-    """The current backend: "auto", "composed", "fused" or "reference" (see :func:`set_backend`)."""
-    return _backend
-
-
-def set_backend(name: str) -> str:
-    """Selects the backend for all layers; returns the previous one.
-
-    "auto": compiled kernels where they apply, the fused Triton path for CUDA tensors when Triton
-    is installed, the composed path of library GEMMs elsewhere.
-    "composed": the composed path and no compiled kernel, as on a device without fastlora's
-    kernels (so CPU tests run what CUDA runs with the layer kernels off). "fused": the fused
-    Triton path everywhere (on CPU through Triton's interpreter: slow, for tests). "reference":
-    the pure-PyTorch definitions through ordinary autograd (for comparisons and debugging).
-    """
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {_BACKENDS}")
-    previous, _backend = _backend, name
-    return previous
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
 
 
 def cpu_isa(name: str = "") -> str:

@@ -1,9 +1,9 @@
 """The LoRA layer's computation as a function: ``y = x W^T + b + s * (drop(x) A^T) B^T``.
 
 :func:`lora_linear` validates its arguments, handles autocast and leading dimensions, and runs
-the compiled kernels (``torch.ops.fastlora.lora_forward`` with its fused backward) whenever
-they apply, otherwise the composed path of library GEMMs (or the pure-PyTorch reference when
-that backend is selected). :class:`fastlora.LoRALinear` calls it.
+the implementation :mod:`fastlora.backends.layer` chooses for the call's shape (the compiled
+kernels, the fused Triton GEMMs, the composed path of library GEMMs, or the pure-PyTorch
+reference when pinned). :class:`fastlora.LoRALinear` calls it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import composed, fused, ops, reference
-from ._extension import get_backend, has_kernel
+from .backends.layer import choose_linear, choose_update
 
 __all__ = ["lora_linear", "lora_update", "kernel_path_applies", "new_dropout_seed", "SUPPORTED_DTYPES"]
 
@@ -27,14 +26,11 @@ def new_dropout_seed(device: torch.device | str, generator: torch.Generator | No
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
-def kernel_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> bool:
-    """Whether :func:`lora_linear` will run the compiled kernels for these arguments."""
-    if not has_kernel("lora_forward", x.device.type):
-        return False
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # the kernels do not produce gradients for the frozen weight
-    devices = {t.device for t in (weight, lora_A, lora_B)} | ({bias.device} if bias is not None else set())
-    return devices == {x.device}
+def kernel_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                        dropout_p: float = 0.0) -> bool:
+    """Whether :func:`lora_linear` will run the compiled kernels for these arguments (a 2-D x)
+    (under measured dispatch this settles the shape first, as the call would)."""
+    return choose_linear(x, weight, bias, lora_A, dropout_p).name == "kernels"
 
 
 def _check_input(x: Tensor) -> None:
@@ -129,17 +125,8 @@ def lora_linear(
         seed = new_dropout_seed(x.device, generator)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    backend = get_backend()
-    if kernel_path_applies(x2d, weight, bias, lora_A, lora_B):
-        y = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
-    elif backend == "fused" or (backend == "auto" and fused.applies(x2d, weight)):
-        if not fused.available():
-            raise RuntimeError("the fused backend needs Triton: pip install triton")
-        y = fused.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    elif backend == "reference":
-        y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    else:
-        y = composed.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    impl = choose_linear(x2d, weight, bias, lora_A, dropout_p)
+    y = impl.fn(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -155,8 +142,8 @@ def lora_update(
     """``y + scale * (drop(x) A^T) B^T``: the adapter branch added to a base output ``y`` computed
     elsewhere (a quantized layer's own forward), for x of shape (..., in) and y (..., out).
 
-    The branch runs in x's dtype (the compiled lora_down/lora_up where the device has them, else
-    the composed path); autograd saves x, the seed and ``xa`` (T x r) only, and backward
+    The branch runs in x's dtype (the compiled lora_down/lora_up or the composed path, as
+    :mod:`fastlora.backends.layer` chooses); autograd saves x, the seed and ``xa`` (T x r) only, and backward
     regenerates the dropout mask from the seed. The gradient reaching y flows on to whatever
     produced it (the base's own backward gives its dx).
     """
@@ -168,12 +155,5 @@ def lora_update(
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed(x.device)
     x2d, y2d = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    device = x.device.type
-    if has_kernel("lora_down", device) and has_kernel("lora_up", device):
-        xa = torch.ops.fastlora.lora_down(x2d, lora_A, dropout_p, seed)
-        out = torch.ops.fastlora.lora_up(y2d.to(x.dtype), xa, lora_B, scale)
-    elif get_backend() == "reference":
-        out = reference.lora_up(y2d.to(x.dtype), reference.lora_down(x2d, lora_A, dropout_p, seed), lora_B, scale)
-    else:
-        out = composed.lora_update(x2d, y2d, lora_A, lora_B, scale, dropout_p, seed)
+    out = choose_update(x2d, lora_A, lora_B, dropout_p).fn(x2d, y2d, lora_A, lora_B, scale, dropout_p, seed)
     return out.reshape(y.shape)

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._batches import call_model
 from ._distributed import (
     BUCKET_BYTES, chunk_rows, flat_in_place, gather_row_chunks, in_place, sum_in_rank_order, world_size,
 )
-from ._extension import has_kernel
+from .backends.registry import op_function
 from .layer import LoRALinear
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .targets import Targets, find_linear_targets
@@ -43,8 +44,8 @@ NONFINITE = ("skip", "error")
 
 
 def _op(name: str, device: torch.device) -> Callable:
-    """The compiled op where the device has a kernel, else the reference (same signature)."""
-    return getattr(torch.ops.fastlora, name) if has_kernel(name, device.type) else getattr(reference, name)
+    """The compiled op where the registry says it runs on this device, else the reference (same signature)."""
+    return op_function(name, device)
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -431,15 +432,6 @@ class _Engine:
 
 
 # ---- the collection -----------------------------------------------------------------------------
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)``, ``model(*batch)`` or ``model(batch)`` by the batch's type."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:

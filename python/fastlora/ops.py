@@ -17,12 +17,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_available, has_kernel, note_python_kernel
+from ._extension import extension_available, note_python_kernel
+from .backends.registry import kernel_used
 
 __all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
-
-# Largest rank of the CUDA lora_pro_moments kernel (csrc/kernels/cuda/lora_pro_moments.cuh).
-_CUDA_LORA_PRO_MAX_RANK = {torch.float64: 32, torch.float32: 128, torch.bfloat16: 128}
 
 
 def lora_forward(
@@ -40,18 +38,15 @@ def lora_forward(
 
 
 def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
-    """The keep-mask dropout applies for this seed (the compiled kernel where there is one)."""
-    if has_kernel("dropout_mask", seed.device.type):
+    """The keep-mask dropout applies for this seed (the compiled kernel where the registry says so)."""
+    if kernel_used("dropout_mask", seed.device.type):
         return torch.ops.fastlora.dropout_mask(seed, rows, cols, p)
     return reference.dropout_mask(seed, rows, cols, p)
 
 
 def lora_pro_kernel_applies(exp_avg: Tensor, r: int) -> bool:
     """Whether :func:`lora_pro_moments` runs a compiled kernel for these moments and rank."""
-    device = exp_avg.device.type
-    if not has_kernel("lora_pro_moments", device):
-        return False
-    return device != "cuda" or r <= _CUDA_LORA_PRO_MAX_RANK.get(exp_avg.dtype, 0)
+    return kernel_used("lora_pro_moments", exp_avg.device.type, exp_avg.dtype, r)
 
 
 def lora_pro_moments(

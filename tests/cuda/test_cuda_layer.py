@@ -18,7 +18,8 @@ from torch import nn
 
 import fastlora
 from fastlora import reference
-from fastlora._extension import compiled_kernel, has_kernel
+from fastlora._extension import compiled_kernel
+from fastlora.backends.registry import kernel_used
 from fastlora.functional import kernel_path_applies
 from conftest import DTYPES, RTOL, assert_matches, magnitude, make_matrix, seed_tensor, traced_graphs
 from test_properties import _tensors, problems
@@ -368,11 +369,11 @@ def test_switch_gates_layer_and_gradient_engine():
     t = _inputs(4, 8, 6, 2, torch.float32)
     args = (t["x"], t["w"], t["bias"], t["a"], t["b"])
     fastlora.set_cuda_layer_kernels(False)
-    assert not kernel_path_applies(*args) and not has_kernel("lora_dy_products", "cuda")
-    assert not has_kernel("dropout_mask", "cuda")
+    assert not kernel_path_applies(*args) and not kernel_used("lora_dy_products", "cuda")
+    assert not kernel_used("dropout_mask", "cuda")
     fastlora.set_cuda_layer_kernels(True)
-    assert fastlora.cuda_layer_kernels() and kernel_path_applies(*args) and has_kernel("lora_dy_products", "cuda")
-    assert has_kernel("dropout_mask", "cuda")
+    assert fastlora.cuda_layer_kernels() and kernel_path_applies(*args) and kernel_used("lora_dy_products", "cuda")
+    assert kernel_used("dropout_mask", "cuda")
 
 
 @pytest.mark.skipif(QUICK, reason="reads 2^31 elements")

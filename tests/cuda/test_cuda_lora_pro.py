@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import fastlora
-from fastlora._extension import has_kernel
+from fastlora._extension import compiled_kernel
 from conftest import assert_matches
 from test_lora_pro_moments import HYPER, _assert_moments_match, _bounds, _inputs, _reference
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not has_kernel("lora_pro_moments", "cuda"), reason="extension built without CUDA"),
+    pytest.mark.skipif(not compiled_kernel("lora_pro_moments", "cuda"), reason="extension built without CUDA"),
 ]
 
 # Rank one, odd sizes, partial tiles and regions, the rank-chunk boundary, the rank limits.
