@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .reference import dropout_threshold
 
-__all__ = ["available", "applies", "forced", "down", "dy_products", "grad_a", "add_low_rank", "extra_bytes"]
+__all__ = ["available", "applies", "forced", "down", "dy_products", "grad_a", "add_low_rank"]
 
 try:
     import triton
@@ -227,7 +227,7 @@ def _op(name: str, t: Tensor) -> Any:
 def down(x: Tensor, lora_A: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
     """``xa = drop(x) A^T`` (T x r, x's dtype) for a 2-D x; A in any float dtype (rounded to x's
     in registers)."""
-    return _op("down", x)(x, lora_A, float(p), seed)
+    return _op("down", x)(x, lora_A, float(p), seed if p > 0.0 else None)
 
 
 def dy_products(dy: Tensor, lora_B: Tensor, xa: Tensor, scale: float, need_dxa: bool = True,
@@ -240,7 +240,7 @@ def dy_products(dy: Tensor, lora_B: Tensor, xa: Tensor, scale: float, need_dxa: 
 
 def grad_a(dxa: Tensor, x: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
     """``dA = dxa^T drop(x)`` (r x in, float32) from one read of x."""
-    return _op("grad_a", x)(dxa, x, float(p), seed)
+    return _op("grad_a", x)(dxa, x, float(p), seed if p > 0.0 else None)
 
 
 def add_low_rank(dx: Optional[Tensor], dxa: Tensor, lora_A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
@@ -249,31 +249,5 @@ def add_low_rank(dx: Optional[Tensor], dxa: Tensor, lora_A: Tensor, seed: Option
     accumulate = dx is not None
     if dx is None:
         dx = torch.empty(dxa.shape[0], lora_A.shape[1], dtype=dxa.dtype, device=dxa.device)
-    _op("add_low_rank", dx)(dx, dxa, lora_A, seed, float(p), accumulate)
+    _op("add_low_rank", dx)(dx, dxa, lora_A, seed if p > 0.0 else None, float(p), accumulate)
     return dx
-
-
-def extra_bytes(tokens: int, n_in: int, n_out: int, rank: int, act_bytes: int = 2, adapter_bytes: int = 4,
-                dropout: bool = True, block_t: int = 128) -> dict[str, int]:
-    """Bytes the composed path with these kernels moves per forward+backward beyond the frozen
-    layer (``x W^T + b`` forward, ``dy W`` backward), counted at operation boundaries (each
-    operation reads its inputs once and writes its outputs once; what caches save is not
-    counted). ``act_bytes``: bytes of an activation element; ``adapter_bytes``: of an adapter
-    element (fp32 master adapters: 4); ``block_t``: tokens per dB partial (the CUDA tile).
-    Returns the bytes per step of the layer, by step, and their ``total``."""
-    t, i, o, r, e, w = tokens, n_in, n_out, rank, act_bytes, adapter_bytes
-    blocks = -(-t // block_t)
-    steps = {
-        # xa = drop(x) A^T: x and A read, xa written; no mask
-        "down": t * i * e + r * i * w + t * r * e,
-        # y += s xa B^T (cuBLAS, beta = 1): B cast to x's dtype, y read and written
-        "up": o * r * (w + e) + 2 * t * o * e + t * r * e + o * r * e,
-        # dxa, dB partials from one read of dy (and of xa, B); partials summed into dB
-        "dy_products": t * o * e + o * r * w + t * r * e + t * r * e + 2 * blocks * o * r * 4 + o * r * 4,
-        # dA: dxa and x read once; partials (one per split, bounded by the token blocks) summed
-        "grad_a": t * r * e + t * i * e + r * i * 4,
-        # dx: the rank-r part added in one read and write of dx (p > 0) or by addmm (p = 0)
-        "dx": 2 * t * i * e + t * r * e + r * i * (w if dropout else w + 2 * e),
-    }
-    steps["total"] = sum(steps.values())
-    return steps
