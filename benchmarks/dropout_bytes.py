@@ -121,10 +121,13 @@ def count_step(tokens: int, n_in: int, n_out: int, rank: int, p: float, dtype: t
 
 
 def model_bytes(tokens: int, n_in: int, n_out: int, rank: int, p: float, act_bytes: int = 2,
-                adapter_bytes: int = 4) -> dict[str, int]:
+                adapter_bytes: int = 4, fused: bool = False) -> dict[str, int]:
     """Bytes the layer with the skinny kernels moves per forward+backward beyond the frozen
     layer, at operation boundaries (what :class:`ByteCounter` counts), by step; ``act_bytes`` per
-    activation element (bf16: 2), ``adapter_bytes`` per adapter element (fp32 masters: 4).
+    activation element (bf16: 2), ``adapter_bytes`` per adapter element (fp32 masters: 4);
+    ``fused``: the fused path, whose two GEMMs take the rank-r terms in (up and dx then cost
+    only their extra operands: xa and B, dxa, A and the seed; re-reads across output tiles, which
+    caches serve, are not counted).
 
         down          x, A read; xa written                      T·in·e + r·in·w + T·r·e
         up            y += s·xa·Bᵀ (beta = 1 GEMM): y read and written, B cast to e if w ≠ e
@@ -147,17 +150,18 @@ def model_bytes(tokens: int, n_in: int, n_out: int, rank: int, p: float, act_byt
         "dx": 2 * t * i * e + t * r * e + (r * i * w + 8 if drop else r * i * e + (r * i * (w + e) if cast else 0)),
         "grads_cast": 0 if w == 4 else (r * i + o * r) * (4 + w),
     }
+    if fused:
+        steps["up"] = t * r * e + o * r * w
+        steps["dx"] = t * r * e + r * i * w + 8 * drop
     steps["total"] = sum(steps.values())
     return steps
 
 
-def partial_bytes(tokens: int, n_in: int, n_out: int, rank: int, device: str = "cuda") -> dict[str, int]:
+def partial_bytes(tokens: int, n_in: int, n_out: int, rank: int, device_type: str = "cuda") -> dict[str, int]:
     """Bytes of the fp32 partials the reductions over tokens write and read back, inside the
     kernels' operations: one out x r block per token block (dB), one r x in block per split (dA)."""
-    tiles = dict(skinny._TILES["cpu" if device == "cpu" else "cuda"])
-    block_t = tiles["BLOCK_T"]
-    blocks = -(-tokens // block_t)
-    splits = -(-tokens // skinny._grad_a_splits(tokens, n_in, tiles))
+    blocks = -(-tokens // skinny.tiles("dy_products", device_type, rank)["BLOCK_T"])
+    splits = -(-tokens // skinny._grad_a_splits(tokens, n_in, skinny.tiles("grad_a", device_type, rank)))
     return {"dB_partials": 2 * blocks * n_out * rank * 4, "dA_partials": 2 * splits * rank * n_in * 4}
 
 
@@ -166,6 +170,8 @@ def measure(tokens: int, n_in: int, n_out: int, rank: int, p: float, dtype: torc
     frozen = count_step(tokens, n_in, n_out, rank, p, dtype, lora=False)
     with cuda_like_dispatch():
         layer = count_step(tokens, n_in, n_out, rank, p, dtype)
+    with fastlora.use_backend("fused"), skinny.forced():
+        fused = count_step(tokens, n_in, n_out, rank, p, dtype)
     with fastlora.use_backend("composed"), skinny.forced(False):
         fallback = count_step(tokens, n_in, n_out, rank, p, dtype)
     e = torch.tensor([], dtype=dtype).element_size()
@@ -178,6 +184,9 @@ def measure(tokens: int, n_in: int, n_out: int, rank: int, p: float, dtype: torc
         "model_steps": model,
         "partials_bytes": partial_bytes(tokens, n_in, n_out, rank),
         "mask_temporaries": len(mask_temporaries(layer, tokens, n_in)),
+        "fused_extra_bytes": fused.total() - frozen.total(),
+        "fused_model_extra_bytes": model_bytes(tokens, n_in, n_out, rank, p, act_bytes=e, fused=True)["total"],
+        "fused_mask_temporaries": len(mask_temporaries(fused, tokens, n_in)),
         "fallback_extra_bytes": fallback.total() - frozen.total(),
         "fallback_mask_temporaries": len(mask_temporaries(fallback, tokens, n_in)),
         "ops": [c["op"] for c in layer.calls],
@@ -198,14 +207,23 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     rows = [measure(args.tokens, args.n_in, args.n_out, args.rank, p, dtype) for p in args.p]
     print(format_table(rows, ["tokens", "n_in", "n_out", "rank", "p", "frozen_bytes", "extra_bytes",
-                              "model_extra_bytes", "mask_temporaries", "fallback_extra_bytes",
+                              "model_extra_bytes", "mask_temporaries", "fused_extra_bytes", "fused_model_extra_bytes",
+                              "fused_mask_temporaries", "fallback_extra_bytes",
                               "fallback_mask_temporaries"]))
     for row in rows:
         print(f"p={row['p']}: model by step {row['model_steps']}; fp32 partials inside the kernels "
               f"{row['partials_bytes']} (CUDA tiles)")
-    path = write_json(args.out, {"environment": environment(), "rows": rows})
+    headline = {"tokens": 8192, "n_in": 4096, "n_out": 4096, "rank": 16}
+    modelled = {f"{path} p={p}": model_bytes(**headline, p=p, act_bytes=2, fused=path == "fused")["total"]
+                for path in ("composed", "fused") for p in (0.0, 0.05)}
+    partials = partial_bytes(**headline)
+    print(f"model at the H100 headline shape {headline}, bf16, fp32 adapters (computed, not counted): "
+          f"{modelled}; fp32 partials inside the kernels {partials}")
+    path = write_json(args.out, {"environment": environment(), "rows": rows,
+                                 "headline_model": {"shape": headline, "bytes": modelled, "partials": partials}})
     print(f"wrote {path}")
-    bad = [r for r in rows if r["mask_temporaries"] or r["extra_bytes"] != r["model_extra_bytes"]]
+    bad = [r for r in rows if r["mask_temporaries"] or r["fused_mask_temporaries"]
+           or r["extra_bytes"] != r["model_extra_bytes"] or r["fused_extra_bytes"] != r["fused_model_extra_bytes"]]
     if bad:
         raise SystemExit(f"mismatch: {[(r['p'], r['extra_bytes'], r['model_extra_bytes'], r['mask_temporaries']) for r in bad]}")
 

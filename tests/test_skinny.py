@@ -237,8 +237,9 @@ def test_no_mask_temporary_and_bytes_equal_the_model(p, dtype):
     tensor of the input's size is created and the bytes beyond the frozen layer equal the model;
     the PyTorch fallback does build them (so the check can fail)."""
     row = _dropout_bytes().measure(24, 40, 36, 5, p, dtype)
-    assert row["mask_temporaries"] == 0
+    assert row["mask_temporaries"] == 0 and row["fused_mask_temporaries"] == 0
     assert row["extra_bytes"] == row["model_extra_bytes"]
+    assert row["fused_extra_bytes"] == row["fused_model_extra_bytes"]
     if p > 0:
         assert row["fallback_mask_temporaries"] > 0
         assert row["fallback_extra_bytes"] > 5 * row["extra_bytes"]

@@ -21,7 +21,6 @@ dispatcher can try them on CPU.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -41,14 +40,23 @@ except ImportError:  # the kernels need Triton; the composed path then builds th
     triton = None
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FORCED: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fastlora_skinny_forced", default=None)
+_forced: Optional[bool] = None  # a module global like the backend (torch.compile cannot trace a ContextVar)
 
-# Tiles (CUDA): rank blocks of at most 64 keep the fp32 accumulators in registers for any rank;
-# 128-token blocks make dB's partials (one N x R fp32 block per 128 tokens) 2R/128 of dy's bytes.
-# Predictions for an H100, not measured. The interpreter runs smaller tiles: faster in numpy, and
-# more blocks exercise the partial sums on small test shapes.
+# CUDA tiles per kernel, (BLOCK_T, BLOCK_K or BLOCK_N, warps), for rank tiles up to 32 and of 64:
+# the largest for which ptxas (Triton 3.9, bf16, sm_90a and sm_80) reports no register spill (the
+# in-register hash needs several 64-bit values per element). Not timed: no GPU has run them.
+# dy_products keeps 128-token blocks where it can, as dB's fp32 partials (one N x r block per token
+# block, written and read back) cost 2r/BLOCK_T of dy's 16-bit bytes. Rank tiles of at most 64 keep
+# the accumulators in registers for any rank. The interpreter runs smaller tiles: faster in numpy,
+# and more blocks exercise the partial sums on small test shapes.
 _MAX_BLOCK_R = 64
-_TILES = {"cuda": dict(BLOCK_T=128, BLOCK_K=64, num_warps=4), "cpu": dict(BLOCK_T=32, BLOCK_K=32)}
+_CUDA_TILES = {
+    "down": ((64, 32, 8), (64, 32, 8)),
+    "dy_products": ((128, 64, 8), (64, 32, 8)),
+    "grad_a": ((64, 64, 4), (64, 64, 4)),
+    "add_low_rank": ((64, 64, 4), (64, 64, 4)),
+}
+_INTERPRETED_TILE = (32, 32)
 _GRAD_A_PROGRAMS = 512  # grad_a splits the tokens until about this many programs run (H100: 132 SMs)
 _INT32_LIMIT = 2**31 - 1
 
@@ -66,11 +74,12 @@ def _device_type(t: Tensor) -> str:
 def forced(on: bool = True) -> Iterator[None]:
     """Within this context the kernels also take CPU tensors (Triton's interpreter runs them);
     ``forced(False)`` keeps them off even for CUDA tensors (the PyTorch-op fallback)."""
-    token = _FORCED.set(on)
+    global _forced
+    previous, _forced = _forced, on
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        _forced = previous
 
 
 def applies(*tensors: Tensor) -> bool:
@@ -79,14 +88,20 @@ def applies(*tensors: Tensor) -> bool:
     dtypes = {t.dtype for t in tensors}
     if not available() or len(dtypes) != 1 or not dtypes <= set(_DTYPES):
         return False
-    force = _FORCED.get()
     device = _device_type(tensors[0])
-    return device == "cuda" if force is None else force and device in ("cuda", "cpu")
+    return device == "cuda" if _forced is None else _forced and device in ("cuda", "cpu")
 
 
-def _tiles(t: Tensor, rank: int) -> dict:
-    kind = "cpu" if t.device.type == "cpu" else "cuda"
-    return dict(_TILES[kind], BLOCK_R=min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(rank))))
+def tiles(kernel: str, device_type: str, rank: int) -> dict:
+    """Tile sizes (and warps on CUDA) of ``kernel`` for this rank on this device type."""
+    block_r = min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+    if device_type == "cpu":
+        (block_t, block_k), warps = _INTERPRETED_TILE, {}
+    else:
+        block_t, block_k, n = _CUDA_TILES[kernel][block_r > 32]
+        warps = {"num_warps": n}
+    wide = "BLOCK_N" if kernel == "dy_products" else "BLOCK_K"
+    return {"BLOCK_T": block_t, wide: block_k, "BLOCK_R": block_r, **warps}
 
 
 def needs_index_64(*tensors: Tensor) -> bool:
@@ -136,7 +151,7 @@ def _down_impl(x: Tensor, lora_A: Tensor, p: float, seed: Optional[Tensor]) -> T
     t, k = x.shape
     r = lora_A.shape[0]
     xa = torch.empty(t, r, dtype=x.dtype, device=x.device)
-    meta = _tiles(x, r)
+    meta = tiles("down", x.device.type, r)
     _run("down", (triton.cdiv(t, meta["BLOCK_T"]),), x, x, lora_A, seed if p > 0.0 else x, xa, t, k, r,
          x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1), *_dropout_args(p),
          DROPOUT=p > 0.0, PRECISION=dot_precision(x.dtype), INDEX_64=needs_index_64(x, lora_A, xa), **meta)
@@ -147,7 +162,7 @@ def _dy_products_impl(dy: Tensor, lora_B: Tensor, xa: Tensor, scale: float, need
                       need_db: bool) -> tuple[Tensor, Tensor]:
     t, n = dy.shape
     r = lora_B.shape[1]
-    meta = _tiles(dy, r)
+    meta = tiles("dy_products", dy.device.type, r)
     blocks = triton.cdiv(t, meta["BLOCK_T"])
     dxa = torch.empty(t if need_dxa else 0, r, dtype=dy.dtype, device=dy.device)
     part = torch.empty(blocks if need_db else 0, n, r, dtype=torch.float32, device=dy.device)
@@ -155,7 +170,7 @@ def _dy_products_impl(dy: Tensor, lora_B: Tensor, xa: Tensor, scale: float, need
         _run("dy_products", (blocks,), dy, dy, lora_B, xa, dxa, part, t, n, r, dy.stride(0), dy.stride(1),
              lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1),
              scale, NEED_DXA=need_dxa, NEED_DB=need_db, PRECISION=dot_precision(dy.dtype),
-             INDEX_64=needs_index_64(dy, lora_B, xa, dxa, part), BLOCK_N=meta.pop("BLOCK_K"), **meta)
+             INDEX_64=needs_index_64(dy, lora_B, xa, dxa, part), **meta)
     d_b = part.sum(0) if need_db and blocks else torch.zeros(n if need_db else 0, r, dtype=torch.float32,
                                                              device=dy.device)
     return dxa, d_b
@@ -172,7 +187,7 @@ def _grad_a_splits(t: int, k: int, meta: dict) -> int:
 def _grad_a_impl(dxa: Tensor, x: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
     t, k = x.shape
     r = dxa.shape[1]
-    meta = _tiles(x, r)
+    meta = tiles("grad_a", x.device.type, r)
     t_split = _grad_a_splits(t, k, meta)
     splits = triton.cdiv(t, t_split)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
@@ -188,7 +203,7 @@ def _add_low_rank_impl(dx: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[T
                        accumulate: bool) -> None:
     t, k = dx.shape
     r = dxa.shape[1]
-    meta = _tiles(dx, r)
+    meta = tiles("add_low_rank", dx.device.type, r)
     if t == 0 or k == 0:
         return
     _run("add_low_rank", (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(k, meta["BLOCK_K"])), dx, dx, dxa, lora_A,
