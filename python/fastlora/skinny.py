@@ -42,19 +42,20 @@ except ImportError:  # the kernels need Triton; the composed path then builds th
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _forced: Optional[bool] = None  # a module global like the backend (torch.compile cannot trace a ContextVar)
 
-# CUDA tiles per kernel, (BLOCK_T, BLOCK_K or BLOCK_N, warps), for rank tiles up to 32 and of 64:
-# the largest for which ptxas (Triton 3.9, bf16, sm_90a and sm_80) reports no register spill (the
-# in-register hash needs several 64-bit values per element). Not timed: no GPU has run them.
-# dy_products keeps 128-token blocks where it can, as dB's fp32 partials (one N x r block per token
-# block, written and read back) cost 2r/BLOCK_T of dy's 16-bit bytes. Rank tiles of at most 64 keep
-# the accumulators in registers for any rank. The interpreter runs smaller tiles: faster in numpy,
+# CUDA tiles per kernel, (BLOCK_T, BLOCK_K or BLOCK_N, warps), for rank tiles of 16, 32 and 64:
+# the largest for which ptxas (Triton 3.9, bf16, sm_90a and sm_80) reports no register spill in the
+# 32-bit-offset build (the in-register hash needs several 64-bit values per element; the rare
+# 64-bit build spills a little in dy_products). Not timed: no GPU has run them. dy_products keeps
+# 128-token blocks where it can, as dB's fp32 partials (one N x r block per token block, written
+# and read back) cost 2r/BLOCK_T of dy's 16-bit bytes. Rank tiles of at most 64 keep the
+# accumulators in registers for any rank. The interpreter runs smaller tiles: faster in numpy,
 # and more blocks exercise the partial sums on small test shapes.
 _MAX_BLOCK_R = 64
 _CUDA_TILES = {
-    "down": ((64, 32, 8), (64, 32, 8)),
-    "dy_products": ((128, 64, 8), (64, 32, 8)),
-    "grad_a": ((64, 64, 4), (64, 64, 4)),
-    "add_low_rank": ((64, 64, 4), (64, 64, 4)),
+    "down": {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8)},
+    "dy_products": {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 32, 8)},
+    "grad_a": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4)},
+    "add_low_rank": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4)},
 }
 _INTERPRETED_TILE = (32, 32)
 _GRAD_A_PROGRAMS = 512  # grad_a splits the tokens until about this many programs run (H100: 132 SMs)
@@ -98,7 +99,7 @@ def tiles(kernel: str, device_type: str, rank: int) -> dict:
     if device_type == "cpu":
         (block_t, block_k), warps = _INTERPRETED_TILE, {}
     else:
-        block_t, block_k, n = _CUDA_TILES[kernel][block_r > 32]
+        block_t, block_k, n = _CUDA_TILES[kernel][block_r]
         warps = {"num_warps": n}
     wide = "BLOCK_N" if kernel == "dy_products" else "BLOCK_K"
     return {"BLOCK_T": block_t, wide: block_k, "BLOCK_R": block_r, **warps}
