@@ -221,6 +221,9 @@ def test_no_autotuning_under_cuda_graph_capture(monkeypatch):
     outside capture the autotuner decides (None)."""
     key = ("forward", (9, 0), 128, 64, 64, 16, torch.bfloat16, ())
     assert fused._capture_config(key, 128, 2, (9, 0)) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert fused._capture_config(key, 128, 2, (9, 0)) is None
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     default = fused._capture_config(key, 128, 2, (9, 0))
     assert default in fused._prune(fused._configs((9, 0)), 128, 2, (9, 0))

@@ -132,7 +132,7 @@ def _capture_config(key: tuple, m_bucket: int, element_size: int, capability: tu
     """The config to launch without the autotuner, or None to let it choose. Under CUDA-graph
     capture the autotuner must not benchmark (its launches would be captured, its timing syncs
     fail): the config it chose earlier for this key, else the smallest that fits."""
-    if not torch.cuda.is_current_stream_capturing():
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return None
     if key in _TUNED:
         return _TUNED[key]

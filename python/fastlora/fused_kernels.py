@@ -51,7 +51,27 @@ def _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M):
     return first_m + (pid % band) % rows_in_band, (pid % band) // rows_in_band
 
 
-_DEVICE_FUNCTIONS = ("_dropout_keep", "_grouped_tile")
+def _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rows, cols, M, N, R, s_dm, s_dr, s_ar, s_an, threshold, inv_keep,
+                     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The fp32 tile mask/(1-p) ⊙ (dxa A) of rows x cols (dxa: M x R, A: R x N), the rank
+    looped in blocks of BLOCK_R: dx's rank-r part, its dropout mask regenerated."""
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            rr = rr.to(tl.int64)
+        g = tl.load(dxa_ptr + rows[:, None] * s_dm + rr[None, :] * s_dr, mask=(rows[:, None] < M) & (rr[None, :] < R),
+                    other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * s_ar + cols[None, :] * s_an, mask=(rr[:, None] < R) & (cols[None, :] < N),
+                    other=0.0)
+        acc = tl.dot(g, a.to(g.dtype), acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = tl.where(_dropout_keep(seed_ptr, rows, cols, N, threshold), acc * inv_keep, 0.0)
+    return acc
+
+
+_DEVICE_FUNCTIONS = ("_dropout_keep", "_grouped_tile", "_masked_low_rank")
 
 
 def compiled(fn: Callable) -> Any:
@@ -122,16 +142,8 @@ def fastlora_grad_x_kernel(
     if INDEX_64:
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            rr = rr.to(tl.int64)
-        a = tl.load(dxa_ptr + rm[:, None] * sam + rr[None, :] * sar, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(a_ptr + rr[:, None] * sar2 + rn[None, :] * san, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-    if DROPOUT:
-        acc = tl.where(_dropout_keep(seed_ptr, rm, rn, N, threshold), acc * inv_keep, 0.0)
+    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rm, rn, M, N, R, sam, sar, sar2, san, threshold, inv_keep,
+                           DROPOUT, PRECISION, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):  # dy W over the layer's outputs
         rk = k0 + tl.arange(0, BLOCK_K)
         if INDEX_64:

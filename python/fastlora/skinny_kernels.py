@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .fused_kernels import _dropout_keep
+from .fused_kernels import _dropout_keep, _masked_low_rank
 
 
 def fastlora_down_kernel(
@@ -135,16 +135,8 @@ def fastlora_add_low_rank_kernel(
     if INDEX_64:
         rt = rt.to(tl.int64)
         rk = rk.to(tl.int64)
-    acc = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        g = tl.load(dxa_ptr + rt[:, None] * sgt + rr[None, :] * sgr, mask=(rt[:, None] < T) & (rr[None, :] < R),
-                    other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K),
-                    other=0.0)
-        acc = tl.dot(g, a.to(g.dtype), acc, input_precision=PRECISION)
-    if DROPOUT:
-        acc = tl.where(_dropout_keep(seed_ptr, rt, rk, K, threshold), acc * inv_keep, 0.0)
+    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rt, rk, T, K, R, sgt, sgr, sar, sak, threshold, inv_keep,
+                           DROPOUT, PRECISION, INDEX_64, BLOCK_T, BLOCK_K, BLOCK_R)
     inside = (rt[:, None] < T) & (rk[None, :] < K)
     out = dx_ptr + rt[:, None] * sdt + rk[None, :] * sdk
     if ACCUMULATE:
