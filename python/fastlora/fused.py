@@ -9,10 +9,10 @@ so ``y`` and ``dx`` are written once and never read back. The rest is as on the 
 ``dxa = s dy B``, ``dB = s dy^T xa`` and ``dA = dxa^T drop(x)`` in backward (on CUDA
 :mod:`fastlora.skinny`'s single-pass kernels), saving only ``x``, ``xa`` and the seed.
 
-The kernels are written once in Triton's language: compiled (autotuned per bucket of T and per
-architecture, results cached by Triton; never benchmarked under CUDA-graph capture) for CUDA tensors, run by Triton's interpreter for CPU tensors, which is how CI checks
-them against the float64 reference without a GPU (float32/float16; the interpreter gets bfloat16
-wrong). The dropout hash is ``csrc/kernels/common/dropout_rng.h``'s, bit for bit.
+The kernels are written once in Triton's language: compiled for CUDA tensors (autotuned per
+architecture and bucket of T, results cached by Triton; never benchmarked under CUDA-graph
+capture), run by Triton's interpreter for CPU tensors, which is how CI checks them against the
+float64 reference without a GPU (float32/float16; the interpreter gets bfloat16 wrong). The dropout hash is ``csrc/kernels/common/dropout_rng.h``'s, bit for bit.
 """
 
 import inspect
@@ -30,7 +30,7 @@ __all__ = ["available", "applies", "lora_linear", "forward", "grad_x"]
 try:
     import triton
 
-    from .fused_kernels import compiled, fastlora_forward_kernel, fastlora_grad_x_kernel, interpreted
+    from .fused_kernels import compiled, custom_ops, fastlora_forward_kernel, fastlora_grad_x_kernel, interpreted
 except ImportError:  # the fused path needs Triton; everything else works without it
     triton = None
 
@@ -195,28 +195,22 @@ def _grad_x_impl(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: 
 
 
 if available():
-    # Custom ops, so torch.compile and CUDA graphs see through them: on CUDA a triton_op (its
-    # kernel launch traced through wrap_triton), under the interpreter an opaque custom op.
     _ops = {
-        (name, device): op
-        for name, impl in (("forward", _forward_impl), ("grad_x", _grad_x_impl))
-        for device, op in (
-            ("cuda", torch.library.triton_op(f"fastlora::fused_{name}", mutates_args=())(impl)),
-            ("cpu", torch.library.custom_op(f"fastlora::fused_{name}_interpreted", mutates_args=())(impl)),
-        )
+        "forward": custom_ops("fused_forward", _forward_impl,
+                              lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0])),
+        "grad_x": custom_ops("fused_grad_x", _grad_x_impl,
+                             lambda dy, weight, *args: dy.new_empty(dy.shape[0], weight.shape[1])),
     }
-    _ops["forward", "cpu"].register_fake(lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
-    _ops["grad_x", "cpu"].register_fake(lambda dy, weight, *args: dy.new_empty(dy.shape[0], weight.shape[1]))
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     """``x W^T + b + (s·xa) B^T`` in one GEMM (2-D x, x's dtype)."""
-    return _ops["forward", "cuda" if x.is_cuda else "cpu"](x, weight, bias, xa, lora_B, scale)
+    return _ops["forward"]["cuda" if x.is_cuda else "cpu"](x, weight, bias, xa, lora_B, scale)
 
 
 def grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[Tensor], dropout_p: float) -> Tensor:
     """``dy W + mask/(1-p) ⊙ (dxa A)`` in one kernel, the mask regenerated from ``seed``."""
-    return _ops["grad_x", "cuda" if dy.is_cuda else "cpu"](dy, weight, dxa, lora_A, seed, dropout_p)
+    return _ops["grad_x"]["cuda" if dy.is_cuda else "cpu"](dy, weight, dxa, lora_A, seed, dropout_p)
 
 
 def _fused_grad_x(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[Tensor], p: float,

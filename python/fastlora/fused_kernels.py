@@ -15,8 +15,9 @@ function, and the interpreter cannot call a ``JITFunction`` unless ``TRITON_INTE
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
@@ -86,6 +87,17 @@ def compiled(fn: Callable) -> Any:
 def interpreted(fn: Callable) -> Any:
     """The kernel run by Triton's interpreter (CPU tensors)."""
     return InterpretedFunction(fn)
+
+
+def custom_ops(name: str, impl: Callable, fake: Optional[Callable], mutates: tuple = ()) -> dict[str, Any]:
+    """``impl`` as the custom ops torch.compile and CUDA graphs see through: for "cuda" a
+    triton_op (its kernel launches traced through wrap_triton), for "cpu" an opaque custom op
+    around the interpreter, traced by ``fake``."""
+    ops = {"cuda": torch.library.triton_op(f"fastlora::{name}", mutates_args=mutates)(impl),
+           "cpu": torch.library.custom_op(f"fastlora::{name}_interpreted", mutates_args=mutates)(impl)}
+    if fake is not None:
+        ops["cpu"].register_fake(fake)
+    return ops
 
 
 def fastlora_forward_kernel(

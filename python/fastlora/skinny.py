@@ -35,7 +35,7 @@ try:
     import triton
 
     from . import skinny_kernels
-    from .fused_kernels import compiled, interpreted
+    from .fused_kernels import compiled, custom_ops, interpreted
 except ImportError:  # the kernels need Triton; the composed path then builds the mask in PyTorch
     triton = None
 
@@ -214,25 +214,16 @@ def _add_low_rank_impl(dx: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[T
 
 
 if available():
-    # Custom ops, so torch.compile and CUDA graphs see through them: on CUDA triton_ops (their
-    # launches traced through wrap_triton), under the interpreter opaque custom ops.
-    def _register(name: str, impl: Any, fake: Any, mutates: tuple = ()) -> dict:
-        ops = {"cuda": torch.library.triton_op(f"fastlora::skinny_{name}", mutates_args=mutates)(impl),
-               "cpu": torch.library.custom_op(f"fastlora::skinny_{name}_interpreted", mutates_args=mutates)(impl)}
-        if fake is not None:
-            ops["cpu"].register_fake(fake)
-        return ops
-
     _ops = {
-        "down": _register("down", _down_impl, lambda x, a, p, seed: x.new_empty(x.shape[0], a.shape[0])),
-        "dy_products": _register(
-            "dy_products", _dy_products_impl,
+        "down": custom_ops("skinny_down", _down_impl, lambda x, a, p, seed: x.new_empty(x.shape[0], a.shape[0])),
+        "dy_products": custom_ops(
+            "skinny_dy_products", _dy_products_impl,
             lambda dy, b, xa, s, need_dxa, need_db: (
                 dy.new_empty(dy.shape[0] if need_dxa else 0, b.shape[1]),
                 dy.new_empty(b.shape[0] if need_db else 0, b.shape[1], dtype=torch.float32))),
-        "grad_a": _register("grad_a", _grad_a_impl,
-                            lambda dxa, x, p, seed: x.new_empty(dxa.shape[1], x.shape[1], dtype=torch.float32)),
-        "add_low_rank": _register("add_low_rank", _add_low_rank_impl, lambda *args: None, mutates=("dx",)),
+        "grad_a": custom_ops("skinny_grad_a", _grad_a_impl,
+                             lambda dxa, x, p, seed: x.new_empty(dxa.shape[1], x.shape[1], dtype=torch.float32)),
+        "add_low_rank": custom_ops("skinny_add_low_rank", _add_low_rank_impl, lambda *args: None, mutates=("dx",)),
     }
 
 
