@@ -109,8 +109,9 @@ def lora_backward(ctx: Any, dy: Tensor, grad_x: Callable = _grad_x) -> tuple:
 
 
 class _ComposedLoRA(torch.autograd.Function):
-    # Temporaries without a kernel (transient, none saved): with dropout, the bool mask and
-    # mask ⊙ x (T x in) in forward and again in backward, and dxa A (T x in) for dx.
+    # Temporaries where the skinny kernels do not apply (transient, none saved): with dropout,
+    # the PyTorch hash's int64 tensors, the bool mask and mask ⊙ x (T x in) in forward and again
+    # in backward, and dxa A (T x in) for dx. With them: none beyond dB's and dA's fp32 partials.
     forward = staticmethod(lora_forward)
     backward = staticmethod(lora_backward)
 

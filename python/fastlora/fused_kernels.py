@@ -14,6 +14,7 @@ function, and the interpreter cannot call a ``JITFunction`` unless ``TRITON_INTE
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Callable, Optional
 
@@ -75,12 +76,21 @@ def _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rows, cols, M, N, R, s_dm, s_dr, 
 _DEVICE_FUNCTIONS = ("_dropout_keep", "_grouped_tile", "_masked_low_rank")
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_device_functions() -> dict[str, Any]:
+    """The device functions as ``triton.jit`` functions whose globals hold the jitted versions
+    too (so one that calls another compiles)."""
+    scope = dict(globals())
+    for name in _DEVICE_FUNCTIONS:
+        fn = globals()[name]
+        scope[name] = triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__))
+    return {name: scope[name] for name in _DEVICE_FUNCTIONS}
+
+
 def compiled(fn: Callable) -> Any:
     """``triton.jit(fn)`` with the device functions it calls jit-compiled too."""
     scope = dict(fn.__globals__)
-    for name in _DEVICE_FUNCTIONS:
-        if name in scope:
-            scope[name] = triton.jit(scope[name])
+    scope.update({name: jitted for name, jitted in _jitted_device_functions().items() if name in scope})
     return triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__))
 
 
