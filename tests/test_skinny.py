@@ -14,11 +14,12 @@ from unittest import mock
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlora
-from fastlora import fused, reference, skinny
+from fastlora import fused, fused_kernels, reference, skinny
 from conftest import assert_matches, make_matrix, seed_tensor
 
 pytestmark = pytest.mark.skipif(not skinny.available(), reason="needs Triton (pip install triton)")
@@ -221,13 +222,22 @@ def test_float32_follows_torch_matmul_precision():
         torch.set_float32_matmul_precision(previous)
 
 
-def _dropout_bytes():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dropout_bytes.py"
-    spec = importlib.util.spec_from_file_location("dropout_bytes", path)
+def _benchmark(name: str):
+    """A module of benchmarks/ (they import their _common helpers by path)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dropout_bytes", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def _dropout_bytes():
+    return _benchmark("dropout_bytes")
+
+
+def _kernel_spills():
+    return _benchmark("kernel_spills")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -243,3 +253,31 @@ def test_no_mask_temporary_and_bytes_equal_the_model(p, dtype):
     if p > 0:
         assert row["fallback_mask_temporaries"] > 0
         assert row["fallback_extra_bytes"] > 5 * row["extra_bytes"]
+
+
+def _nvidia_compiler() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvidia_compiler(), reason="needs Triton's NVIDIA backend (ships with Triton on Linux)")
+@pytest.mark.parametrize("name", ["forward", "grad_x", "down", "dy_products", "grad_a", "add_low_rank"])
+def test_every_kernel_compiles_for_sm90_without_a_gpu(name):
+    """The interpreter runs the kernels as Python; this compiles them as a GPU would get them
+    (device functions jitted, constexpr branches, 64-bit build), down to sm_90a machine code."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spills = _kernel_spills()
+    config = next(c for c in spills.configs(90, "bf16") if c[0] == name)
+    _, fn, constexprs, warps, stages = config
+    constexprs = dict(constexprs, INDEX_64=True)
+    source = ASTSource(fn=fused_kernels.compiled(fn), signature=spills._signature(fn, "bf16", constexprs),
+                       constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    assert f".entry fastlora_{name}_kernel" in kernel.asm["ptx"]
