@@ -2,8 +2,8 @@
 
 Compiles each kernel (fused GEMMs: every autotuning config the pruning keeps, at ranks 16 and 64;
 skinny kernels: their tile for rank tiles 16, 32 and 64, in the 32- and 64-bit offset builds) for
-sm_90a and sm_80 with the Triton installed here, and runs ptxas -v (the one shipped with Triton)
-on the PTX. A spilled config is slow, not wrong: the fused GEMMs' autotuner times it away on a
+sm_90a and sm_80 with the Triton installed here, contiguous operands (unit strides specialized as
+Triton does at launch), and runs ptxas -v (the one shipped with Triton) on the PTX. A spilled config is slow, not wrong: the fused GEMMs' autotuner times it away on a
 GPU, the skinny kernels' fixed tiles were chosen spill-free with this. Prints a table, writes
 JSON; takes a few minutes on one core.
 
@@ -32,6 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_json  # noqa: E402
 
 _FP32_POINTERS = {"a_ptr", "b_ptr", "part_ptr"}  # fp32 master adapters and partial sums
+# Strides that are 1 for contiguous operands: Triton specializes an integer argument equal to 1
+# into a constant at launch (unit-stride loads vectorize), so they are constants here too.
+_UNIT_STRIDES = {
+    "forward": ("sxk", "swk", "s_bias", "sar", "sbr", "syn"), "grad_x": ("sdk", "swn", "sar", "san", "sxn"),
+    "down": ("sxk", "sak", "sor"), "dy_products": ("sdn", "sbr", "sar", "sgr"), "grad_a": ("sgr", "sxk"),
+    "add_low_rank": ("sdk", "sgr", "sak"),
+}
 _FLAGS = {
     "forward": dict(HAS_BIAS=True), "grad_x": dict(DROPOUT=True), "down": dict(DROPOUT=True),
     "dy_products": dict(NEED_DXA=True, NEED_DB=True), "grad_a": dict(DROPOUT=True),
@@ -75,12 +82,13 @@ def _ptxas_log(ptx: str, arch: int) -> str:
 
 def check(name: str, fn, constexprs: dict, warps: int, stages: int, arch: int, dtype: str) -> dict:
     """Compiles one config; its registers, spill stores (bytes) and shared memory (KiB)."""
+    constexprs = dict(constexprs, **{stride: 1 for stride in _UNIT_STRIDES[name]})
     source = ASTSource(fn=fused_kernels.compiled(fn), signature=_signature(fn, dtype, constexprs),
                        constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=warps, num_stages=stages))
     log = _ptxas_log(kernel.asm["ptx"], arch)
-    tiles = " ".join(f"{k[6:]}{v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
+    tiles = " ".join(f"{k[6:]}{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
     return {"kernel": name, "arch": f"sm_{arch}", "dtype": dtype, "index_64": constexprs["INDEX_64"],
             "tiles": tiles, "warps": warps, "stages": stages,
             "registers": int(re.findall(r"Used (\d+) registers", log)[0]),

@@ -126,12 +126,16 @@ def fastlora_forward_kernel(
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # Rows and columns past the edge load wrapped (valid) ones and are never stored, so the
+    # K loop's loads mask K alone (fewer registers than full 2-D masks).
+    x_rows = x_ptr + (rm % M)[:, None] * sxm
+    w_cols = w_ptr + (rn % N)[None, :] * swn
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         if INDEX_64:
             rk = rk.to(tl.int64)
-        a = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * swn + rk[:, None] * swk, mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        a = tl.load(x_rows + rk[None, :] * sxk, mask=rk[None, :] < K, other=0.0)
+        w = tl.load(w_cols + rk[:, None] * swk, mask=rk[:, None] < K, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     # The rank-r block: xa against s·B (B's float32 master values scaled, then rounded once).
     for r0 in range(0, R, BLOCK_R):
@@ -166,12 +170,14 @@ def fastlora_grad_x_kernel(
         rn = rn.to(tl.int64)
     acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rm, rn, M, N, R, sam, sar, sar2, san, threshold, inv_keep,
                            DROPOUT, PRECISION, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_R)
+    dy_rows = dy_ptr + (rm % M)[:, None] * sdm  # wrapped edge rows/columns, as in the forward
+    w_cols = w_ptr + (rn % N)[None, :] * swn
     for k0 in range(0, K, BLOCK_K):  # dy W over the layer's outputs
         rk = k0 + tl.arange(0, BLOCK_K)
         if INDEX_64:
             rk = rk.to(tl.int64)
-        a = tl.load(dy_ptr + rm[:, None] * sdm + rk[None, :] * sdk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        a = tl.load(dy_rows + rk[None, :] * sdk, mask=rk[None, :] < K, other=0.0)
+        w = tl.load(w_cols + rk[:, None] * swk, mask=rk[:, None] < K, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     out = dx_ptr + rm[:, None] * sxm + rn[None, :] * sxn
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
