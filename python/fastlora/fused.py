@@ -163,8 +163,8 @@ def _launch(name: str, out: Tensor, k: int, rank: int, *args: Any, **flags: Any)
         wrap_triton(tuner.fn)[grid](*args, **flags, M_BUCKET=bucket, BLOCK_R=block_r, **fixed.all_kwargs())
         return
     wrap_triton(tuner)[grid](*args, **flags, M_BUCKET=bucket, BLOCK_R=block_r)
-    if getattr(tuner, "best_config", None) is not None:
-        _TUNED[key] = tuner.best_config
+    if not torch.compiler.is_compiling() and getattr(tuner, "best_config", None) is not None:
+        _TUNED[key] = tuner.best_config  # (traced launches do not run: best_config is another key's)
 
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, lora_B: Tensor,
