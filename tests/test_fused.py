@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlora
-from fastlora import fused, fused_kernels, reference, skinny, skinny_kernels
+from fastlora import fused, reference, skinny
 from conftest import RTOL, make_matrix, seed_tensor
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")
@@ -198,6 +198,8 @@ def test_float32_input_precision_follows_torch_setting(monkeypatch):
 
 
 def test_kernels_are_named_for_the_sanitizers_filter():
+    from fastlora import fused_kernels, skinny_kernels
+
     names = [n for module in (fused_kernels, skinny_kernels) for n in vars(module) if n.endswith("_kernel")]
     assert len(names) == 6 and all(n.startswith("fastlora_") for n in names), names
 
