@@ -101,8 +101,9 @@ def test_kernels_odd_shapes_and_rank_blocks(T, n_in, n_out, r, dtype):
     _kernels_vs_reference(T, n_in, n_out, r, dtype, "strided", 0.3, seed=5, wide=True)
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_every_kernel_regenerates_the_mask_bit_for_bit(p):
+def test_every_kernel_regenerates_the_mask_bit_for_bit(p, wide):
     """Each kernel's zeros are exactly the reference hash's dropped elements: down with A = I
     gives drop(x)/(1-p); grad_a with dxa = I gives it too; add_low_rank gives the masked dxa A."""
     T, n_in = 29, 37
@@ -111,9 +112,10 @@ def test_every_kernel_regenerates_the_mask_bit_for_bit(p):
     seed = seed_tensor(77)
     keep = reference.dropout_mask(seed, T, n_in, p)
     want = torch.where(keep, x / (1 - p), 0.0)
-    xa = skinny.down(x, torch.eye(n_in), p, seed)
-    da = skinny.grad_a(torch.eye(T), x, p, seed)
-    low = skinny.add_low_rank(None, torch.randn(T, 3, generator=g), torch.randn(3, n_in, generator=g), seed, p)
+    with index_64(wide):
+        xa = skinny.down(x, torch.eye(n_in), p, seed)
+        da = skinny.grad_a(torch.eye(T), x, p, seed)
+        low = skinny.add_low_rank(None, torch.randn(T, 3, generator=g), torch.randn(3, n_in, generator=g), seed, p)
     for name, got in (("down", xa), ("grad_a", da), ("add_low_rank", low)):
         assert torch.equal(got != 0, keep), name
     torch.testing.assert_close(xa, want, rtol=1e-6, atol=0)
