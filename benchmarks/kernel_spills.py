@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every fastlora Triton kernel config, without a GPU.
 
-Compiles each kernel (fused GEMMs: every autotuning config the pruning keeps, at ranks 16 and 64;
+Compiles each kernel (fused GEMMs: every autotuning config the pruning keeps, rank tiles 16 and 32;
 skinny kernels: their tile for rank tiles 16, 32 and 64, in the 32- and 64-bit offset builds) for
 sm_90a and sm_80 with the Triton installed here, contiguous operands (unit strides specialized as
 Triton does at launch), and runs ptxas -v (the one shipped with Triton) on the PTX. A spilled config is slow, not wrong: the fused GEMMs' autotuner times it away on a
@@ -103,8 +103,8 @@ def configs(arch: int, dtype: str):
     for config in fused._prune(fused._configs(capability), 2**20, element_size, capability):
         for name, fn in (("forward", fused_kernels.fastlora_forward_kernel),
                          ("grad_x", fused_kernels.fastlora_grad_x_kernel)):
-            for rank in (16, 64):
-                yield name, fn, dict(_FLAGS[name], PRECISION="tf32", INDEX_64=False, BLOCK_R=rank,
+            for block_r in (16, fused._MAX_BLOCK_R):
+                yield name, fn, dict(_FLAGS[name], PRECISION="tf32", INDEX_64=False, BLOCK_R=block_r,
                                      **config.kwargs), config.num_warps, config.num_stages
     for name in ("down", "dy_products", "grad_a", "add_low_rank"):
         for rank in (16, 32, 64):

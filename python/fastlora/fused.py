@@ -35,8 +35,9 @@ except ImportError:  # the fused path needs Triton; everything else works withou
     triton = None
 
 # Rank-r blocks are padded to at least this (tl.dot needs 16 along every dimension) and looped
-# over in blocks of at most _MAX_BLOCK_R, so the rank tile stays in registers for any rank.
-_MIN_DOT, _MAX_BLOCK_R = 16, 64
+# over in blocks of at most _MAX_BLOCK_R: the rank tile stays in registers for any rank (ptxas
+# reports spills in the forward at 64 on sm_90a, none at 32: benchmarks/kernel_spills.py).
+_MIN_DOT, _MAX_BLOCK_R = 16, 32
 
 
 def available() -> bool:
@@ -56,18 +57,20 @@ def applies(x: Tensor, weight: Tensor) -> bool:
 
 
 # Tiles the autotuner tries on a GPU, per architecture: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
-# None has run yet: they are chosen from the hardware limits, not measured. Each kernel keeps one
-# fp32 accumulator, so a 128 x 256 tile at 8 warps holds 128 accumulator registers per thread,
-# leaving room under the 255-register limit.
+# None has run on a GPU yet: they follow the hardware limits and ptxas's register report
+# (benchmarks/kernel_spills.py compiles them without a GPU), not timings. Each kernel keeps one
+# fp32 accumulator, so a 128 x 256 tile at 8 warps holds 128 accumulator registers per thread.
 _CONFIGS = {
-    # sm90 (H100, 228 KiB shared memory per SM): big tiles, 3-4 stages of 64-deep K slices
-    # (128x256x64 16-bit: 3 x 48 KiB) keep the tensor cores fed; 64-row tiles for short batches.
-    9: ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 64, 4, 4)),
+    # sm90 (H100, 228 KiB shared memory per SM): 64-deep K slices. 128x256 (Triton's usual best
+    # for large bf16 GEMMs there) spills a little, as Triton's own masked matmul does, and is
+    # kept for the autotuner to judge; the others compile without spills; 32-row tiles for
+    # short batches.
+    9: ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
+        (32, 128, 64, 4, 4)),
     # sm80 (A100, 164 KiB): 32-deep K slices so 3-4 stages of the big tiles fit (128x256x32:
     # 3 x 24 KiB), as cuBLAS's sm80 kernels do; smaller tiles for short batches.
-    8: ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-        (64, 128, 32, 4, 4), (32, 128, 32, 4, 4)),
+    8: ((128, 256, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
+        (32, 128, 32, 4, 4)),
 }
 # Shared memory one SM offers a block (KiB), by compute capability; smaller for unlisted ones.
 _SMEM_KIB = {(9, 0): 227, (8, 0): 163}
