@@ -40,9 +40,10 @@ _UNIT_STRIDES = {
     "add_low_rank": ("sdk", "sgr", "sak"),
 }
 _FLAGS = {
-    "forward": dict(HAS_BIAS=True), "grad_x": dict(DROPOUT=True), "down": dict(DROPOUT=True),
-    "dy_products": dict(NEED_DXA=True, NEED_DB=True), "grad_a": dict(DROPOUT=True),
-    "add_low_rank": dict(ACCUMULATE=True, DROPOUT=True),
+    "forward": dict(HAS_BIAS=True), "grad_x": dict(DROPOUT=True, PAIRED=True),
+    "down": dict(DROPOUT=True, PAIRED=True), "dy_products": dict(NEED_DXA=True, NEED_DB=True),
+    "grad_a": dict(DROPOUT=True, PAIRED=True),
+    "add_low_rank": dict(ACCUMULATE=True, DROPOUT=True, PAIRED=True),
 }
 
 

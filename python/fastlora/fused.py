@@ -193,7 +193,7 @@ def _grad_x_impl(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: 
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0), dxa.stride(1),
             lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
             dropout_threshold(dropout_p) if drop else 0, 1.0 / (1.0 - dropout_p),
-            DROPOUT=drop, PRECISION=dot_precision(dy.dtype), INDEX_64=needs_index_64(dy, weight, dxa, lora_A, dx))
+            DROPOUT=drop, PAIRED=n % 2 == 0, PRECISION=dot_precision(dy.dtype), INDEX_64=needs_index_64(dy, weight, dxa, lora_A, dx))
     return dx
 
 

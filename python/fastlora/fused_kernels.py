@@ -24,21 +24,31 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 
-def _dropout_keep(seed_ptr, rows, cols, n_cols, threshold):
+def _dropout_keep(seed_ptr, rows, cols, col0, n_cols, threshold,
+                  PAIRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep-mask tile of elements (rows[:, None], cols[None, :]) of a matrix ``n_cols`` wide,
     bit for bit ``csrc/kernels/common/dropout_rng.h``: key = mix64(seed + gamma); element i keeps
     the low (even i) or high (odd i) 32 bits of mix64(key + (i >> 1) gamma) at or above the
-    threshold; i = row * n_cols + col, in 64 bits whatever the index width."""
+    threshold; i = row * n_cols + col, in 64 bits whatever the index width. With PAIRED (n_cols
+    even, cols = col0 + arange(BLOCK_N), col0 even) each hash serves its two columns: half the
+    integer work, which bounds these kernels on a GPU."""
     z = tl.load(seed_ptr).to(tl.uint64, bitcast=True) + 0x9E3779B97F4A7C15
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     key = z ^ (z >> 31)
-    flat = rows[:, None].to(tl.uint64) * n_cols + cols[None, :].to(tl.uint64)
-    c = key + (flat >> 1) * 0x9E3779B97F4A7C15
+    if PAIRED:
+        first = (rows[:, None].to(tl.uint64) * n_cols + col0) >> 1
+        c = key + (first + tl.arange(0, BLOCK_N // 2)[None, :].to(tl.uint64)) * 0x9E3779B97F4A7C15
+    else:
+        flat = rows[:, None].to(tl.uint64) * n_cols + cols[None, :].to(tl.uint64)
+        c = key + (flat >> 1) * 0x9E3779B97F4A7C15
     c = (c ^ (c >> 30)) * 0xBF58476D1CE4E5B9
     c = (c ^ (c >> 27)) * 0x94D049BB133111EB
     bits = c ^ (c >> 31)
-    draw = tl.where((flat & 1) == 1, bits >> 32, bits & 0xFFFFFFFF)
+    if PAIRED:  # columns 2j and 2j + 1 take the low and high halves of pair j's hash
+        draw = tl.reshape(tl.join(bits & 0xFFFFFFFF, bits >> 32), (BLOCK_M, BLOCK_N))
+    else:
+        draw = tl.where((flat & 1) == 1, bits >> 32, bits & 0xFFFFFFFF)
     return draw >= threshold.to(tl.uint64)
 
 
@@ -53,9 +63,9 @@ def _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M):
     return first_m + (pid % band) % rows_in_band, (pid % band) // rows_in_band
 
 
-def _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rows, cols, M, N, R, s_dm, s_dr, s_ar, s_an, threshold, inv_keep,
-                     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rows, cols, col0, M, N, R, s_dm, s_dr, s_ar, s_an, threshold,
+                     inv_keep, DROPOUT: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+                     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """The fp32 tile mask/(1-p) ⊙ (dxa A) of rows x cols (dxa: M x R, A: R x N), the rank
     looped in blocks of BLOCK_R: dx's rank-r part, its dropout mask regenerated."""
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -69,7 +79,8 @@ def _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rows, cols, M, N, R, s_dm, s_dr, 
                     other=0.0)
         acc = tl.dot(g, a.to(g.dtype), acc, input_precision=PRECISION)
     if DROPOUT:
-        acc = tl.where(_dropout_keep(seed_ptr, rows, cols, N, threshold), acc * inv_keep, 0.0)
+        keep = _dropout_keep(seed_ptr, rows, cols, col0, N, threshold, PAIRED, BLOCK_M, BLOCK_N)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
     return acc
 
 
@@ -157,7 +168,8 @@ def fastlora_grad_x_kernel(
     M, N, K, R,
     sdm, sdk, swk, swn, sam, sar, sar2, san, sxm, sxn,
     threshold, inv_keep, M_BUCKET,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr, GROUP_M: tl.constexpr,
+    DROPOUT: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dx = dy W + mask/(1-p) ⊙ (dxa A) with one fp32 accumulator: it starts as the masked
@@ -168,8 +180,8 @@ def fastlora_grad_x_kernel(
     if INDEX_64:
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
-    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rm, rn, M, N, R, sam, sar, sar2, san, threshold, inv_keep,
-                           DROPOUT, PRECISION, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_R)
+    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rm, rn, pid_n * BLOCK_N, M, N, R, sam, sar, sar2, san, threshold,
+                           inv_keep, DROPOUT, PAIRED, PRECISION, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_R)
     dy_rows = dy_ptr + (rm % M)[:, None] * sdm  # wrapped edge rows/columns, as in the forward
     w_cols = w_ptr + (rn % N)[None, :] * swn
     for k0 in range(0, K, BLOCK_K):  # dy W over the layer's outputs

@@ -20,7 +20,7 @@ def fastlora_down_kernel(
     T, K, R,
     sxt, sxk, sar, sak, sot, sor,
     threshold, inv_keep,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    DROPOUT: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """xa = drop(x) A^T / (1-p) for one block of tokens (grid: token blocks)."""
@@ -37,7 +37,8 @@ def fastlora_down_kernel(
             x = tl.load(x_ptr + rt[:, None] * sxt + rk[None, :] * sxk, mask=(rt[:, None] < T) & (rk[None, :] < K),
                         other=0.0)
             if DROPOUT:  # where, not a product: a dropped element is zero even where x is infinite
-                x = tl.where(_dropout_keep(seed_ptr, rt, rk, K, threshold), x, 0.0).to(x.dtype)
+                keep = _dropout_keep(seed_ptr, rt, rk, k0, K, threshold, PAIRED, BLOCK_T, BLOCK_K)
+                x = tl.where(keep, x, 0.0).to(x.dtype)
             a = tl.load(a_ptr + rr[None, :] * sar + rk[:, None] * sak, mask=(rr[None, :] < R) & (rk[:, None] < K),
                         other=0.0)
             acc = tl.dot(x, a.to(x.dtype), acc, input_precision=PRECISION)
@@ -90,7 +91,7 @@ def fastlora_grad_a_kernel(
     T, K, R, T_SPLIT,
     sgt, sgr, sxt, sxk,
     threshold, inv_keep,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    DROPOUT: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """partial[split] = dxa^T drop(x) / (1-p) over one split of T_SPLIT tokens (a multiple of
@@ -113,7 +114,9 @@ def fastlora_grad_a_kernel(
             x = tl.load(x_ptr + rt[:, None] * sxt + rk[None, :] * sxk, mask=(rt[:, None] < T) & (rk[None, :] < K),
                         other=0.0)
             if DROPOUT:
-                x = tl.where(_dropout_keep(seed_ptr, rt, rk, K, threshold), x, 0.0).to(x.dtype)
+                keep = _dropout_keep(seed_ptr, rt, rk, tl.program_id(0) * BLOCK_K, K, threshold, PAIRED, BLOCK_T,
+                                     BLOCK_K)
+                x = tl.where(keep, x, 0.0).to(x.dtype)
             g = tl.load(dxa_ptr + rt[:, None] * sgt + rr[None, :] * sgr, mask=(rt[:, None] < T) & (rr[None, :] < R),
                         other=0.0)
             acc = tl.dot(tl.trans(g.to(x.dtype)), x, acc, input_precision=PRECISION)
@@ -125,7 +128,8 @@ def fastlora_add_low_rank_kernel(
     T, K, R,
     sdt, sdk, sgt, sgr, sar, sak,
     threshold, inv_keep,
-    ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dx (+)= mask/(1-p) ⊙ (dxa A) for one tile (grid: token blocks x column blocks): the
@@ -135,8 +139,8 @@ def fastlora_add_low_rank_kernel(
     if INDEX_64:
         rt = rt.to(tl.int64)
         rk = rk.to(tl.int64)
-    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rt, rk, T, K, R, sgt, sgr, sar, sak, threshold, inv_keep,
-                           DROPOUT, PRECISION, INDEX_64, BLOCK_T, BLOCK_K, BLOCK_R)
+    acc = _masked_low_rank(dxa_ptr, a_ptr, seed_ptr, rt, rk, tl.program_id(1) * BLOCK_K, T, K, R, sgt, sgr, sar, sak,
+                           threshold, inv_keep, DROPOUT, PAIRED, PRECISION, INDEX_64, BLOCK_T, BLOCK_K, BLOCK_R)
     inside = (rt[:, None] < T) & (rk[None, :] < K)
     out = dx_ptr + rt[:, None] * sdt + rk[None, :] * sdk
     if ACCUMULATE:
