@@ -6,10 +6,11 @@ interpreter both read ``tl.constexpr`` from it. Only ``tl`` builtins are called 
 the library's jit-compiled ``tl.zeros`` / ``tl.cdiv``), so the interpreter runs the kernels without
 ``TRITON_INTERPRET`` set when Triton was imported.
 
-The device functions (``_dropout_keep``, ``_grouped_tile``, ``_masked_low_rank``; the skinny kernels
-use them too) are plain Python functions here, which the interpreter calls as they are; :func:`compiled` gives a kernel a copy of its globals in which
-they are ``triton.jit`` functions, which is what the compiler needs (it cannot call a plain
-function, and the interpreter cannot call a ``JITFunction`` unless ``TRITON_INTERPRET`` was set).
+The device functions (``_dropout_keep``, ``_grouped_tile``, ``_masked_low_rank``; the skinny
+kernels use them too) are plain Python functions here, which the interpreter calls as they are;
+:func:`compiled` gives a kernel a copy of its globals in which they are ``triton.jit`` functions,
+which is what the compiler needs (it cannot call a plain function, and the interpreter cannot
+call a ``JITFunction`` unless ``TRITON_INTERPRET`` was set).
 """
 
 from __future__ import annotations
