@@ -138,7 +138,8 @@ def model_bytes(tokens: int, n_in: int, n_out: int, rank: int, p: float, act_byt
         grads cast    dA, dB to the adapter dtype if it is not fp32
         seed          8 bytes per kernel that regenerates the mask
 
-    The fp32 partial sums inside dy_products and grad_a are :func:`partial_bytes`."""
+    The fp32 partial sums inside dy_products and grad_a (and, for large ranks, dy_products' second
+    read of dy) are :func:`partial_bytes`."""
     t, i, o, r, e, w = tokens, n_in, n_out, rank, act_bytes, adapter_bytes
     drop = p > 0.0
     cast = w != e
@@ -157,12 +158,21 @@ def model_bytes(tokens: int, n_in: int, n_out: int, rank: int, p: float, act_byt
     return steps
 
 
-def partial_bytes(tokens: int, n_in: int, n_out: int, rank: int, device_type: str = "cuda") -> dict[str, int]:
-    """Bytes of the fp32 partials the reductions over tokens write and read back, inside the
-    kernels' operations: one out x r block per token block (dB), one r x in block per split (dA)."""
-    blocks = -(-tokens // skinny.tiles("dy_products", device_type, rank)["BLOCK_T"])
-    splits = -(-tokens // skinny._grad_a_splits(tokens, n_in, skinny.tiles("grad_a", device_type, rank)))
-    return {"dB_partials": 2 * blocks * n_out * rank * 4, "dA_partials": 2 * splits * rank * n_in * 4}
+def partial_bytes(tokens: int, n_in: int, n_out: int, rank: int, act_bytes: int = 2,
+                  device_type: str = "cuda") -> dict[str, int]:
+    """Bytes moved inside the kernels' operations beyond their boundary reads and writes: the
+    fp32 partials of the sums over tokens (written and read back; dB's an out x r block per token
+    block, dA's an r x in block per split), or, for ranks where that costs more, dB from a second
+    read of dy with per-split partials (:func:`fastlora.skinny.db_in_one_pass`)."""
+    def splits(width: int) -> int:
+        return -(-tokens // skinny._grad_a_splits(tokens, width, skinny.tiles("grad_a", device_type, rank)))
+
+    if skinny.db_in_one_pass(tokens, n_out, rank, act_bytes, device_type):
+        blocks = -(-tokens // skinny.tiles("dy_products", device_type, rank)["BLOCK_T"])
+        d_b = 2 * blocks * n_out * rank * 4
+    else:
+        d_b = tokens * n_out * act_bytes + 2 * splits(n_out) * rank * n_out * 4
+    return {"dB": d_b, "dA": 2 * splits(n_in) * rank * n_in * 4}
 
 
 def measure(tokens: int, n_in: int, n_out: int, rank: int, p: float, dtype: torch.dtype) -> dict:
@@ -182,7 +192,7 @@ def measure(tokens: int, n_in: int, n_out: int, rank: int, p: float, dtype: torc
         "extra_bytes": layer.total() - frozen.total(),
         "model_extra_bytes": model["total"],
         "model_steps": model,
-        "partials_bytes": partial_bytes(tokens, n_in, n_out, rank),
+        "partials_bytes": partial_bytes(tokens, n_in, n_out, rank, e),
         "mask_temporaries": len(mask_temporaries(layer, tokens, n_in)),
         "fused_extra_bytes": fused.total() - frozen.total(),
         "fused_model_extra_bytes": model_bytes(tokens, n_in, n_out, rank, p, act_bytes=e, fused=True)["total"],

@@ -49,7 +49,7 @@ def _fp32_sum_bound(n_terms: int, magnitude: float) -> float:
     return (n_terms + 8) * U32 * max(magnitude, 1e-30)
 
 
-def _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide):
+def _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide, db_second_read=False):
     g = torch.Generator().manual_seed(seed)
     x, dy = _draw(T, n_in, layout, g, dtype), _draw(T, n_out, layout, g, dtype)
     a = _draw(r, n_in, layout, g)  # float32 master adapters, rounded to dtype in the kernels
@@ -57,7 +57,9 @@ def _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide):
     xa, dxa = _draw(T, r, layout, g, dtype), _draw(T, r, layout, g, dtype)
     base = _draw(T, n_in, "contiguous", g, dtype)
     s, drop_seed = 1.7, seed_tensor(seed)
-    with index_64(wide):
+    # dB from dy_products' own pass, or (large ranks on long batches) from a second read of dy
+    one_pass = mock.patch.object(skinny, "db_in_one_pass", lambda *args: not db_second_read)
+    with index_64(wide), one_pass:
         got_xa = skinny.down(x, a, p, drop_seed)
         got_dxa, got_db = skinny.dy_products(dy, b, xa, s)
         got_da = skinny.grad_a(dxa, x, p, drop_seed)
@@ -89,16 +91,24 @@ def _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide):
     T=st.integers(1, 300), n_in=st.integers(1, 300), n_out=st.integers(1, 300), r=st.integers(1, 130),
     dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
     p=st.one_of(st.just(0.0), st.floats(0.1, 0.5)), seed=st.integers(0, 2**20), wide=st.booleans(),
+    db_second_read=st.booleans(),
 )
-def test_kernels_match_float64_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide):
-    _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide)
+def test_kernels_match_float64_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide, db_second_read):
+    _kernels_vs_reference(T, n_in, n_out, r, dtype, layout, p, seed, wide, db_second_read)
 
 
 @pytest.mark.parametrize("T,n_in,n_out,r", [(1, 1, 1, 1), (1, 37, 19, 3), (33, 65, 17, 64), (70, 9, 100, 65),
                                              (40, 50, 30, 130)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_odd_shapes_and_rank_blocks(T, n_in, n_out, r, dtype):
-    _kernels_vs_reference(T, n_in, n_out, r, dtype, "strided", 0.3, seed=5, wide=True)
+    for db_second_read in (False, True):
+        _kernels_vs_reference(T, n_in, n_out, r, dtype, "strided", 0.3, seed=5, wide=True, db_second_read=db_second_read)
+
+
+def test_db_takes_a_second_read_of_dy_only_where_partials_cost_more():
+    """Headline shape (T = 8192, 4096 outputs, bf16): one pass up to rank 16, two beyond."""
+    assert [skinny.db_in_one_pass(8192, 4096, r, 2) for r in (8, 16, 32, 64)] == [True, True, False, False]
+    assert skinny.db_in_one_pass(64, 4096, 128, 2)  # a short batch: few partials
 
 
 @pytest.mark.parametrize("n_in", [37, 40])  # odd: a hash per element; even: one per column pair

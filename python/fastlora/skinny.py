@@ -1,7 +1,8 @@
 """The rank-r side of the layer as single-pass Triton kernels, dropout regenerated in registers.
 
     down         xa  = drop(x) A^T                       one read of x
-    dy_products  dxa = s dy B,  dB = s dy^T xa          one read of dy
+    dy_products  dxa = s dy B,  dB = s dy^T xa          one read of dy (two for large ranks, where
+                                                         dB's partials would cost more than a read)
     grad_a       dA  = dxa^T drop(x)                     one read of x
     add_low_rank dx += drop'(dxa A)                      one read and write of dx
 
@@ -160,21 +161,35 @@ def _down_impl(x: Tensor, lora_A: Tensor, p: float, seed: Optional[Tensor]) -> T
     return xa
 
 
+def db_in_one_pass(tokens: int, n_out: int, rank: int, element_size: int, device_type: str = "cuda") -> bool:
+    """Whether dB comes from dy_products' own read of dy: its fp32 partials (an N x r block per
+    token block, written and read back) cost less than a second read of dy by grad_a's split
+    kernel (large ranks). A function of the shape alone, so the summation order is too."""
+    blocks = triton.cdiv(tokens, tiles("dy_products", device_type, rank)["BLOCK_T"])
+    splits = triton.cdiv(tokens, _grad_a_splits(tokens, n_out, tiles("grad_a", device_type, rank)))
+    return 2 * blocks * n_out * rank * 4 <= tokens * n_out * element_size + 2 * splits * rank * n_out * 4
+
+
 def _dy_products_impl(dy: Tensor, lora_B: Tensor, xa: Tensor, scale: float, need_dxa: bool,
                       need_db: bool) -> tuple[Tensor, Tensor]:
     t, n = dy.shape
     r = lora_B.shape[1]
     meta = tiles("dy_products", dy.device.type, r)
     blocks = triton.cdiv(t, meta["BLOCK_T"])
+    in_pass = need_db and db_in_one_pass(t, n, r, dy.element_size(), dy.device.type)
     dxa = torch.empty(t if need_dxa else 0, r, dtype=dy.dtype, device=dy.device)
-    part = torch.empty(blocks if need_db else 0, n, r, dtype=torch.float32, device=dy.device)
-    if blocks and (need_dxa or need_db):
+    part = torch.empty(blocks if in_pass else 0, n, r, dtype=torch.float32, device=dy.device)
+    if blocks and (need_dxa or in_pass):
         _run("dy_products", (blocks,), dy, dy, lora_B, xa, dxa, part, t, n, r, dy.stride(0), dy.stride(1),
              lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1),
-             scale, NEED_DXA=need_dxa, NEED_DB=need_db, PRECISION=dot_precision(dy.dtype),
+             scale, NEED_DXA=need_dxa, NEED_DB=in_pass, PRECISION=dot_precision(dy.dtype),
              INDEX_64=needs_index_64(dy, lora_B, xa, dxa, part), **meta)
-    d_b = part.sum(0) if need_db and blocks else torch.zeros(n if need_db else 0, r, dtype=torch.float32,
-                                                             device=dy.device)
+    if not need_db:
+        d_b = torch.zeros(0, r, dtype=torch.float32, device=dy.device)
+    elif in_pass:
+        d_b = part.sum(0) if blocks else torch.zeros(n, r, dtype=torch.float32, device=dy.device)
+    else:  # (xa^T dy)^T: grad_a's kernel with xa for dxa and dy for x, no dropout
+        d_b = _grad_a_impl(xa, dy, 0.0, None).t().mul(scale).contiguous()
     return dxa, d_b
 
 
