@@ -1,7 +1,9 @@
 """The layer as one autograd Function of library GEMMs and in-place updates.
 
 This is what runs wherever fastlora's own kernels do not apply (CUDA while the layer kernels are
-switched off, other accelerators, CPU without the extension). It computes what
+switched off, other accelerators, CPU without the extension). Where :func:`fastlora.skinny.applies`
+(CUDA with Triton) its rank-r products are :mod:`fastlora.skinny`'s single-pass kernels, the dropout
+mask regenerated in registers; elsewhere they are library GEMMs and the mask the PyTorch hash. It computes what
 :func:`fastlora.reference.lora_linear` defines, with the backward of ``lora_layer.md``:
 
     forward   y = addmm(b, x, W^T);  xa = drop(x) A^T;  y += s xa B^T      (in place)
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import skinny
 from .ops import dropout_mask
 
 __all__ = ["lora_linear", "lora_update"]
@@ -35,6 +38,8 @@ def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
 
 def _down(x: Tensor, lora_A: Tensor, p: float, seed: Tensor | None) -> Tensor:
     """xa = drop(x) A^T; 1/(1-p) scales the T x r product, not x: one fewer T x in pass."""
+    if skinny.applies(x):
+        return skinny.down(x, lora_A, p, seed)
     mask = _keep_mask(seed, x, p) if p > 0.0 else None
     xa = torch.mm(_masked(x, mask), lora_A.to(x.dtype).t())
     return xa.mul_(1.0 / (1.0 - p)) if p > 0.0 else xa
@@ -51,6 +56,8 @@ def _grad_x(dy: Tensor, weight: Tensor | None, dxa: Tensor, lora_A: Tensor, seed
     if p == 0.0:
         a = lora_A.to(dy.dtype)
         return torch.mm(dxa, a) if weight is None else torch.mm(dy, weight).addmm_(dxa, a)
+    if mask is None and skinny.applies(dy, dxa):  # the mask regenerated in the kernel, never built
+        return skinny.add_low_rank(None if weight is None else torch.mm(dy, weight), dxa, lora_A, seed, p)
     mask = dropout_mask(seed, dy.shape[0], lora_A.shape[1], p) if mask is None else mask
     low_rank = torch.mm(dxa, lora_A.to(dy.dtype)).masked_fill_(mask.logical_not_(), 0.0)
     return low_rank.mul_(1.0 / (1.0 - p)) if weight is None else torch.mm(dy, weight).add_(low_rank, alpha=1.0 / (1.0 - p))
@@ -61,6 +68,11 @@ def _adapter_grads(ctx: Any, dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tens
     """(dxa, dA, dB, mask) of the branch ``s·drop(x) A^T B^T``; dxa only when dx or dA needs it,
     the mask only when dA was computed with it."""
     p, s = ctx.dropout_p, ctx.scale
+    if skinny.applies(dy, x, xa):
+        # one read of dy for dxa and dB, one of x for dA; dA and dB summed in float32
+        dxa, d_b = skinny.dy_products(dy, lora_B, xa, s, need_dxa=need_x or need_a, need_db=need_b)
+        d_a = skinny.grad_a(dxa, x, p, seed).to(lora_A.dtype) if need_a else None
+        return dxa, d_a, (d_b.to(lora_B.dtype) if need_b else None), None
     dxa = d_a = d_b = mask = None
     if need_b:
         d_b = torch.mm(dy.t(), xa).mul_(s).to(lora_B.dtype)
@@ -97,8 +109,9 @@ def lora_backward(ctx: Any, dy: Tensor, grad_x: Callable = _grad_x) -> tuple:
 
 
 class _ComposedLoRA(torch.autograd.Function):
-    # Temporaries without a kernel (transient, none saved): with dropout, the bool mask and
-    # mask ⊙ x (T x in) in forward and again in backward, and dxa A (T x in) for dx.
+    # Temporaries where the skinny kernels do not apply (transient, none saved): with dropout,
+    # the PyTorch hash's int64 tensors, the bool mask and mask ⊙ x (T x in) in forward and again
+    # in backward, and dxa A (T x in) for dx. With them: none beyond dB's and dA's fp32 partials.
     forward = staticmethod(lora_forward)
     backward = staticmethod(lora_backward)
 
