@@ -310,10 +310,11 @@ def test_registry_declares_every_implementation():
     # the experimental CUDA kernels and the fused GEMMs are not trusted on a GPU without a check
     for name in ("fused", "kernels"):
         assert not linear[name].validated or "cuda" not in linear[name].validated
-    assert not linear["kernels"].weight_grad and linear["fused"].max_index == 2**31
+    assert not linear["kernels"].weight_grad and linear["fused"].max_index is None  # 64-bit offsets where needed
     assert "emulated" in registry.ineligibility(linear["fused"], "cpu")  # never chosen on CPU, only pinned
     assert registry.ineligibility(linear["fused"], "cpu", pinned=True) in (None, "it needs Triton: pip install triton")
-    assert "index range" in registry.ineligibility(linear["fused"], "cuda", torch.float16, index=2**31)
+    narrow = dataclasses.replace(linear["fused"], max_index=2**31)
+    assert "index range" in registry.ineligibility(narrow, "cuda", torch.float16, index=2**31)
     moments = dataclasses.replace(registry.implementations("lora_pro_moments")["kernels"], needs_extension=())
     assert "rank limit" in registry.ineligibility(moments, "cuda", torch.float32, rank=129)
 
@@ -336,7 +337,7 @@ def test_check_tolerance_follows_the_dtype():
 
 def test_index_range_is_decided_by_the_exact_token_count():
     # T beyond the bucket cap shares a key, except across 2^31 elements, where 32-bit offsets wrap
-    fused = registry.implementations("linear")["fused"]
+    fused = dataclasses.replace(registry.implementations("linear")["fused"], max_index=2**31)  # a 32-bit one
     small = dispatch._key("linear", torch.empty(2**17, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,
                           False, False)
     huge = dispatch._key("linear", torch.empty(2**20, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,

@@ -208,11 +208,36 @@ def test_dispatch(monkeypatch):
         assert not skinny.applies(x.double())  # float64: the reference dtype, PyTorch ops
         assert not skinny.applies(x, x.half())  # mixed dtypes
     monkeypatch.setattr(skinny, "_device_type", lambda t: "cuda")  # as a CUDA tensor is seen
+    monkeypatch.setattr(skinny, "_checked", {})
+    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: None)  # tested below
     assert skinny.applies(x) and skinny.applies(x.half()) and skinny.applies(x.bfloat16())
     with skinny.forced(False):
         assert not skinny.applies(x)
     monkeypatch.setattr(skinny, "available", lambda: False)  # no Triton: the PyTorch hash
     assert not skinny.applies(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_check_passes_on_correct_kernels_and_names_a_wrong_one(monkeypatch, dtype):
+    assert skinny.self_check(torch.device("cpu"), dtype) is None
+    grad_a = skinny.grad_a
+    monkeypatch.setattr(skinny, "grad_a", lambda *args: grad_a(*args) * 1.1)  # 10 %: beyond any rounding
+    assert "grad_a" in skinny.self_check(torch.device("cpu"), dtype)
+
+
+def test_the_kernels_run_on_a_device_only_after_passing_the_self_check(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(skinny, "_device_type", lambda t: "cuda")  # as a CUDA tensor is seen
+    monkeypatch.setattr(skinny, "_checked", {})
+    checks = []
+    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: checks.append(dtype) or "down: wrong")
+    with pytest.warns(RuntimeWarning, match="disagree with the reference"):
+        assert not skinny.applies(x)
+    assert not skinny.applies(x) and checks == [torch.float32]  # checked once per device and dtype
+    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: checks.append(dtype))
+    assert skinny.applies(x.half()) and skinny.applies(x.half()) and checks == [torch.float32, torch.float16]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not skinny.applies(x.bfloat16()) and len(checks) == 2  # no check while compiling: library ops
 
 
 def test_64_bit_offsets_only_where_offsets_reach_2_31():

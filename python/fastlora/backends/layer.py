@@ -65,7 +65,6 @@ for _impl in (
     Implementation(
         "fused", "linear", devices=frozenset(("cuda", "cpu")), interpreted=frozenset(("cpu",)), dtypes=_TRITON_DTYPES,
         available=lambda: fused.available(), unavailable="it needs Triton: pip install triton",
-        max_index=2**31,  # 32-bit offsets
         validated=frozenset(("cpu",)), fn=fused.lora_linear),
     Implementation(
         "kernels", "linear", devices=frozenset(("cpu", "cuda")), needs_extension=_EXTENSION_LINEAR, weight_grad=False,
