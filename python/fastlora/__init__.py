@@ -25,8 +25,11 @@ from ._extension import (
 )
 from .functional import lora_linear, lora_update
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
+from .config import LoraConfig
 from .inject import (
     adapter_state_dict,
+    count_parameters,
+    get_peft_model,
     disable_adapter,
     inject,
     merge,
@@ -38,6 +41,7 @@ from .inject import (
 )
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
 from . import hf  # noqa: F401  (registers the Hugging Face save hook)
+from . import peft_methods  # noqa: F401  (registers PEFT's model methods)
 from .optim import param_groups
 from .layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 
@@ -50,9 +54,11 @@ __all__ = [
     "GradientStats",
     "LayerGradient",
     "LoRALinear",
+    "LoraConfig",
     "adapter_state_dict",
     "collect_gradients",
     "copies",
+    "count_parameters",
     "check_no_peft_layers",
     "cpu_isa",
     "cuda_layer_kernels",
@@ -63,6 +69,7 @@ __all__ = [
     "import_peft",
     "init",
     "get_backend",
+    "get_peft_model",
     "inject",
     "lora_layers",
     "load_adapter",

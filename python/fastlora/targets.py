@@ -111,6 +111,12 @@ def find_linear_targets(
             )
         found.append((name, module))
     if not found:
+        again = [n for n in adapted if not (exclude_modules is not None and name_matches(n, exclude_modules))
+                 and (all_linear or name_matches(n, target_modules))]
+        if again:
+            raise ValueError(f"target_modules={target_modules!r} selects only layers that are already adapted "
+                             f"({sorted(again)[:4]}); fastlora keeps one adapter per layer. Change their rank with "
+                             "layer.set_rank, or fastlora.unload(model) first to start over")
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in adapted
                   and not any(n.startswith(f"{c}.") for c in copies)]
         hint = ("they already have adapters or are in modules_to_save copies" if (adapted or copies) and not linear
