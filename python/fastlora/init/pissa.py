@@ -29,7 +29,7 @@ from ..layer import LoRALinear, lora_layers
 from ..quantized import dense_weight
 from ..transaction import transaction
 
-__all__ = ["PRINCIPAL_INITS", "is_principal_init", "principal_factors", "principal_init"]
+__all__ = ["PRINCIPAL_INITS", "is_principal_init", "original_weight", "principal_factors", "principal_init"]
 
 logger = logging.getLogger("fastlora")
 
@@ -67,7 +67,7 @@ def principal_factors(weight: Tensor, r: int, scaling: float, init: str) -> tupl
     return root[:, None] * uh, v * root[None, :]
 
 
-def _weight(layer: LoRALinear) -> Tensor:
+def original_weight(layer: LoRALinear) -> Tensor:
     """The layer's original base weight (its recorded offset added back), in float32."""
     base = layer.base_layer
     w = dense_weight(base) if layer.quantized else base.weight.detach().to(torch.float32)
@@ -97,7 +97,7 @@ def principal_init(model: nn.Module, init: str, layers: Iterable[str] | None = N
     planned = {}
     for i, name in enumerate(names):
         layer = all_layers[name]
-        a, b = principal_factors(_weight(layer), layer.r, layer.scaling, init)
+        a, b = principal_factors(original_weight(layer), layer.r, layer.scaling, init)
         a = a.to(layer.lora_A.device, layer.lora_A.dtype)
         b = b.to(layer.lora_B.device, layer.lora_B.dtype)
         config = dataclasses.replace(layer.config, init=recorded_name(init))
