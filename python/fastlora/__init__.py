@@ -39,6 +39,7 @@ from .inject import (
     unload,
     unmerge,
 )
+from .progress import enable_logging
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
 from . import hf  # noqa: F401  (registers the Hugging Face save hook)
 from . import peft_methods  # noqa: F401  (registers PEFT's model methods)
@@ -63,6 +64,7 @@ __all__ = [
     "cpu_isa",
     "cuda_layer_kernels",
     "disable_adapter",
+    "enable_logging",
     "extension_available",
     "export_peft",
     "extension_error",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import LoRALinear, lora_layers
+from ..progress import Progress
 from ..quantized import dense_weight
 from ..transaction import transaction
 
@@ -95,7 +96,8 @@ def principal_init(model: nn.Module, init: str, layers: Iterable[str] | None = N
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
     planned = {}
-    for i, name in enumerate(names):
+    progress = Progress(init, len(names), unit="layers")
+    for name in names:
         layer = all_layers[name]
         a, b = principal_factors(original_weight(layer), layer.r, layer.scaling, init)
         a = a.to(layer.lora_A.device, layer.lora_A.dtype)
@@ -103,7 +105,8 @@ def principal_init(model: nn.Module, init: str, layers: Iterable[str] | None = N
         config = dataclasses.replace(layer.config, init=recorded_name(init))
         layer.check_adapter(a, b, config, (a, b), where=name)
         planned[name] = (a, b, config)
-        logger.debug("%s: factorised layer %d/%d (%s)", init, i + 1, len(names), name)
+        progress.update()
+    progress.close()
     report = {}
     with transaction(model):
         for name, (a, b, config) in planned.items():
