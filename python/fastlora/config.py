@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LoraConfig", "TASK_TYPES", "inject_arguments", "is_lora_config", "init_name"]
+__all__ = ["LoraConfig", "PEFT_TASK_TYPES", "inject_arguments", "is_lora_config", "init_name"]
 
 # PEFT's task types (peft.TaskType's values).
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # Heads PEFT's task-specific models add to modules_to_save (PeftModelForSequenceClassification, ...).
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
@@ -213,8 +213,8 @@ def inject_arguments(model: nn.Module, config: Any) -> tuple[dict[str, Any], dic
         raise ValueError("; ".join(refused))
     task_type = values.get("task_type")
     task_type = getattr(task_type, "value", task_type)
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise ValueError(f"LoraConfig.task_type={task_type!r} is not one of PEFT's task types {TASK_TYPES}")
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"LoraConfig.task_type={task_type!r} is not one of PEFT's task types {PEFT_TASK_TYPES}")
     own = {name: values[name] for name in OWN if name in values}
     init = own.get("init")
     if init is None:
