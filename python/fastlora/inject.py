@@ -208,7 +208,8 @@ def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "defa
     if mixed:
         problems.append("mixed=True: mixed adapter types are not supported (LoRA only)")
     if autocast_adapter_dtype is not True:
-        problems.append("autocast_adapter_dtype=False: set the adapters' dtype with fastlora.LoraConfig(adapter_dtype=...)")
+        problems.append("autocast_adapter_dtype=False: set the adapters' dtype with "
+                        "fastlora.LoraConfig(adapter_dtype=...)")
     if low_cpu_mem_usage:
         problems.append("low_cpu_mem_usage=True is not supported: adapters are created with their values")
     if problems:
