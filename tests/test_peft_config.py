@@ -67,7 +67,7 @@ HONOURED = {
                                alpha_pattern={"v_proj": 3.0}),
     "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
     "task_type": dict(target_modules=["q_proj"], task_type="CAUSAL_LM"),
-    "inference_mode": dict(target_modules=["q_proj"], inference_mode=True),
+    "inference_mode": dict(target_modules=["q_proj"], inference_mode=True, modules_to_save=["lm_head"]),
     "gaussian": dict(target_modules=["q_proj"], init_lora_weights="gaussian"),
     "peft_defaults_spelled_out": dict(target_modules=["q_proj"], bias="none", fan_in_fan_out=False, use_dora=False,
                                       layers_to_transform=None, loftq_config={}, revision=None),

@@ -180,10 +180,9 @@ def _inject_config(model: nn.Module, config: Any) -> nn.Module:
     """inject with the settings of a LoraConfig; records what exports need."""
     kwargs, record = inject_arguments(model, config)
     inject(model, **kwargs)
-    if record["inference_mode"]:
-        for layer in lora_layers(model).values():
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(False)
+    if record["inference_mode"]:  # as PEFT: nothing trains, adapters and modules_to_save copies included
+        for param in model.parameters():
+            param.requires_grad_(False)
     model.__dict__[PEFT_RECORD] = record
     return model
 
