@@ -122,7 +122,7 @@ def test_inject_errors_leave_the_model_untouched(kwargs, error, message):
 
 def test_inject_twice_and_helpers_without_adapters():
     model = fastlora.inject(Model(), ["q_proj"], r=2)
-    with pytest.raises(ValueError, match="no module matched"):
+    with pytest.raises(ValueError, match="already adapted"):
         fastlora.inject(model, ["q_proj"], r=2)
     with pytest.raises(ValueError, match="no LoRA layers"):
         fastlora.merge(Model())

@@ -101,3 +101,16 @@ def test_composition_ablation_searches_every_remedy_next_to_its_parts(sdist, tmp
     table = capsys.readouterr().out
     for name in sentiment.ABLATIONS["composition"]:
         assert sentiment.METHODS[name].label in table
+
+
+def test_contradictory_flags_are_refused_not_overridden(capsys):
+    quick = sentiment.parse_args(["--quick"])
+    assert (quick.steps, quick.seeds, quick.curve_points) == (40, 1, 2)
+    plain = sentiment.parse_args(["--steps", "7"])
+    assert (plain.steps, plain.seeds, plain.curve_points) == (7, 3, 4)
+    for argv, named in ((["--quick", "--steps", "300"], "--steps"), (["--quick", "--seeds", "2"], "--seeds"),
+                        (["--ablation", "composition", "--methods", "lora"], "--methods"),
+                        (["--quantize", "nf4", "--methods", "lora", "full"], "full")):
+        with pytest.raises(SystemExit):
+            sentiment.parse_args(argv)
+        assert named in capsys.readouterr().err

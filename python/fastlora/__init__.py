@@ -26,8 +26,11 @@ from .backends.registry import (
 )
 from .functional import lora_linear, lora_update
 from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
+from .config import LoraConfig
 from .inject import (
     adapter_state_dict,
+    count_parameters,
+    get_peft_model,
     disable_adapter,
     inject,
     merge,
@@ -37,8 +40,10 @@ from .inject import (
     unload,
     unmerge,
 )
+from .progress import enable_logging
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
 from . import hf  # noqa: F401  (registers the Hugging Face save hook)
+from . import peft_methods  # noqa: F401  (registers PEFT's model methods)
 from .optim import param_groups
 from .layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 
@@ -50,20 +55,24 @@ __all__ = [
     "GradientStats",
     "LayerGradient",
     "LoRALinear",
+    "LoraConfig",
     "adapter_state_dict",
     "backends",
     "collect_gradients",
     "copies",
+    "count_parameters",
     "check_no_peft_layers",
     "cpu_isa",
     "cuda_layer_kernels",
     "disable_adapter",
+    "enable_logging",
     "extension_available",
     "export_peft",
     "extension_error",
     "import_peft",
     "init",
     "get_backend",
+    "get_peft_model",
     "inject",
     "lora_layers",
     "load_adapter",

@@ -135,8 +135,10 @@ class Quantized:
             raise ValueError(
                 f"{where} has a quantized base ({quantization_kind(layer.base_layer)}): merging rounds W + s·B A back "
                 "onto the quantization grid, so the merged layer no longer computes the trained adapter exactly. "
-                "Keep the adapter separate (save_adapter / export_peft), or merge(model, allow_requantize=True) to "
-                "dequantize, merge in float32 and re-quantize (the error is reported)"
+                "Keep the adapter separate (save_adapter / export_peft), or dequantize, merge in float32 and "
+                "re-quantize (the error is reported) with fastlora.unload(model, merge=True, allow_requantize=True) "
+                "(or model.merge_and_unload(allow_requantize=True)) for plain layers, or with "
+                "fastlora.merge(model, allow_requantize=True) to keep the LoRA layers, merged"
             )
 
     @staticmethod

@@ -31,6 +31,7 @@ from ._distributed import (
 )
 from .backends.registry import op_function
 from .layer import LoRALinear
+from .progress import Progress
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .targets import Targets, find_linear_targets
 
@@ -622,7 +623,9 @@ def collect_gradients(
             finite (warning naming the layer; a batch with a non-finite loss is skipped whole),
             "error" raises FloatingPointError.
         train_mode: run the model in train mode (dropout on); default eval.
-        progress: show a tqdm bar (only on rank 0 and a terminal).
+        progress: show a tqdm bar (on rank 0, where a terminal or notebook shows one). Start,
+            progress and a summary are logged (logger "fastlora", INFO) either way; see
+            :func:`fastlora.enable_logging`.
         seed: seeds the sketch matrices (identical on all ranks).
         shard: under ``torch.distributed`` with several ranks, exact mode keeps on each rank only
             its block of rows of every ``Ḡ`` (``torch.chunk``'s split, as ``fully_shard`` splits
@@ -658,7 +661,7 @@ def collect_gradients(
             plan.records[name].rows = _reduce_rows_to_owners(updates[name])
 
     losses = _run_batches(model, batches, plan, updates, loss_fn or _default_loss, num_batches, nonfinite,
-                          train_mode, progress and (not distributed or torch.distributed.get_rank() == 0), mode,
+                          train_mode, progress if not distributed or torch.distributed.get_rank() == 0 else None, mode,
                           reduce_group if shard else None)
     loss_sum, loss_n = (_reduce_across_ranks(plan.records, updates, losses, reduce_accumulators=not shard)
                         if distributed else (sum(losses), len(losses)))
@@ -814,11 +817,8 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
                  mode, after_group: Callable[[list[str]], None] | None = None) -> list[float]:
     """Every pass over the batches with the probes attached (one backward per batch); returns the
     first pass's finite losses. ``after_group`` gets the names of each first-pass layer group once
-    its pass is done."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
+    its pass is done. ``progress``: log and show a bar (True), log only (False), neither (None: not
+    rank 0)."""
     engine = _Engine(nonfinite)
     records = plan.records
     losses: list[float] = []
@@ -843,9 +843,9 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
                 if total is None and hasattr(batches, "__len__"):
                     total = len(batches)
                 bar = None
-                if tqdm is not None and progress:
+                if progress is not None:
                     desc = f"gradients ({mode}" + (f", pass {run_index + 1}/{len(plan.runs)}" if len(plan.runs) > 1 else "") + ")"
-                    bar = tqdm(total=total, desc=desc, disable=None, leave=False)
+                    bar = Progress(desc, total, bar=progress)
                 seen = 0
                 for batch in batches:
                     if num_batches is not None and seen >= num_batches:
@@ -875,7 +875,7 @@ def _run_batches(model, batches, plan: _Plan, updates, loss_fn, num_batches, non
                     if bar is not None:
                         bar.update(1)
                 if bar is not None:
-                    bar.close()
+                    bar.close(f"{len(group)} layers")
                 if num_batches is not None and seen < num_batches:
                     warnings.warn(f"fastlora: only {seen} batches were available (num_batches={num_batches})",
                                   RuntimeWarning, stacklevel=3)

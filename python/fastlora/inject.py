@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -11,17 +12,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .config import inject_arguments, is_lora_config
 from .functional import SUPPORTED_DTYPES
 from .copies import COPY, TrainableCopy, trainable_copies
 from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
 from .init.common import check_gradients
 from .init.lora_ga import rank_fits
+from .init.pissa import is_principal_init, principal_init
 from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 from .transaction import transaction
 
 __all__ = [
     "inject",
+    "get_peft_model",
+    "count_parameters",
     "lora_layers",
     "merge",
     "unmerge",
@@ -39,6 +44,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastlora")
 
 GRADIENT_INITS = ("lora_ga", "gora")
+# Weight-based inits (PEFT's init_lora_weights), plus "pissa_niter_<n>".
+WEIGHT_INITS = ("pissa", "olora")
+# What a model adapted from a LoraConfig records for its exports (task_type, base_model_name_or_path).
+PEFT_RECORD = "_fastlora_peft_config"
 
 # Called with the model after adapters were added to it / after all were removed (the Hugging
 # Face integration, a module above this one, registers its save hook here).
@@ -48,7 +57,7 @@ ON_ADAPTERS_REMOVED: list[Callable[[nn.Module], None]] = []
 
 def inject(
     model: nn.Module,
-    target_modules: Targets = "all-linear",
+    target_modules: Targets | Any = "all-linear",
     r: int = 8,
     lora_alpha: float = 8.0,
     lora_dropout: float = 0.0,
@@ -69,6 +78,10 @@ def inject(
     targets) leaves the existing adapters and flags as they are. Layers that already have an
     adapter are skipped.
 
+    ``inject(model, config)`` with a ``LoraConfig`` (:class:`fastlora.LoraConfig` or
+    ``peft.LoraConfig``) in place of ``target_modules`` takes every setting from it (no other
+    argument may be given): see :func:`get_peft_model` and :mod:`fastlora.config`.
+
     Args:
         model: any ``nn.Module`` (a Hugging Face model included).
         target_modules: "all-linear" (every linear layer except the output head:
@@ -79,7 +92,8 @@ def inject(
         use_rslora: scale ``lora_alpha / sqrt(r)``; default False, True for LoRA-GA and GoRA.
         init: "lora", "gaussian" (see :class:`LoRALinear`), "lora_ga" or "gora" (from
             ``gradients``, see :mod:`fastlora.init`; for GoRA ``r`` is the reference rank and each
-            layer's rank is allocated).
+            layer's rank is allocated), or "pissa", "pissa_niter_<n>", "olora" (from the base
+            weights, as PEFT's ``init_lora_weights``; see :mod:`fastlora.init.pissa`).
         gradients: :func:`fastlora.collect_gradients` result covering the targets (LoRA-GA, GoRA).
         init_config: settings of the gradient init (fields of :class:`fastlora.init.LoraGAConfig`
             or :class:`fastlora.init.GoRAConfig`).
@@ -105,10 +119,19 @@ def inject(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if is_lora_config(target_modules):
+        given = [name for name, value in locals().items() if name in _INJECT_DEFAULTS
+                 and not _is_default(value, _INJECT_DEFAULTS[name])]
+        if given:
+            raise TypeError(f"inject(model, config) takes every setting from the config; {given} were given too. "
+                            "Set them in the LoraConfig (fastlora.LoraConfig has fastlora's own fields)")
+        return _inject_config(model, target_modules)
     refuse_peft_model(model)
     gradient_init = init in GRADIENT_INITS
-    if init not in INITS and not gradient_init:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS}")
+    weight_init = is_principal_init(init)
+    if init not in INITS and not gradient_init and not weight_init:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS + WEIGHT_INITS} "
+                         "or 'pissa_niter_<n>'")
     if gradient_init and gradients is None:
         raise ValueError(f"init={init!r} needs gradients: stats = fastlora.collect_gradients(model, batches, "
                          "targets), then inject(..., gradients=stats)")
@@ -135,14 +158,67 @@ def inject(
     for name, module in found:
         check_base_layer(module, name)
         config = AdapterConfig(pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, lora_alpha),
-                               lora_dropout, use_rslora, "lora" if gradient_init else init)
+                               lora_dropout, use_rslora, init if init in INITS else "lora")
         config.check(module.in_features, module.out_features, name)
         configs[name] = config
     copies = _modules_to_save(model, modules_to_save, configs) if modules_to_save is not None else []
     init_fn = _gradient_init(init, found, configs, gradients, init_config, r) if gradient_init else None
+    if weight_init:
+        names = list(configs)
+        init_fn = lambda model: principal_init(model, init, names)  # noqa: E731
     add_layers(model, configs, adapter_dtype, generator, trainable_modules, init_fn, copies)
     ranks = sorted({layer.r for layer in lora_layers(model).values()})
     logger.info("fastlora: added adapters to %d linear layers (init %s, ranks %s)", len(configs), init, ranks)
+    return model
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def _inject_config(model: nn.Module, config: Any) -> nn.Module:
+    """inject with the settings of a LoraConfig; records what exports need."""
+    kwargs, record = inject_arguments(model, config)
+    inject(model, **kwargs)
+    if record["inference_mode"]:  # as PEFT: nothing trains, adapters and modules_to_save copies included
+        for param in model.parameters():
+            param.requires_grad_(False)
+    model.__dict__[PEFT_RECORD] = record
+    return model
+
+
+def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> nn.Module:
+    """PEFT's ``get_peft_model`` spelling of ``fastlora.inject(model, peft_config)``: adapts
+    ``model`` in place from a ``LoraConfig`` (``peft.LoraConfig`` or :class:`fastlora.LoraConfig`)
+    and returns it; the model then has PEFT's methods (``print_trainable_parameters``,
+    ``merge_and_unload``, ``disable_adapter``, ``save_pretrained``, ...; see docs/from_peft.md).
+
+    PEFT's other arguments: one adapter per model (``adapter_name`` must be "default"), no mixed
+    adapter types; adapters are float32 (PEFT's ``autocast_adapter_dtype=True``; another dtype:
+    ``fastlora.LoraConfig(adapter_dtype=...)``); ``low_cpu_mem_usage`` is refused;
+    ``revision`` is recorded for exports."""
+    problems = []
+    if adapter_name != "default":
+        problems.append(f"adapter_name={adapter_name!r}: fastlora keeps one adapter per model, named 'default'; "
+                        "train a second adapter on a second copy of the model, or save one and load the other "
+                        "(fastlora.save_adapter / load_adapter)")
+    if mixed:
+        problems.append("mixed=True: mixed adapter types are not supported (LoRA only)")
+    if autocast_adapter_dtype is not True:
+        problems.append("autocast_adapter_dtype=False: set the adapters' dtype with "
+                        "fastlora.LoraConfig(adapter_dtype=...)")
+    if low_cpu_mem_usage:
+        problems.append("low_cpu_mem_usage=True is not supported: adapters are created with their values")
+    if problems:
+        raise ValueError("get_peft_model: " + "; ".join(problems))
+    if not is_lora_config(peft_config):
+        raise TypeError(f"get_peft_model takes a LoraConfig (peft.LoraConfig or fastlora.LoraConfig), got "
+                        f"{type(peft_config).__name__}")
+    _inject_config(model, peft_config)
+    if revision is not None:
+        model.__dict__[PEFT_RECORD]["revision"] = revision
     return model
 
 
@@ -347,9 +423,9 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """``unload(model, merge=True)``, PEFT's name for it."""
-    return unload(model, merge=True)
+def merge_and_unload(model: nn.Module, allow_requantize: bool = False) -> nn.Module:
+    """``unload(model, merge=True, allow_requantize=...)``, PEFT's name for it."""
+    return unload(model, merge=True, allow_requantize=allow_requantize)
 
 
 @contextlib.contextmanager
@@ -379,10 +455,26 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.set_enabled(copies_before.get(name, True))
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts as PEFT's ``get_nb_trainable_parameters`` gives them: a
+    bitsandbytes 4-bit weight counts two values per byte of its packed storage."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if n == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 partitioned
+            n = param.ds_numel
+        if type(param).__name__ == "Params4bit":
+            n *= 2 * param.element_size()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """Prints (as PEFT does) and returns the numbers of trainable and of all parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Prints (as PEFT does) and returns the numbers of trainable and of all parameters
+    (:func:`count_parameters`)."""
+    trainable, total = count_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return trainable, total
 
@@ -400,3 +492,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         state[f"{name}.lora_A"] = layer.lora_A.detach()
         state[f"{name}.lora_B"] = layer.lora_B.detach()
     return state
+
+
+_INJECT_DEFAULTS = {name: p.default for name, p in inspect.signature(inject).parameters.items()
+                    if name not in ("model", "target_modules")}

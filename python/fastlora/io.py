@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
-from .inject import add_layers, refuse_peft_model, swap_module
+from .init.pissa import original_weight, principal_factors
+from .inject import PEFT_RECORD, add_layers, refuse_peft_model, swap_module
 from .layer import (RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, check_no_peft_layers,
                     finite_in, lora_layers)
 from .quantized import is_quantized
@@ -759,6 +760,9 @@ def peft_state(
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
+    record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
+    task_type = task_type if task_type is not None else record.get("task_type")
+    base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before exporting (merged weights are in the base)")
@@ -788,10 +792,12 @@ def peft_state(
         tensors[f"{PEFT_PREFIX}{n}"] = p
     r_default = Counter(ranks.values()).most_common(1)[0][0]
     alpha_default = Counter(alphas.values()).most_common(1)[0][0]
-    config = {
+    config = _peft_config_defaults()
+    config.update({
         "peft_type": "LORA",
         "task_type": task_type if task_type is not None else infer_task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
+        "revision": record.get("revision"),
         "r": r_default,
         "lora_alpha": alpha_default,
         "rank_pattern": {n: r for n, r in ranks.items() if r != r_default},
@@ -805,8 +811,20 @@ def peft_state(
         "modules_to_save": save_modules or None,
         "inference_mode": True,
         "use_dora": False,
-    }
-    return tensors, config
+    })
+    return tensors, dict(sorted(config.items()))
+
+
+def _peft_config_defaults() -> dict[str, Any]:
+    """Every field ``peft.LoraConfig.save_pretrained`` writes, at its default, when PEFT is
+    installed (so exports hold what a LoraConfig would write); empty otherwise."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return {}
+    fields = LoraConfig().to_dict()
+    fields.pop("runtime_config", None)  # PEFT does not save it
+    return json.loads(json.dumps(fields, default=str))
 
 
 def export_peft(
@@ -855,6 +873,8 @@ def _peft_layer_name(key: str) -> tuple[str, str] | None:
 
 # init_lora_weights values whose adapters apply to the unchanged base model.
 PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# init_lora_weights values whose base adjustment import_peft recomputes from the original base.
+PEFT_PRINCIPAL_INITS = ("pissa", "olora")
 # Config fields of PEFT features that change what the adapter computes; fastlora has none of them.
 PEFT_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
                     "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
@@ -894,12 +914,13 @@ def _parse_peft_config(text: bytes, path: Path) -> dict[str, Any]:
     if unsupported:
         raise AdapterFormatError(f"{path}: PEFT features fastlora does not import: {unsupported}")
     init = config.get("init_lora_weights", True)
-    if not any(init is v or (isinstance(init, str) and init == v) for v in PEFT_PLAIN_INITS):
+    if not any(init is v or (isinstance(init, str) and init == v) for v in PEFT_PLAIN_INITS + PEFT_PRINCIPAL_INITS):
         raise AdapterFormatError(
-            f"{path}: init_lora_weights={init!r} changes the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, ...), "
-            "so this adapter is only right on its adjusted base model. Convert it to a plain LoRA on the original "
-            "base with PEFT: save the trained model with save_pretrained(dir, "
-            "path_initial_model_for_weight_conversion=<the adapter as initialised>), then import that directory"
+            f"{path}: init_lora_weights={init!r} changes the base weights in a way fastlora cannot recompute "
+            "(PiSSA's randomized pissa_niter_<n>, CorDA, LoRA-GA, LoftQ, ...), so this adapter is only right on its "
+            "adjusted base model. Convert it to a plain LoRA on the original base with PEFT: save the trained model "
+            "with save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter as initialised>), then "
+            "import that directory"
         )
     where = str(file)
     _field(config, "r", int, where, 8)
@@ -923,10 +944,16 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Supported: plain LoRA on linear layers, with ``rank_pattern`` / ``alpha_pattern``, rsLoRA and
     ``modules_to_save``. Module names are matched exactly; weights of other modules in the file
-    are ignored (as PEFT does). Adapters whose initialisation changed the base weights (PiSSA,
-    OLoRA, CorDA, LoftQ, LoRA-GA) are refused with the way to convert them. Afterwards the model
-    computes the original base plus the imported adapter (a LoRA-GA offset it carried is
-    removed). Everything is checked before the model changes.
+    are ignored (as PEFT does). Afterwards the model computes the original base plus the imported
+    adapter (a LoRA-GA offset it carried is removed).
+
+    ``model`` holds the original base weights. PiSSA and OLoRA adapters (``init_lora_weights``
+    "pissa" / "olora", saved without PEFT's conversion) are trained against the residual base
+    PEFT made: the same principal part is computed again from the original weights and kept as
+    the layer's base offset, so the model computes PEFT's residual plus the adapter (converted
+    adapters are plain LoRA). Adapters whose base change cannot be recomputed (randomized
+    ``pissa_niter_<n>``, CorDA, LoftQ, LoRA-GA) are refused with the way to convert them.
+    Everything is checked before the model changes.
     """
     path = Path(path)
     refuse_peft_model(model)
@@ -956,6 +983,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = dict(model.named_modules())
     use_rslora = config.get("use_rslora", False)
     dropout = config.get("lora_dropout", 0.0)
+    principal = config.get("init_lora_weights") if config.get("init_lora_weights") in PEFT_PRINCIPAL_INITS else None
     configs: dict[str, AdapterConfig] = {}
     for name, pair in factors.items():
         module = existing.get(name, modules.get(name))
@@ -976,7 +1004,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             continue
         alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8))
         try:
-            cfg = _adapter_config(r, alpha, dropout, use_rslora, "peft", module.in_features, module.out_features, name)
+            cfg = _adapter_config(r, alpha, dropout, use_rslora, principal or "peft", module.in_features,
+                                  module.out_features, name)
         except AdapterFormatError as exc:
             problems.append(str(exc))
             continue
@@ -1007,7 +1036,12 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     def apply(model: nn.Module) -> None:
         layers = lora_layers(model)
         for name, cfg in configs.items():
-            layers[name].load_factors(factors[name]["lora_A"], factors[name]["lora_B"], cfg)
+            layer = layers[name]
+            offset = None
+            if principal is not None:  # PEFT's residual base: the principal part of the original weight
+                a0, b0 = principal_factors(original_weight(layer), cfg.r, cfg.scaling, principal)
+                offset = (a0.to(layer.lora_A.dtype), b0.to(layer.lora_B.dtype))
+            layer.load_factors(factors[name]["lora_A"], factors[name]["lora_B"], cfg, base_offset=offset)
         _apply_heads(model, copies, extras)
 
     if existing:

@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 INITS = ("lora", "gaussian")
-# What an adapter's ``init`` may record: the layer's own draws, the gradient inits, a PEFT import.
-RECORDED_INITS = INITS + ("lora_ga", "gora", "peft")
+# What an adapter's ``init`` may record: the layer's own draws, the gradient inits, the weight
+# inits (PiSSA, OLoRA), a PEFT import.
+RECORDED_INITS = INITS + ("lora_ga", "gora", "pissa", "olora", "peft")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:

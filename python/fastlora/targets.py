@@ -111,9 +111,17 @@ def find_linear_targets(
             )
         found.append((name, module))
     if not found:
+        again = [n for n in adapted if not (exclude_modules is not None and name_matches(n, exclude_modules))
+                 and (all_linear or name_matches(n, target_modules))]
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in adapted
                   and not any(n.startswith(f"{c}.") for c in copies)]
-        hint = ("they already have adapters or are in modules_to_save copies" if (adapted or copies) and not linear
-                else f"linear layers: {linear[:8]}")
-        raise ValueError(f"no module matched target_modules={target_modules!r} ({hint})")
+        hints = []
+        if again:
+            hints.append(f"{sorted(again)[:4]} are already adapted: fastlora keeps one adapter per layer; change a "
+                         "rank with layer.set_rank, or fastlora.unload(model) first to start over")
+        if copies and not linear:
+            hints.append("the other linear layers are in modules_to_save copies")
+        if not hints:
+            hints.append(f"linear layers: {linear[:8]}")
+        raise ValueError(f"no module matched target_modules={target_modules!r} ({'; '.join(hints)})")
     return found

@@ -415,6 +415,11 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 # ---- main ------------------------------------------------------------------------------------------------
 
 
+# Settings --quick chooses, and their defaults otherwise.
+QUICK = {"steps": 40, "seeds": 1, "curve_points": 2}
+DEFAULTS = {"steps": 120, "seeds": 3, "curve_points": 4}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastlora-bench-quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -422,16 +427,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-search", action="store_true",
                    help="choose each method's learning rate on validation accuracy (seed 0 over its grid) "
                         "instead of using the recorded choice of such a search")
-    p.add_argument("--methods", nargs="+", default=list(MAIN), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"methods to compare (default: {' '.join(MAIN)})")
     p.add_argument("--ablation", choices=list(ABLATIONS),
                    help="run an ablation's methods (replaces --methods), each learning rate searched on validation: "
                         "'composition' runs LoRA-Pro on a GoRA init with and without its remedies next to its parts")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method for the final table (>= 1)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method for the final table (>= 1; default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=48, help="tokens per sentence (longer ones are cut)")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for LoRA-GA / GoRA gradients")
-    p.add_argument("--curve-points", type=int, default=4, help="validation points per run for the curves")
+    p.add_argument("--curve-points", type=int, default=None,
+                   help="validation points per run for the curves (default 4)")
     p.add_argument("--curve-examples", type=int, default=200, help="validation examples per curve point")
     p.add_argument("--max-examples", type=int, default=None,
                    help="use at most this many sentences of each split (for smoke tests)")
@@ -443,8 +450,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the vaderSentiment source distribution is (downloaded if missing)")
     p.add_argument("--out", type=Path, default=Path("results/sentiment"), help="directory for JSON and PNG")
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.seeds, args.curve_points = 40, 1, 2
+    # --quick and --ablation choose settings themselves: an explicit flag for the same setting contradicts them
+    for flag, chosen in (("--quick", QUICK), ("--ablation", {"methods": None})):
+        clash = [f"--{k.replace('_', '-')}" for k in chosen if getattr(args, k) is not None]
+        if getattr(args, flag[2:]) and clash:
+            p.error(f"{flag} sets {', '.join(clash)} itself; drop {flag} or {' '.join(clash)}")
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    explicit_methods = args.methods is not None
+    if args.methods is None:
+        args.methods = list(MAIN)
+    full = [m for m in args.methods if METHODS[m].init is None]
+    if explicit_methods and args.quantize != "none" and full:
+        p.error(f"--quantize cannot train {' '.join(full)} (full fine-tuning of quantized weights); leave them out "
+                "of --methods")
     if args.ablation:
         args.methods, args.lr_search = list(ABLATIONS[args.ablation]), True
     if args.seeds < 1 or args.steps < 1:

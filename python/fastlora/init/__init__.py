@@ -1,4 +1,5 @@
-"""Adapter initialisation from the gradient engine's mean gradients: LoRA-GA and GoRA.
+"""Adapter initialisation from the gradient engine's mean gradients (LoRA-GA, GoRA) and from the
+base weights (PiSSA, OLoRA).
 
 Either through :func:`fastlora.inject` (``init="lora_ga"`` / ``init="gora"`` with
 ``gradients=stats``) or on an already-injected model::
@@ -10,5 +11,6 @@ Either through :func:`fastlora.inject` (``init="lora_ga"`` / ``init="gora"`` wit
 
 from .gora import Allocation, GoRAConfig, allocate_ranks, gora, gora_a_max
 from .lora_ga import LoraGAConfig, lora_ga
+from .pissa import principal_init
 
-__all__ = ["Allocation", "GoRAConfig", "LoraGAConfig", "allocate_ranks", "gora", "gora_a_max", "lora_ga"]
+__all__ = ["Allocation", "GoRAConfig", "LoraGAConfig", "allocate_ranks", "gora", "gora_a_max", "lora_ga", "principal_init"]

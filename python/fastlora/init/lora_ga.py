@@ -24,6 +24,7 @@ from ..gradients import GradientStats, call_model, to_device
 from ..reference import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
+from ..progress import Progress
 from ..transaction import transaction
 from .common import collecting_ranks, select_layers
 
@@ -147,7 +148,9 @@ def lora_ga(
     before = _model_output(model, check_batch) if check_batch is not None else None
 
     factors_by_layer = {}  # every SVD first: a failure leaves the model as it was
+    progress = Progress("LoRA-GA", len(layers), unit="layers")
     for name, layer in layers.items():
+        progress.update()
         if not fits[name]:
             continue
         r = layer.r
@@ -160,6 +163,7 @@ def lora_ga(
         config = dataclasses.replace(layer.config, init="lora_ga")
         layer.check_adapter(a, b, config, (a, b), where=name)
         factors_by_layer[name] = (a, b, config, c)
+    progress.close()
     if collecting_ranks(gradients) > 1:
         # Rank 0's factors everywhere: the same bits whatever each rank's LAPACK threading did.
         broadcast_from_rank0([t for a, b, _, _ in factors_by_layer.values() for t in (a, b)])
