@@ -76,11 +76,11 @@ def test_quantized_encoder_runs_the_adapter_methods(sdist, tmp_path, quantize):
     kind = bnb.nn.Linear4bit if quantize == "nf4" else bnb.nn.Linear8bitLt
     assert linear.pop("classifier") is torch.nn.Linear  # the head stays float: it is trained
     assert linear and set(linear.values()) == {kind}
-    sentiment.main(["--quantize", quantize, "--methods", "lora", "lora_ga", "full", "--steps", "2", "--seeds", "1",
+    sentiment.main(["--quantize", quantize, "--methods", "lora", "lora_ga", "--steps", "2", "--seeds", "1",
                     "--max-examples", "32", "--batch-size", "8", "--calibration-batches", "2", "--curve-points", "1",
                     "--curve-examples", "8", "--data-dir", str(DATA), "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in result["runs"]] == ["lora", "lora_ga"]  # full fine-tuning left out
+    assert [r["method"] for r in result["runs"]] == ["lora", "lora_ga"]
     assert result["args"]["quantize"] == quantize
     fastlora.inject(model, "all-linear", r=2)
     assert all(layer.quantized for layer in fastlora.lora_layers(model).values())
