@@ -340,8 +340,15 @@ class OptimizerRules:
         kind, opt = self.opt
         held = list(opt._layers.values()) if kind != "adamw" else []
         steppable = all(not h.module.merged and not h.module.detached and h.module.lora_A is h.A for h in held)
-        if self.expect(steppable, opt.step) and self.ranks:
-            self.read_deltas()  # whatever the step did to the adapters; the base must be untouched
+        if self.expect(steppable, opt.step):
+            if self.ranks:
+                self.read_deltas()  # whatever the step did to the adapters and head; the base must be untouched
+            else:  # unloaded: a merged head stays trainable in the plain model (as PEFT's); nothing else moves
+                with torch.no_grad():
+                    for (name, p), base in zip(self.model.named_parameters(), self.base.parameters()):
+                        if p.requires_grad:
+                            assert name.startswith("2."), f"{name} is trainable after unload"
+                            base.copy_(p)
         opt.zero_grad(set_to_none=True)
         self.check_function()
 
