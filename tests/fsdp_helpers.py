@@ -15,7 +15,7 @@ from fastlora.optim import LoRAPro
 from gloo import spawn  # noqa: F401  (the FSDP tests' launcher)
 
 try:
-    from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, shard_model
+    from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, quantize_blocks, shard_model
 except ImportError:  # no FSDP2 in this torch (it came with 2.4)
     fully_shard = None
 
@@ -39,20 +39,8 @@ def make_nf4_model(storage: torch.dtype = torch.bfloat16) -> TinyDecoder:
     """make_model's decoder (up 12 -> 22, so that the packed weights split unevenly: 66 bfloat16 or
     33 float32 rows) with bitsandbytes NF4 bases stored as ``storage`` (accelerate's QLoRA recipe
     for FSDP: a float storage dtype lets ``fully_shard`` shard the packed weights)."""
-    import bitsandbytes as bnb
-
     torch.manual_seed(0)
-    model = TinyDecoder(d=12, h=22, depth=2, out=5)
-    for block in model.blocks:
-        for name in ("up", "down"):
-            dense = getattr(block, name)
-            quantized = bnb.nn.Linear4bit(dense.in_features, dense.out_features, compute_dtype=torch.float32,
-                                          quant_type="nf4", quant_storage=storage)
-            with torch.no_grad():
-                quantized.weight.data.copy_(dense.weight)
-                quantized.bias.copy_(dense.bias)
-            setattr(block, name, quantized.to("cpu"))  # bitsandbytes quantizes on .to(device)
-    model.requires_grad_(False)
+    model = quantize_blocks(TinyDecoder(d=12, h=22, depth=2, out=5), storage)
     return _adapt(model)
 
 
