@@ -221,6 +221,17 @@ def token_magnitudes(model: nn.Module, batches, names, loss_fn) -> dict[str, tor
     return mags
 
 
+def gram_condition(model: nn.Module) -> float:
+    """The largest product of cond(B^T B) and cond(A A^T) over the model's LoRA layers: how much
+    LoRA-Pro's closed form can amplify a relative rounding of its inputs."""
+    worst = 1.0
+    for layer in fastlora.lora_layers(model).values():
+        a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+        la, lb = torch.linalg.eigvalsh(a @ a.T), torch.linalg.eigvalsh(b.T @ b)
+        worst = max(worst, float(la[-1] / la[0] * lb[-1] / lb[0]))
+    return worst
+
+
 def closed_form_tolerance(a_before: torch.Tensor, b_before: torch.Tensor, moved: torch.Tensor) -> float:
     """How far two float32 LoRA-Pro steps from the same state may land apart (Frobenius norm)
     when they differ only in the order of float32 sums: each run's pull-back ``s B^T D`` (a sum

@@ -17,7 +17,7 @@ import fastlora
 from conftest import assert_matches
 from fastlora.examples.fsdp import TinyDecoder
 from fastlora.optim import LoRAPro, lora_pro_gradient_hooks
-from fsdp_helpers import U, batch, loss_of, make_model, needs_fsdp2, reference_grads, spawn
+from fsdp_helpers import U, batch, gram_condition, loss_of, make_model, needs_fsdp2, reference_grads, spawn
 
 deepspeed = pytest.importorskip("deepspeed")
 pytestmark = needs_fsdp2
@@ -90,14 +90,6 @@ def _one_process(opt_of) -> dict:
     return model
 
 
-def _kappa(model) -> float:
-    worst = 1.0
-    for layer in fastlora.lora_layers(model).values():
-        a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-        la, lb = torch.linalg.eigvalsh(a @ a.T), torch.linalg.eigvalsh(b.T @ b)
-        worst = max(worst, float(la[-1] / la[0] * lb[-1] / lb[0]))
-    return worst
-
 
 def test_deepspeed_zero_0_2_3_adamw_lora_pro_and_zero3_saves(tmp_path):
     ranks = spawn(_worker, tmp_path)
@@ -117,7 +109,7 @@ def test_deepspeed_zero_0_2_3_adamw_lora_pro_and_zero3_saves(tmp_path):
     # differ by its rounding (amplified by the Gram matrices' condition numbers) and Adam's own
     # few roundings per element and step, carried over the steps.
     start = make_model()
-    kappa = _kappa(start)
+    kappa = gram_condition(start)
     efficient = _one_process(lambda m: LoRAPro(m, lr=LR, mode="efficient", moment_dtype=torch.float32))
     before = dict(start.named_parameters())
     n = max(max(layer.in_features, layer.out_features) for layer in fastlora.lora_layers(start).values())

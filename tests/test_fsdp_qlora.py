@@ -1,7 +1,8 @@
 """FSDP2 over QLoRA bases (bitsandbytes NF4, packed weights stored as bfloat16 or float32 so that
 ``fully_shard`` can shard them; docs/distributed.md) on gloo CPU processes: LoRA-GA initialised
 before sharding with its offset kept exactly; AdamW and LoRA-Pro on 4 ranks equal to one process;
-a DCP checkpoint written on 4 ranks resumed on 2; AdamW on 2 ranks bit for bit one process."""
+a DCP checkpoint written on 4 ranks resumed on 2; AdamW on 2 ranks bit for bit one process;
+LoRA-Pro's gradient transform (adjust_gradients) on the shards bit for bit one process's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora._distributed import full
 from fsdp_helpers import (
     U, assert_same_state, batch, check_gradients, check_step, full_params, loss_of, make_nf4_model, needs_fsdp2,
     optimizer, record_step, reference_grads, same_bits, shard_model, spawn,
@@ -107,6 +109,11 @@ def _two(rank, world, out_dir, offsets):
         opt.step()
         opt.zero_grad()
     out["adamw_fp32"] = full_params(model)
+    # LoRA-Pro's gradient transform on the shards: each rank's rows of the adjusted average.
+    model = shard_model(make_nf4_model())
+    loss_of(model, rank, 0).backward()
+    assert fastlora.optim.adjust_gradients(model) == 4
+    out["adjusted"] = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     return out
 
 
@@ -147,3 +154,13 @@ def test_fsdp2_qlora_lora_ga_adamw_lora_pro_on_four_ranks_and_resume_on_two(tmp_
     for name, p in model.named_parameters():
         for r in two:
             assert same_bits(r["adamw_fp32"][name], p.detach()), f"NF4 float32 storage, AdamW: {name}"
+    # adjust_gradients under FSDP2: the same gathered bits and the same batched closed form as one
+    # process adjusting the averaged gradient, so bit for bit.
+    model = make_nf4_model()
+    reference_grads(model, 0)
+    fastlora.optim.adjust_gradients(model)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == two[0]["adjusted"].keys()
+    for name, g in grads.items():
+        for r in two:
+            assert same_bits(r["adjusted"][name], g), f"adjust_gradients under FSDP2: {name}"

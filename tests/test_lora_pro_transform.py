@@ -11,7 +11,7 @@ import torch
 
 import fastlora
 from fastlora.optim import LoRAPro, adjust_gradients, lora_pro_gradient_hooks
-from fsdp_helpers import batch, make_model
+from fsdp_helpers import batch, gram_condition, make_model
 
 STEPS = 3
 U64 = torch.finfo(torch.float64).eps / 2
@@ -26,20 +26,10 @@ def _loss(model, step):
     return (model(x) - y).pow(2).mean()
 
 
-def _kappa(model) -> float:
-    """The largest product of the Gram matrices' condition numbers over the layers: how much the
-    closed form can amplify a relative rounding of its inputs."""
-    worst = 1.0
-    for layer in fastlora.lora_layers(model).values():
-        a, b = layer.lora_A.detach(), layer.lora_B.detach()
-        la, lb = torch.linalg.eigvalsh(a @ a.T), torch.linalg.eigvalsh(b.T @ b)
-        worst = max(worst, float(la[-1] / la[0] * lb[-1] / lb[0]))
-    return worst
-
 
 def test_adamw_on_adjusted_gradients_is_lora_pro_efficient():
     ref, mine = _model(), _model()
-    kappa = _kappa(ref)
+    kappa = gram_condition(ref)
     start = {n: p.detach().clone() for n, p in ref.named_parameters()}
     opt_ref = LoRAPro(ref, lr=1e-2, mode="efficient", moment_dtype=torch.float64)
     opt = torch.optim.AdamW([p for p in mine.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0,
@@ -66,7 +56,7 @@ def _adapter_grads(model):
 
 def test_hooks_adjust_each_backward_and_restore_the_parameters():
     model = _model()
-    kappa = _kappa(model)
+    kappa = gram_condition(model)
     adapters = {n: p for n, p in model.named_parameters()}
     for step in range(2):  # two micro-batches: the adjusted gradients add up
         _loss(model, step).backward()
