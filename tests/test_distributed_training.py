@@ -11,7 +11,6 @@ import os
 import fastlora
 import torch
 from fastlora._distributed import chunk_rows, local
-from fastlora.optim import LoRAPro
 from fsdp_helpers import (
     assert_same_state, check_gradients, check_step, loss_of, make_model, needs_fsdp2, optimizer, record_step,
     shard_model, spawn,

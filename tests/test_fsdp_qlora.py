@@ -58,8 +58,8 @@ def _lora_ga(rank: int) -> tuple[torch.nn.Module, dict]:
         gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
         # x A^T twice (for A and A0; each within gamma_in |x||A|^T of exact), summed against
         # [B, -B0] over 2r terms, added to the base output (rounded once).
-        xa = x.abs() @ a.T
-        bound = s * (2 * gamma(layer.in_features) * xa + gamma(2 * layer.r) * 2 * xa * (1 + gamma(layer.in_features))) @ b.T
+        xa, g_in = x.abs() @ a.T, gamma(layer.in_features)
+        bound = s * (2 * g_in * xa + gamma(2 * layer.r) * 2 * xa * (1 + g_in)) @ b.T
         bound = bound * (1 + U) + U * (base.abs() + bound)
         assert bool(((y - base).abs() <= bound).all()), f"{name}: the offset does not cancel the adapter"
         report[name] = (layer.lora_A0.clone(), layer.lora_B0.clone())

@@ -16,6 +16,7 @@ Two ways to apply it:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from .._distributed import full, local
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype, lora_pro_gradients
-from .lora_pro import ModelOrLayers, _discover
+from .lora_pro import ModelOrLayers, _discover, _Layer
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 
@@ -33,8 +34,13 @@ __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 def _check_x_mode(x_mode: str, ridge: float) -> None:
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
-    if not isinstance(ridge, (int, float)) or not ridge >= 0.0:
+    if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
         raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+
+
+def _stacked(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The tensors whole (gathered under FSDP2: a collective), stacked, in ``dtype``."""
+    return torch.stack([full(t).to(dtype) for t in tensors])
 
 
 @torch.no_grad()
@@ -62,25 +68,24 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         if layer.A.grad is None or layer.B.grad is None:
             raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
                              "both (set the other to zeros if that is what you mean)")
-    blocks: dict[tuple, list] = {}
+    # Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as LoRAPro batches.
+    blocks: dict[tuple, list[_Layer]] = {}
     for layer in work:
         key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
         blocks.setdefault(key, []).append(layer)
-    stacked = []
-    for key, group in blocks.items():
-        dtype = key[-1]
-        stacked.append([torch.stack([full(t).to(dtype) for t in tensors]) for tensors in (
-            [layer.A.detach() for layer in group], [layer.B.detach() for layer in group],
-            [layer.A.grad for layer in group], [layer.B.grad for layer in group],
-        )] + [torch.tensor([float(layer.module.scaling) for layer in group], dtype=dtype, device=key[2])])
-    for rank in {a.shape[1] for a, *_ in stacked}:  # one batched closed form per rank, as LoRAPro
-        same = [(group, parts) for group, parts in zip(blocks.values(), stacked) if parts[0].shape[1] == rank]
-        projector = GramProjector([p[0] for _, p in same], [p[1] for _, p in same], [p[4] for _, p in same], ridge)
-        adjusted = projector.adjust([p[2] for _, p in same], [p[3] for _, p in same], x_mode)
+    by_rank: dict[tuple, list[tuple[list[_Layer], list[Tensor]]]] = {}
+    for (shape_a, _, device, dtype), group in blocks.items():
+        parts = [_stacked([getattr(layer, name).detach() for layer in group], dtype) for name in ("A", "B")]
+        parts += [_stacked([getattr(layer, name).grad for layer in group], dtype) for name in ("A", "B")]
+        parts.append(torch.tensor([float(layer.module.scaling) for layer in group], dtype=dtype, device=device))
+        by_rank.setdefault((shape_a[0], device, dtype), []).append((group, parts))
+    for same in by_rank.values():
+        a, b, grad_a, grad_b, s = zip(*(parts for _, parts in same))
+        adjusted = GramProjector(a, b, s, ridge).adjust(grad_a, grad_b, x_mode)
         for (group, _), (h_a, h_b) in zip(same, adjusted):
-            for layer, ha, hb in zip(group, h_a, h_b):
-                for p, h, rows in ((layer.A, ha, layer.rows_A), (layer.B, hb, layer.rows_B)):
-                    local(p.grad).copy_(h[slice(*rows)])
+            for layer, ha, hb in zip(group, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
+                local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
+                local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
     return len(work)
 
 
