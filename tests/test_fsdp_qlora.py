@@ -2,7 +2,8 @@
 ``fully_shard`` can shard them; docs/distributed.md) on gloo CPU processes: LoRA-GA initialised
 before sharding with its offset kept exactly; AdamW and LoRA-Pro on 4 ranks equal to one process;
 a DCP checkpoint written on 4 ranks resumed on 2; AdamW on 2 ranks bit for bit one process;
-LoRA-Pro's gradient transform (adjust_gradients) on the shards bit for bit one process's."""
+LoRA-Pro's gradient transform (adjust_gradients) on the shards bit for bit one process's; adapter
+saves from sharded layers refused."""
 
 from __future__ import annotations
 
@@ -114,6 +115,11 @@ def _two(rank, world, out_dir, offsets):
     loss_of(model, rank, 0).backward()
     assert fastlora.optim.adjust_gradients(model) == 4
     out["adjusted"] = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+    # Adapter files from sharded layers would hold this rank's rows: refused, nothing written.
+    for save in (fastlora.save_adapter, fastlora.export_peft):
+        with pytest.raises(ValueError, match="FSDP2 DTensor"):
+            save(model, os.path.join(out_dir, f"refused{rank}"))
+        assert not os.path.exists(os.path.join(out_dir, f"refused{rank}"))
     return out
 
 
