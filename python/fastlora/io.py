@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._distributed import is_dtensor
 from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
 from .init.pissa import original_weight, principal_factors
@@ -353,12 +354,40 @@ def _trainable_extras(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in _plain_parameters(model).items() if p.requires_grad}
 
 
+def _check_whole(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+    """ValueError unless every tensor a save would write is whole on this process: a DeepSpeed
+    ZeRO-3 parameter outside its gathering holds none (or a slice) of its elements and an FSDP2
+    DTensor only this rank's rows, which would write an empty or partial adapter."""
+    tensors = {f"{name}.{key}": t for name, layer in layers.items()
+               for key, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))}
+    tensors.update({f"{name}.{key}": t for name, layer in layers.items() if layer.base_offset is not None
+                    for key, t in zip(("lora_A0", "lora_B0"), layer.base_offset)})
+    expected = {f"{name}.{key}": shape for name, layer in layers.items() for key, shape in (
+        ("lora_A", (layer.r, layer.in_features)), ("lora_B", (layer.out_features, layer.r)),
+        ("lora_A0", (layer.r, layer.in_features)), ("lora_B0", (layer.out_features, layer.r)))}
+    tensors.update(_trainable_extras(model))
+    for name, t in tensors.items():
+        if is_dtensor(t):
+            raise ValueError(
+                f"{name} is sharded (an FSDP2 DTensor): saving it would write this rank's rows only. Take the full "
+                "state dict on rank 0, load it into an unsharded copy of the model and save from that "
+                "(docs/distributed.md#checkpoints)")
+        whole = getattr(t, "ds_numel", t.numel())  # DeepSpeed ZeRO-3 records the real size here
+        if t.numel() != whole or t.numel() == 0 or (name in expected and tuple(t.shape) != expected[name]):
+            raise ValueError(
+                f"{name} holds {t.numel()} of its {whole} elements (shape {tuple(t.shape)}): DeepSpeed ZeRO-3 "
+                "partitions parameters, so a save outside a gather would write an empty or partial adapter. "
+                "Save inside `with deepspeed.zero.GatheredParameters(list(model.parameters())):` entered on "
+                "every rank, writing from rank 0 (docs/distributed.md#deepspeed)")
+
+
 def fastlora_state(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     """The tensors and the JSON configuration of fastlora's format for ``model``'s adapters."""
     check_no_peft_layers(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
+    _check_whole(model, layers)
     tensors: dict[str, Tensor] = {}
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, "layers": {}, "trainable": []}
     for name, layer in layers.items():
@@ -760,6 +789,7 @@ def peft_state(
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
+    _check_whole(model, layers)
     record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
     task_type = task_type if task_type is not None else record.get("task_type")
     base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")

@@ -5,7 +5,10 @@ optional gradient checkpointing and bfloat16 compute, and a sharded checkpoint a
 
     torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --optimizer lora-pro --steps 20   # CPU, gloo
     torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --init lora-ga --optimizer lora-pro
+    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --nf4 --optimizer lora-pro        # QLoRA bases
     torchrun --nproc_per_node 8 -m fastlora.examples.fsdp --device cuda --bf16              # GPUs, nccl
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        -m fastlora.examples.fsdp --device cuda --bf16                                      # on each node
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ try:
 except ImportError:  # torch 2.4 and 2.5
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-__all__ = ["Block", "TinyDecoder", "shard_model", "main"]
+__all__ = ["Block", "TinyDecoder", "quantize_blocks", "shard_model", "main"]
 
 
 class Block(nn.Module):
@@ -56,6 +59,26 @@ class TinyDecoder(nn.Module):
         return self.head(x)
 
 
+def quantize_blocks(model: TinyDecoder, storage: torch.dtype = torch.bfloat16, device: str = "cpu") -> TinyDecoder:
+    """Replaces every block's projections by bitsandbytes NF4 layers of the same weights, the
+    packed 4-bit weights stored as ``storage`` (accelerate's FSDP QLoRA recipe: a float storage
+    dtype lets ``fully_shard`` shard them; with a ``MixedPrecisionPolicy`` whose ``param_dtype``
+    differs from ``storage`` FSDP would cast the packed bytes, so use ``storage=param_dtype``).
+    The base model is frozen, as ``from_pretrained(..., quantization_config=...)`` leaves it."""
+    import bitsandbytes as bnb
+
+    for block in model.blocks:
+        for name in ("up", "down"):
+            dense = getattr(block, name)
+            quantized = bnb.nn.Linear4bit(dense.in_features, dense.out_features, compute_dtype=torch.float32,
+                                          quant_type="nf4", quant_storage=storage)
+            with torch.no_grad():
+                quantized.weight.data.copy_(dense.weight)
+                quantized.bias.copy_(dense.bias)
+            setattr(block, name, quantized.to(device))  # bitsandbytes quantizes on .to(device)
+    return model.requires_grad_(False)
+
+
 def shard_model(model: TinyDecoder, **fully_shard_kwargs) -> TinyDecoder:
     """``fully_shard`` on every block (its adapters are sharded with it), then on the root."""
     for block in model.blocks:
@@ -72,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 gradient reduction")
+    parser.add_argument("--nf4", action="store_true",
+                        help="QLoRA: NF4 bases (bitsandbytes), packed weights stored as bfloat16 and sharded")
     parser.add_argument("--checkpointing", action="store_true", help="recompute each block in backward")
     parser.add_argument("--save", default=None, help="write a torch.distributed.checkpoint folder here")
     args = parser.parse_args(argv)
@@ -84,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)  # the same initial model on every rank
     model = TinyDecoder(d=64, h=256, depth=4, out=8).to(device)
+    if args.nf4:
+        quantize_blocks(model, torch.bfloat16, str(device)).head.requires_grad_(True)
     fastlora.inject(model, target_modules=["up", "down"], r=8, lora_alpha=16)
     target = nn.Linear(64, 8).to(device)  # a fixed teacher to regress onto
 

@@ -181,8 +181,10 @@ def _check_hyperparameters(
 
 _GROUP_MODIFIED = (
     "the LoRA parameter group was modified: it no longer holds the layers' (lora_A, lora_B) pairs. DeepSpeed ZeRO "
-    "(stages 1-3) does this, replacing the parameters by flat partitions, which LoRA-Pro cannot work on: use FSDP2, "
-    "DDP or ZeRO stage 0 (docs/distributed.md). Otherwise build a new optimizer"
+    "(stages 1-3) does this, replacing the parameters by flat partitions, which LoRA-Pro cannot work on: under ZeRO "
+    "use torch.optim.AdamW with LoRA-Pro as a gradient transform (run backward inside "
+    "fastlora.optim.lora_pro_gradient_hooks(model): LoRA-Pro's efficient mode), or FSDP2, DDP or ZeRO stage 0 "
+    "(docs/distributed.md#deepspeed). Otherwise build a new optimizer"
 )
 
 
