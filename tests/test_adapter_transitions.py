@@ -359,3 +359,17 @@ def test_set_adapter_is_a_deprecated_alias_of_load_factors():
     with pytest.deprecated_call():
         layer.set_adapter(torch.zeros_like(layer.lora_A), torch.zeros_like(layer.lora_B), layer.config)
     assert not layer.lora_A.detach().any()
+
+
+def test_a_state_dict_carries_the_lora_ga_offset_with_the_weight_that_holds_it():
+    model, base = ga_model(1)
+    other, _ = ga_model(2)  # the same layers, another offset
+    assert {"0.lora_A0", "0.lora_B0"} <= set(model.state_dict())
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(out(other), out(model), rtol=0, atol=0)
+    for mine, theirs in zip(fastlora.lora_layers(model)["0"].base_offset, fastlora.lora_layers(other)["0"].base_offset):
+        assert torch.equal(mine, theirs)
+    fastlora.unload(other, merge=False)  # the original base comes back: the record came with the weight
+    torch.testing.assert_close(out(other), out(base), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="lora_A0"):  # a model without the offset cannot take that state
+        fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64).load_state_dict(model.state_dict())

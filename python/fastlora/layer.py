@@ -224,9 +224,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
         # LoRA-GA's (A0, B0): the base weight holds W - s·B0 A0 while they are set (a quantized
-        # base: forward subtracts s·B0 A0 x).
-        self.register_buffer("lora_A0", None, persistent=False)
-        self.register_buffer("lora_B0", None, persistent=False)
+        # base: forward subtracts s·B0 A0 x). Persistent, so a state dict (DCP) that holds the
+        # shifted weight also holds the offset it needs (absent while None).
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
         self._draw(init, generator)
 
     @classmethod
