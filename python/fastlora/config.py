@@ -40,7 +40,8 @@ class LoraConfig:
     ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``task_type``
     (SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the classifier head as a copy, as PEFT's
     task models do), ``inference_mode`` (adapters frozen), ``init_lora_weights`` (True,
-    "gaussian", "pissa", "pissa_niter_<n>", "olora"), ``bias`` ("none" only),
+    "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva" with ``eva_config``: then call
+    ``fastlora.initialize_lora_eva_weights(model, dataloader)``), ``bias`` ("none" only),
     ``fan_in_fan_out`` (False only), ``use_dora`` (False only), ``base_model_name_or_path`` and
     ``revision`` (recorded, written by exports). PEFT's other fields are refused when set; see
     docs/from_peft.md.
@@ -67,6 +68,7 @@ class LoraConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    eva_config: Any = None
     # fastlora's own
     init: str | None = None
     gradients: Any = None
@@ -79,7 +81,7 @@ class LoraConfig:
 # PEFT fields inject_arguments reads (the others must keep PEFT's default).
 HONOURED = ("r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save",
             "init_lora_weights", "rank_pattern", "alpha_pattern", "task_type", "inference_mode", "fan_in_fan_out",
-            "bias", "use_dora")
+            "bias", "use_dora", "eva_config")
 # Metadata: recorded by PEFT, nothing to do when adapting a model.
 METADATA = ("peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "megatron_core",
             "qalora_group_size", "runtime_config")
@@ -100,7 +102,6 @@ REFUSED = {
     "trainable_token_indices": "trainable tokens are not supported; train the embedding as a copy "
                                "(modules_to_save=['embed_tokens'])",
     "loftq_config": "LoftQ is not supported; quantize the base and use init_lora_weights=True, 'pissa' or 'olora'",
-    "eva_config": "EVA is not supported yet; use init_lora_weights='pissa' or fastlora's init='lora_ga'",
     "corda_config": "CorDA is not supported; use init_lora_weights='pissa' or fastlora's init='lora_ga'",
     "lora_ga_config": "use fastlora's LoRA-GA: fastlora.LoraConfig(init='lora_ga', "
                       "gradients=fastlora.collect_gradients(model, batches))",
@@ -118,11 +119,11 @@ REFUSED = {
                            "leave the tied module out",
 }
 # init_lora_weights values and fastlora's init for each; the others are refused with what to do.
-PEFT_INITS = {True: "lora", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# "eva": standard adapters until fastlora.initialize_lora_eva_weights(model, dataloader), as PEFT.
+PEFT_INITS = {True: "lora", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "lora"}
 REFUSED_INITS = {
     False: "init_lora_weights=False (random B, the adapter is not a no-op: PEFT's testing option) is not supported; "
            "use True",
-    "eva": "EVA is not supported yet; use 'pissa', 'olora' or fastlora's init='lora_ga'",
     "loftq": "LoftQ is not supported; use 'pissa' or 'olora' (both also on 4-bit bases)",
     "corda": "CorDA is not supported; use 'pissa' or fastlora's init='lora_ga'",
     "lora_ga": "use fastlora's LoRA-GA: fastlora.LoraConfig(init='lora_ga', gradients=fastlora.collect_gradients(...))",
@@ -247,4 +248,6 @@ def inject_arguments(model: nn.Module, config: Any) -> tuple[dict[str, Any], dic
             kwargs[name] = own[name]
     record = {"task_type": task_type, "inference_mode": bool(values["inference_mode"]),
               "base_model_name_or_path": values.get("base_model_name_or_path"), "revision": values.get("revision")}
+    if values["init_lora_weights"] == "eva":  # read by fastlora.initialize_lora_eva_weights
+        record["eva_config"] = values.get("eva_config")
     return kwargs, record

@@ -17,6 +17,7 @@ from .functional import SUPPORTED_DTYPES
 from .copies import COPY, TrainableCopy, trainable_copies
 from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
 from .init.common import check_gradients
+from .init.eva import eva_config_from, get_eva_state_dict
 from .init.lora_ga import rank_fits
 from .init.pissa import is_principal_init, principal_init
 from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers
@@ -453,6 +454,52 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
                 layer.set_adapter_enabled(before[name])
         for name, wrapper in trainable_copies(model).items():  # a load inside the block may have made new ones
             wrapper.set_enabled(copies_before.get(name, True))
+
+
+@torch.no_grad()
+def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_state_dict: Mapping[str, Tensor] | None = None,
+                                eva_config: Any = None, show_progress_bar: bool = True) -> nn.Module:
+    """PEFT's ``initialize_lora_eva_weights``: EVA (:mod:`fastlora.init.eva`) on a model adapted
+    with ``LoraConfig(init_lora_weights="eva")`` (its ``eva_config`` is used unless ``eva_config``
+    is given) or by :func:`inject`. From ``dataloader`` (forward passes with the adapters off) or
+    a given ``eva_state_dict``: each layer's ``lora_A`` becomes its components, ``lora_B = 0``,
+    its rank the redistributed one (new Parameters: build the optimizer afterwards); with
+    ``adjust_scaling_factors`` alpha becomes ``alpha·new_r/r``; a layer of rank 0 is replaced by
+    its base layer. Everything is checked before any layer changes."""
+    layers = _layers_or_raise(model)
+    record = model.__dict__.get(PEFT_RECORD) or {}
+    config = eva_config_from(eva_config if eva_config is not None else record.get("eva_config"))
+    if eva_state_dict is None:
+        if dataloader is None:
+            raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an eva_state_dict")
+        with disable_adapter(model):
+            eva_state_dict = get_eva_state_dict(model, dataloader, config, show_progress_bar)
+    missing = [name for name in layers if name not in eva_state_dict]
+    unknown = [name for name in eva_state_dict if name not in layers]
+    if missing or unknown:
+        raise ValueError(f"eva_state_dict does not match the model's LoRA layers: missing {missing[:4]}, "
+                         f"unknown {unknown[:4]}")
+    planned, removed = {}, []
+    for name, layer in layers.items():
+        a = eva_state_dict[name]
+        rank = a.shape[0]
+        if rank == 0:
+            layer.check_unwrap(merge=False)
+            removed.append(name)
+            continue
+        alpha = layer.lora_alpha * rank / layer.r if config.adjust_scaling_factors and rank != layer.r else layer.lora_alpha
+        adapter = AdapterConfig(rank, alpha, layer.lora_dropout, layer.use_rslora, "lora")
+        a = a.to(layer.lora_A.device, layer.lora_A.dtype)
+        b = torch.zeros(layer.out_features, rank, device=a.device, dtype=a.dtype)
+        layer.check_adapter(a, b, adapter, where=name)
+        planned[name] = (a, b, adapter)
+    with transaction(model):
+        for name, args in planned.items():
+            layers[name].load_factors(*args, base_weights="original")
+        for name in removed:
+            swap_module(model, name, layers[name].unwrap(merge=False))
+    logger.info("fastlora: eva initialised %d layers, removed %d with rank 0", len(planned), len(removed))
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Adapter initialisation from the gradient engine's mean gradients (LoRA-GA, GoRA) and from the
-base weights (PiSSA, OLoRA).
+base weights (PiSSA, OLoRA), and EVA from the inputs of calibration batches.
 
 Either through :func:`fastlora.inject` (``init="lora_ga"`` / ``init="gora"`` with
 ``gradients=stats``) or on an already-injected model::
@@ -9,8 +9,9 @@ Either through :func:`fastlora.inject` (``init="lora_ga"`` / ``init="gora"`` wit
     fastlora.init.lora_ga(model, stats)          # or fastlora.init.gora(model, stats)
 """
 
+from .eva import EvaConfig, get_eva_state_dict
 from .gora import Allocation, GoRAConfig, allocate_ranks, gora, gora_a_max
 from .lora_ga import LoraGAConfig, lora_ga
 from .pissa import principal_init
 
-__all__ = ["Allocation", "GoRAConfig", "LoraGAConfig", "allocate_ranks", "gora", "gora_a_max", "lora_ga", "principal_init"]
+__all__ = ["Allocation", "EvaConfig", "get_eva_state_dict", "GoRAConfig", "LoraGAConfig", "allocate_ranks", "gora", "gora_a_max", "lora_ga", "principal_init"]

@@ -1,0 +1,269 @@
+"""EVA, Explained Variance Adaptation (Paischer et al., arXiv 2410.07170): ``lora_A`` starts as the
+top right-singular vectors of each target layer's inputs over calibration batches, ``lora_B = 0``
+(the output is unchanged), and the ranks are redistributed across layers by explained variance.
+
+Faithful to PEFT 0.21.2's ``init_lora_weights="eva"`` + ``initialize_lora_eva_weights``:
+
+- per layer an incremental PCA of its inputs (centred, float32, low-rank SVD ``q = 2k``,
+  ``niter = 4``, seed 42, sign fixed by each component's largest entry), ``k = round(r·rho)``;
+  one batch at a time, so memory is bounded by one batch's activations and the ``k`` components;
+- layers whose inputs are equal on the first batch share one PCA (as PEFT's hash check);
+- a layer stops once the cosine similarity of each of its needed components with the previous
+  batch's is ``>= tau``; the batches are cycled until every layer has stopped;
+- ranks: the global top ``sum(r)`` explained variance ratios, at most ``k`` per layer; a layer of
+  rank 0 loses its adapter; ``adjust_scaling_factors`` scales alpha by ``new_r / r``;
+- ``whiten`` divides each component by the square root of its singular value.
+
+Language-model batches (mappings with ``input_ids``) use the rows that ``attention_mask`` keeps
+and, with ``use_label_mask``, whose ``labels`` differ from ``label_mask_value``; other batches use
+every row (PEFT with ``prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None``).
+Applying the result (new ranks, removed layers) is :func:`fastlora.initialize_lora_eva_weights`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._batches import call_model
+from ..gradients import to_device
+from ..layer import LoRALinear, lora_layers
+from ..progress import Progress
+
+__all__ = ["EvaConfig", "eva_config_from", "get_eva_state_dict"]
+
+logger = logging.getLogger("fastlora")
+
+_SEED, _NITER = 42, 4  # PEFT's SVDHook: IncrementalPCA(lowrank=True, lowrank_seed=42), niter 4
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's ``EvaConfig`` (same fields and defaults): ``rho`` (>= 1; a layer gets at most
+    ``round(r·rho)``), ``tau`` (cosine threshold of convergence, in [0, 1]), ``use_label_mask``,
+    ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 1.0:
+            raise ValueError(f"EvaConfig.rho={self.rho!r}: must be a number >= 1.0 (1.0: no rank redistribution)")
+        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"EvaConfig.tau={self.tau!r}: must be between 0.0 and 1.0 (PEFT's default 0.99)")
+
+
+def eva_config_from(config: Any) -> EvaConfig:
+    """An :class:`EvaConfig` from ours, PEFT's ``EvaConfig``, a dict of its fields, or None (defaults)."""
+    if config is None:
+        return EvaConfig()
+    if isinstance(config, EvaConfig):
+        return config
+    fields = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
+    if isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"eva_config: unknown fields {unknown}; EvaConfig has {list(fields)}")
+        return EvaConfig(**config)
+    if type(config).__name__ == "EvaConfig":  # peft.EvaConfig
+        return EvaConfig(**{f: getattr(config, f) for f in fields})
+    raise TypeError(f"eva_config must be an EvaConfig (fastlora's or PEFT's) or a dict, got {type(config).__name__}")
+
+
+class _IncrementalPCA:
+    """PEFT's ``IncrementalPCA(n_components=k, lowrank=True, lowrank_seed=42)`` ``partial_fit``:
+    running mean/variance in float64, the previous components scaled by their singular values
+    stacked over the centred batch and the mean correction, then a low-rank SVD."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self.components: Tensor | None = None  # k x features
+        self.singular_values: Tensor | None = None
+        self.explained_variance_ratio: Tensor | None = None
+
+    def partial_fit(self, x: Tensor) -> None:
+        n = x.shape[0]
+        total = self.count + n
+        batch_sum = x.sum(0, dtype=torch.float64)
+        batch_mean = batch_sum / n
+        centred = x - batch_mean
+        batch_ss = centred.square().sum(0, dtype=torch.float64) - centred.sum(0, dtype=torch.float64).square() / n
+        if self.mean is None:
+            mean, var = batch_sum / total, batch_ss / total
+            stacked = (x - mean).to(x.dtype)  # PEFT centres in place: float32 on the first batch
+        else:
+            old_sum = self.mean * self.count
+            ratio = self.count / n
+            var = (self.var * self.count + batch_ss + ratio / total * (old_sum / ratio - batch_sum).square()) / total
+            mean = (old_sum + batch_sum) / total
+            correction = (self.count / total * n) ** 0.5 * (self.mean - x.mean(0))
+            # float64 from here on: the float64 correction promotes the stack (as PEFT's vstack does)
+            stacked = torch.vstack((self.singular_values[:, None] * self.components, x - x.mean(0), correction))
+        with torch.random.fork_rng(devices=[stacked.device] if stacked.device.type == "cuda" else []):
+            torch.manual_seed(_SEED)
+            _, s, v = torch.svd_lowrank(stacked, q=2 * self.k, niter=_NITER)
+        vt = v.mT
+        rows = torch.arange(vt.shape[0], device=vt.device)
+        vt = vt * torch.sign(vt[rows, vt.abs().argmax(1)])[:, None]  # sklearn's svd_flip on V
+        self.count, self.mean, self.var = total, mean, var
+        self.components = vt[: self.k]
+        self.singular_values = s[: self.k]
+        self.explained_variance_ratio = (s.square() / torch.sum(var * total))[: self.k]
+
+
+def _rows(layer_input: Tensor, mask: Tensor | None) -> Tensor:
+    """The 2-d rows of a layer's input the PCA sees (the masked tokens, or every row)."""
+    if mask is not None:
+        return layer_input[mask]
+    return layer_input.reshape(-1, layer_input.shape[-1])
+
+
+def _mask(batch: Any, config: EvaConfig) -> Tensor | None:
+    """PEFT's language-modelling mask (attention mask and label mask) or None (every row)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return None
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    if config.use_label_mask and "labels" in batch:
+        mask = mask & (batch["labels"] != config.label_mask_value)
+    return mask
+
+
+def _digest(x: Tensor) -> str:
+    return hashlib.sha1(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _redistribute(pcas: dict[str, _IncrementalPCA], shared: dict[str, str], budget: int,
+                  k: dict[str, int]) -> dict[str, int]:
+    """PEFT's rank distribution: the global top ``budget`` explained variance ratios (at most
+    ``k[name]`` per layer); a layer sharing another's PCA never outranks it."""
+    order = {**{n: n for n in pcas}, **shared}
+    keys, values = zip(*[(name, v) for name, owner in order.items()
+                         for v in pcas[owner].explained_variance_ratio[: k[name]]])
+    idx = torch.stack(values).argsort(descending=True)
+    counts = Counter(keys[i] for i in idx[:budget].tolist())
+    ranks = {name: counts.get(name, 0) for name in order}
+    for name, owner in shared.items():
+        if ranks[owner] < ranks[name]:
+            ranks[owner], ranks[name] = ranks[name], ranks[owner]
+    return ranks
+
+
+@torch.no_grad()
+def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
+                       show_progress_bar: bool = True) -> dict[str, Tensor]:
+    """EVA's ``lora_A`` for every LoRA layer of ``model`` (``new_r x in``, float32; ``0 x in`` for
+    a layer that gets no rank), from forward passes over ``batches`` (re-iterable, not empty;
+    cycled until every layer's components converge). The adapters must not change the outputs
+    (``B = 0``, as right after :func:`fastlora.inject`); the model is left as it was."""
+    config = eva_config_from(config)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
+    if hasattr(batches, "__len__") and len(batches) == 0:
+        raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
+    k = {name: round(layer.r * config.rho) for name, layer in layers.items()}
+    too_wide = [f"{n} (k={k[n]}, in={layers[n].in_features})" for n in layers if k[n] > layers[n].in_features]
+    if too_wide:
+        raise ValueError(f"EVA needs round(r*rho) <= in_features per layer; too many components for {too_wide[:4]}: "
+                         "lower r or EvaConfig.rho")
+    budget = sum(layer.r for layer in layers.values())
+    device = next(iter(layers.values())).lora_A.device
+    training = model.training
+    model.eval()
+    current: dict[str, Any] = {"mask": None}
+    seen: dict[str, Tensor] = {}
+    active: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            if name not in active:
+                return
+            seen[name] = _rows(args[0], current["mask"])
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    try:
+        # First batch: which layers see equal inputs (they share one PCA).
+        first = to_device(next(iter(batches)), device)
+        current["mask"] = _mask(first, config)
+        active.update(layers)
+        call_model(model, first)
+        digests = {name: _digest(seen[name]) for name in layers}
+        owners: dict[str, str] = {}
+        shared: dict[str, str] = {}
+        for name in layers:
+            owner = owners.setdefault(digests[name], name)
+            if owner != name:
+                shared[name] = owner
+        for name, owner in shared.items():
+            k[owner] = max(k[owner], k[name])
+        for name, owner in shared.items():
+            k[name] = k[owner]
+        pcas = {name: _IncrementalPCA(k[name]) for name in layers if name not in shared}
+        converged = {name: torch.zeros(k[name], dtype=torch.bool) for name in pcas}
+        stopped = dict.fromkeys(pcas, False)
+        ranks = dict(k)
+        progress = Progress("eva", None, bar=show_progress_bar)
+        done = False
+        while not done:
+            for batch in batches:
+                batch = to_device(batch, device)
+                current["mask"] = _mask(batch, config)
+                for name in pcas:
+                    stopped[name] = bool(converged[name][: ranks[name]].all())
+                if all(stopped.values()):
+                    done = True
+                    break
+                active.clear()
+                active.update(n for n in pcas if not stopped[n])
+                seen.clear()
+                call_model(model, batch)
+                for name in active:
+                    x = seen[name]
+                    if x.shape[0] < k[name]:
+                        logger.warning("fastlora: eva: skipping a batch for %s: %d rows < %d components",
+                                       name, x.shape[0], k[name])
+                        continue
+                    pca = pcas[name]
+                    previous = pca.components
+                    pca.partial_fit(x.to(torch.float32))
+                    if previous is not None:
+                        sim = nn.functional.cosine_similarity(pca.components, previous)
+                        converged[name] = (sim >= config.tau).cpu()
+                progress.update()
+                if all(p.components is not None for p in pcas.values()):
+                    ranks = _redistribute(pcas, shared, budget, k)
+            else:
+                if not hasattr(batches, "__len__") and iter(batches) is batches:
+                    raise ValueError("EVA cycles the batches until convergence: give a re-iterable "
+                                     "(a list or a DataLoader), not an iterator")
+        progress.close(f"{len(layers)} layers, ranks {sorted(set(ranks.values()))}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        active.clear()
+        seen.clear()
+        model.train(training)
+    state = {}
+    for name in layers:
+        pca = pcas[shared.get(name, name)]
+        u = pca.components[: ranks[name]].clone()
+        if config.whiten:
+            u = u / pca.singular_values[: ranks[name]].sqrt()[:, None]
+        state[name] = u
+    return state

@@ -1,0 +1,133 @@
+"""EVA (fastlora.init.eva, fastlora.initialize_lora_eva_weights) against PEFT 0.21.2's EVA on the
+same model and batches: components, ranks, alphas, removed layers; outputs unchanged at init."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora.init.eva import EvaConfig, _IncrementalPCA
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_eva  # noqa: E402
+from peft.utils.incremental_pca import IncrementalPCA  # noqa: E402
+
+
+class Net(nn.Module):
+    """q and k see the same input (they share one PCA, as PEFT's hash check); ``iso`` sees an
+    isotropic input (low explained variance ratios: its rank goes to the others)."""
+
+    def __init__(self, d: int = 24, h: int = 40, z: int = 64) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+        self.iso = nn.Linear(z, d)
+
+    def forward(self, x, z):
+        return self.down(torch.tanh(self.up(self.q(x) + self.k(x)))) + self.iso(z)
+
+
+def _batches(seed: int, n: int = 30, rows: int = 64, d: int = 24, z: int = 64, spectrum: float = 0.7):
+    """(x, z): x with distinct variances (its PCA converges), z isotropic."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    scales = spectrum ** torch.arange(d, dtype=torch.float64)
+    return [(((torch.randn(rows, d, generator=g, dtype=torch.float64) * scales) @ basis.T).float() + 0.3,
+             torch.randn(rows, z, generator=g))
+            for _ in range(n)]
+
+
+def _both(r=3, rho=2.0, tau=0.99, whiten=False, adjust=True, seed=0, targets=("q", "k", "up", "down", "iso")):
+    torch.manual_seed(seed)
+    base = Net()
+    batches = _batches(seed)
+    ours = copy.deepcopy(base)
+    fastlora.get_peft_model(ours, fastlora.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights="eva",
+        eva_config=EvaConfig(rho=rho, tau=tau, whiten=whiten, adjust_scaling_factors=adjust)))
+    fastlora.initialize_lora_eva_weights(ours, batches, show_progress_bar=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights="eva",
+        eva_config=peft.EvaConfig(rho=rho, tau=tau, whiten=whiten, adjust_scaling_factors=adjust)))
+    peft_eva(theirs, batches, forward_fn=lambda m, b: m(*b), prepare_model_inputs_fn=None,
+             prepare_layer_inputs_fn=None, show_progress_bar=False)
+    return base, ours, theirs, batches
+
+
+def _peft_layers(model):
+    return {n.replace("base_model.model.", ""): m for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
+ALL = ("q", "k", "up", "down", "iso")
+NOT_SHARED = ("q", "up", "down", "iso")  # PEFT whitens components shared by k layers k times (in place)
+
+
+@pytest.mark.parametrize("rho,whiten,adjust,targets", [(2.0, False, True, ALL), (1.0, False, True, ALL),
+                                                       (3.0, True, False, NOT_SHARED), (4.0, False, False, ALL)])
+def test_matches_peft(rho, whiten, adjust, targets):
+    base, ours, theirs, batches = _both(rho=rho, whiten=whiten, adjust=adjust, targets=targets)
+    mine = fastlora.lora_layers(ours)
+    peft_layers = _peft_layers(theirs)
+    assert set(mine) == set(peft_layers)  # same layers kept (rank 0 ones removed by both)
+    assert sum(layer.r for layer in mine.values()) == len(targets) * 3  # the budget is kept
+    for name, layer in mine.items():
+        p = peft_layers[name]
+        a_peft = p.lora_A["default"].weight.detach()
+        assert layer.r == a_peft.shape[0], name
+        assert layer.lora_alpha == pytest.approx(p.lora_alpha["default"]), name
+        assert layer.scaling == pytest.approx(p.scaling["default"]), name
+        torch.testing.assert_close(layer.lora_A.detach(), a_peft, rtol=1e-4, atol=1e-5)
+        assert torch.count_nonzero(layer.lora_B) == 0
+    for name in set(dict(base.named_modules())) - set(mine) - {""}:  # removed layers are plain again
+        assert type(ours.get_submodule(name)) is type(base.get_submodule(name))
+    torch.testing.assert_close(ours(*batches[0]), base(*batches[0]), rtol=0, atol=0)
+
+
+def test_redistribution_moves_rank():
+    """With rho > 1 the ranks are not all r (the test data's spectra differ between layers)."""
+    _, ours, _, _ = _both(rho=2.0)
+    ranks = {n: layer.r for n, layer in fastlora.lora_layers(ours).items()}
+    assert set(ranks.values()) != {3}, ranks
+    assert "iso" not in ranks  # rank 0: the adapter is removed, as PEFT does
+    assert type(ours.iso) is nn.Linear
+    assert ranks["q"] >= ranks.get("k", 0)  # a layer sharing q's PCA never outranks it
+
+
+def test_incremental_pca_matches_peft():
+    g = torch.Generator().manual_seed(1)
+    ours, theirs = _IncrementalPCA(5), IncrementalPCA(n_components=5, lowrank=True, lowrank_seed=42)
+    for _ in range(4):
+        x = torch.randn(33, 13, generator=g) * torch.linspace(3, 0.1, 13) + 1.0
+        ours.partial_fit(x)
+        theirs.partial_fit(x.clone())
+        torch.testing.assert_close(ours.components, theirs.components_, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.singular_values, theirs.singular_values_, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.explained_variance_ratio, theirs.explained_variance_ratio_,
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rho": 0.5}, "rho"), ({"tau": 1.5}, "tau"), ({"tau": "x"}, "tau")])
+def test_bad_config_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EvaConfig(**kwargs)
+
+
+def test_bad_use_refused_and_model_unchanged():
+    torch.manual_seed(0)
+    model = Net()
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        fastlora.initialize_lora_eva_weights(model, _batches(0))
+    fastlora.inject(model, ["q"], r=13)  # round(r*rho) > in_features
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="rho"):
+        fastlora.initialize_lora_eva_weights(model, _batches(0))
+    with pytest.raises(ValueError, match="dataloader"):
+        fastlora.initialize_lora_eva_weights(model)
+    with pytest.raises(ValueError, match="eva_config: unknown"):
+        fastlora.initialize_lora_eva_weights(model, _batches(0), eva_config={"rhoo": 2})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
