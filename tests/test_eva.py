@@ -131,3 +131,52 @@ def test_bad_use_refused_and_model_unchanged():
     with pytest.raises(ValueError, match="eva_config: unknown"):
         fastlora.initialize_lora_eva_weights(model, _batches(0), eva_config={"rhoo": 2})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _lm_batches(n: int = 12, vocab: int = 128):
+    """Language-model batches with padding (attention_mask 0) and ignored labels (-100)."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (4, 16), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 12:] = 0
+        labels = ids.clone()
+        labels[:, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def test_llama_peft_user_flow_matches_peft():
+    """PEFT's own flow (get_peft_model with init_lora_weights="eva", then initialize_lora_eva_weights
+    with its language-model masks) against fastlora's with only those two lines changed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    config = dict(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="eva",
+                  eva_config=peft.EvaConfig(rho=2.0, tau=0.9))
+    batches = _lm_batches()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    peft_eva(theirs, batches, show_progress_bar=False)
+    ours = fastlora.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    fastlora.initialize_lora_eva_weights(ours, batches, show_progress_bar=False)
+    mine, peft_layers = fastlora.lora_layers(ours), _peft_layers(theirs)
+    assert set(mine) == set(peft_layers)
+    for name, layer in mine.items():
+        a_peft = peft_layers[name].lora_A["default"].weight.detach()
+        assert layer.r == a_peft.shape[0], name
+        assert layer.lora_alpha == pytest.approx(peft_layers[name].lora_alpha["default"]), name
+        torch.testing.assert_close(layer.lora_A.detach(), a_peft, rtol=1e-4, atol=1e-5)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_iterator_refused():
+    torch.manual_seed(0)
+    model = fastlora.inject(Net(), ["q"], r=2)
+    with pytest.raises(TypeError, match="re-iterable"):
+        fastlora.initialize_lora_eva_weights(model, iter(_batches(0)))

@@ -108,7 +108,7 @@ def test_a_sequence_classification_task_trains_the_score_head_as_peft_does():
 REFUSED = {
     "use_dora": True, "fan_in_fan_out": True, "bias": "all", "layers_to_transform": [0], "layers_pattern": "layers",
     "megatron_config": {"x": 1}, "trainable_token_indices": [1, 2], "loftq_config": {"loftq_bits": 4},
-    "eva_config": object(), "corda_config": object(), "lora_ga_config": object(), "velora_config": object(),
+    "corda_config": object(), "lora_ga_config": object(), "velora_config": object(),
     "monteclora_config": object(), "alora_invocation_tokens": [1], "use_qalora": True, "layer_replication": [[0, 1]],
     "lora_bias": True, "target_parameters": ["w"], "use_bdlora": object(), "arrow_config": object(),
     "kasa_config": object(), "ensure_weight_tying": True,
@@ -126,7 +126,7 @@ def test_a_peft_field_fastlora_lacks_is_refused_by_name_before_any_change(field)
     assert not fastlora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("init, advice", [(False, "use True"), ("eva", "EVA"), ("loftq", "LoftQ"),
+@pytest.mark.parametrize("init, advice", [(False, "use True"), ("loftq", "LoftQ"),
                                           ("corda", "CorDA"), ("lora_ga", "init='lora_ga'"),
                                           ("orthogonal", "olora"), ("bogus", "not known")])
 def test_refused_init_lora_weights_say_what_to_use(init, advice):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .init.eva import eva_config_from
 
 __all__ = ["LoraConfig", "PEFT_TASK_TYPES", "inject_arguments", "is_lora_config", "init_name"]
 
@@ -248,6 +251,8 @@ def inject_arguments(model: nn.Module, config: Any) -> tuple[dict[str, Any], dic
             kwargs[name] = own[name]
     record = {"task_type": task_type, "inference_mode": bool(values["inference_mode"]),
               "base_model_name_or_path": values.get("base_model_name_or_path"), "revision": values.get("revision")}
-    if values["init_lora_weights"] == "eva":  # read by fastlora.initialize_lora_eva_weights
-        record["eva_config"] = values.get("eva_config")
+    if values["init_lora_weights"] == "eva":  # read by fastlora.initialize_lora_eva_weights; checked now
+        record["eva_config"] = eva_config_from(values.get("eva_config"))
+    elif values.get("eva_config") is not None:  # as PEFT: ignored with a warning
+        warnings.warn("LoraConfig.eva_config is ignored: init_lora_weights is not 'eva'", stacklevel=3)
     return kwargs, record

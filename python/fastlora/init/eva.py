@@ -174,6 +174,9 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
+    if iter(batches) is batches:
+        raise TypeError("EVA cycles the batches until its components converge: give a re-iterable (a list or a "
+                        "DataLoader), not an iterator or generator")
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
     k = {name: round(layer.r * config.rho) for name, layer in layers.items()}
@@ -248,10 +251,6 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
                 progress.update()
                 if all(p.components is not None for p in pcas.values()):
                     ranks = _redistribute(pcas, shared, budget, k)
-            else:
-                if not hasattr(batches, "__len__") and iter(batches) is batches:
-                    raise ValueError("EVA cycles the batches until convergence: give a re-iterable "
-                                     "(a list or a DataLoader), not an iterator")
         progress.close(f"{len(layers)} layers, ranks {sorted(set(ranks.values()))}")
     finally:
         for handle in handles:
