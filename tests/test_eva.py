@@ -180,3 +180,24 @@ def test_iterator_refused():
     model = fastlora.inject(Net(), ["q"], r=2)
     with pytest.raises(TypeError, match="re-iterable"):
         fastlora.initialize_lora_eva_weights(model, iter(_batches(0)))
+
+
+def test_export_after_eva_loads_in_peft(tmp_path):
+    """New ranks/alphas and removed layers go to PEFT's rank_pattern/alpha_pattern/target_modules:
+    PEFT's from_pretrained on the original base gives fastlora's outputs."""
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    fastlora.inject(model, list(ALL), r=3, lora_alpha=6)
+    fastlora.initialize_lora_eva_weights(model, _batches(0), eva_config=EvaConfig(rho=2.0),
+                                         show_progress_bar=False)
+    assert "iso" not in fastlora.lora_layers(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in fastlora.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+    fastlora.export_peft(model, tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    x = _batches(1, n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x), model.eval()(*x), rtol=1e-5, atol=1e-5)
