@@ -201,3 +201,26 @@ def test_export_after_eva_loads_in_peft(tmp_path):
     x = _batches(1, n=1)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(*x), model.eval()(*x), rtol=1e-5, atol=1e-5)
+
+
+def _eva_on_rank(rank, world, out_dir):
+    torch.manual_seed(0)
+    model = fastlora.inject(Net(), list(ALL), r=3)
+    batches = [tuple(t.chunk(world)[rank] for t in batch) for batch in _batches(0)]
+    fastlora.initialize_lora_eva_weights(model, batches, eva_config=EvaConfig(rho=2.0), show_progress_bar=False)
+    return {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(model).items()}
+
+
+def test_distributed_gathers_every_ranks_inputs(tmp_path):
+    """Two gloo ranks with half of each batch each reach the one-process result on whole batches."""
+    gloo = pytest.importorskip("gloo")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    torch.manual_seed(0)
+    single = fastlora.inject(Net(), list(ALL), r=3)
+    fastlora.initialize_lora_eva_weights(single, _batches(0), eva_config=EvaConfig(rho=2.0), show_progress_bar=False)
+    want = {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(single).items()}
+    for got in gloo.spawn(_eva_on_rank, tmp_path, world=2):
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

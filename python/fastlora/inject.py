@@ -458,14 +458,16 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_state_dict: Mapping[str, Tensor] | None = None,
-                                eva_config: Any = None, show_progress_bar: bool = True) -> nn.Module:
+                                eva_config: Any = None, show_progress_bar: bool = True,
+                                gather_distributed_inputs: bool = True) -> nn.Module:
     """PEFT's ``initialize_lora_eva_weights``: EVA (:mod:`fastlora.init.eva`) on a model adapted
     with ``LoraConfig(init_lora_weights="eva")`` (its ``eva_config`` is used unless ``eva_config``
     is given) or by :func:`inject`. From ``dataloader`` (forward passes with the adapters off) or
     a given ``eva_state_dict``: each layer's ``lora_A`` becomes its components, ``lora_B = 0``,
     its rank the redistributed one (new Parameters: build the optimizer afterwards); with
     ``adjust_scaling_factors`` alpha becomes ``alpha·new_r/r``; a layer of rank 0 is replaced by
-    its base layer. Everything is checked before any layer changes."""
+    its base layer. Everything is checked before any layer changes. ``gather_distributed_inputs``:
+    see :func:`fastlora.init.get_eva_state_dict`."""
     layers = _layers_or_raise(model)
     record = model.__dict__.get(PEFT_RECORD) or {}
     config = eva_config_from(eva_config if eva_config is not None else record.get("eva_config"))
@@ -473,7 +475,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_st
         if dataloader is None:
             raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an eva_state_dict")
         with disable_adapter(model):
-            eva_state_dict = get_eva_state_dict(model, dataloader, config, show_progress_bar)
+            eva_state_dict = get_eva_state_dict(model, dataloader, config, show_progress_bar, gather_distributed_inputs)
     missing = [name for name in layers if name not in eva_state_dict]
     unknown = [name for name in eva_state_dict if name not in layers]
     if missing or unknown:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._batches import call_model
@@ -132,6 +133,21 @@ def _rows(layer_input: Tensor, mask: Tensor | None) -> Tensor:
     return layer_input.reshape(-1, layer_input.shape[-1])
 
 
+def _gathered(rows: Tensor) -> Tensor:
+    """Every rank's rows, in rank order (PEFT's ``gather_distributed_inputs``): the PCA then sees
+    the whole global batch on every rank, so all ranks reach the same components and ranks."""
+    world = dist.get_world_size()
+    size = torch.tensor([rows.shape[0]], device=rows.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(n) for n in sizes]
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def _mask(batch: Any, config: EvaConfig) -> Tensor | None:
     """PEFT's language-modelling mask (attention mask and label mask) or None (every row)."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -164,12 +180,16 @@ def _redistribute(pcas: dict[str, _IncrementalPCA], shared: dict[str, str], budg
 
 
 @torch.no_grad()
-def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
-                       show_progress_bar: bool = True) -> dict[str, Tensor]:
+def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, show_progress_bar: bool = True,
+                       gather_distributed_inputs: bool = True) -> dict[str, Tensor]:
     """EVA's ``lora_A`` for every LoRA layer of ``model`` (``new_r x in``, float32; ``0 x in`` for
     a layer that gets no rank), from forward passes over ``batches`` (re-iterable, not empty;
     cycled until every layer's components converge). The adapters must not change the outputs
-    (``B = 0``, as right after :func:`fastlora.inject`); the model is left as it was."""
+    (``B = 0``, as right after :func:`fastlora.inject`); the model is left as it was.
+
+    Under ``torch.distributed`` with ``gather_distributed_inputs`` (PEFT's default) every rank's
+    layer inputs are gathered (each rank must get different batches, the same number of them);
+    without it each rank computes from its own batches."""
     config = eva_config_from(config)
     layers = lora_layers(model)
     if not layers:
@@ -186,6 +206,7 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
                          "lower r or EvaConfig.rho")
     budget = sum(layer.r for layer in layers.values())
     device = next(iter(layers.values())).lora_A.device
+    gather = gather_distributed_inputs and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     training = model.training
     model.eval()
     current: dict[str, Any] = {"mask": None}
@@ -196,7 +217,8 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
         def hook(module, args, output):
             if name not in active:
                 return
-            seen[name] = _rows(args[0], current["mask"])
+            rows = _rows(args[0], current["mask"])
+            seen[name] = _gathered(rows) if gather else rows
         return hook
 
     handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
@@ -221,7 +243,8 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None,
         converged = {name: torch.zeros(k[name], dtype=torch.bool) for name in pcas}
         stopped = dict.fromkeys(pcas, False)
         ranks = dict(k)
-        progress = Progress("eva", None, bar=show_progress_bar)
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        progress = Progress("eva", None, bar=show_progress_bar and rank0)
         done = False
         while not done:
             for batch in batches:
