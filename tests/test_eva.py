@@ -224,3 +224,59 @@ def test_distributed_gathers_every_ranks_inputs(tmp_path):
         assert set(got) == set(want)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base(kind):
+    """EVA reads the layers' inputs, so a 4-bit / 8-bit base works as a float one; outputs
+    unchanged at init. int8 (bitsandbytes' forward in both): PEFT's components and ranks. NF4:
+    the first layer (the same inputs in PEFT) gets PEFT's components, the model those of a float
+    model holding the dequantized weights (bitsandbytes' CPU NF4 forward, which PEFT uses, keeps
+    its scales in bfloat16, so the later layers' inputs differ slightly from PEFT's)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastlora.quantized import dense_weight
+
+    def build(dense=False):
+        torch.manual_seed(0)
+        layers = []
+        for i, o in ((64, 128), (128, 64)):  # bitsandbytes' CPU 4-bit kernels: multiples of 64
+            if kind == "int8":
+                layers.append(bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False))
+            else:
+                layers.append(bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4"))
+            layers.append(nn.Tanh())
+        model = nn.Sequential(*layers).to("cpu")
+        if dense:
+            for index in (0, 2):
+                q = model[index]
+                plain = nn.Linear(q.in_features, q.out_features)
+                with torch.no_grad():
+                    plain.weight.copy_(dense_weight(q))
+                    plain.bias.copy_(q.bias)
+                model[index] = plain
+        return model
+
+    batches = [x for x, _ in _batches(0, d=64)]
+    config = dict(target_modules=["0", "2"], r=3, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
+    peft_eva(theirs, batches, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
+             prepare_layer_inputs_fn=None, show_progress_bar=False)
+    ours = fastlora.get_peft_model(build(), peft.LoraConfig(**config))
+    with torch.no_grad():
+        want = ours(batches[0])
+    fastlora.initialize_lora_eva_weights(ours, batches, show_progress_bar=False)
+    peft_a = {name: layer.lora_A["default"].weight.detach() for name, layer in _peft_layers(theirs).items()}
+    mine = {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(ours).items()}
+    torch.testing.assert_close(mine["0"], peft_a["0"], rtol=1e-4, atol=1e-5)
+    if kind == "nf4":
+        dense = fastlora.get_peft_model(build(dense=True), peft.LoraConfig(**config))
+        fastlora.initialize_lora_eva_weights(dense, batches, show_progress_bar=False)
+        want_a = {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(dense).items()}
+    else:
+        want_a = peft_a
+    assert set(mine) == set(want_a)
+    for name, a in mine.items():
+        assert a.shape == want_a[name].shape, name
+        torch.testing.assert_close(a, want_a[name], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(batches[0]), want, rtol=0, atol=0)
