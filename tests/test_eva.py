@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fastlora
@@ -109,6 +111,31 @@ def test_incremental_pca_matches_peft():
         torch.testing.assert_close(ours.singular_values, theirs.singular_values_, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.explained_variance_ratio, theirs.explained_variance_ratio_,
                                    rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(features=st.integers(1, 17), k=st.integers(1, 6), rows=st.integers(6, 40), steps=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_incremental_pca_property(features, k, rows, steps, seed):
+    """Any shape (1 feature, k = features, odd sizes, a non-contiguous batch): the singular values
+    and explained variance ratios equal PEFT's IncrementalPCA's; the spanned subspace too where
+    the spectrum has a gap after k (distinct variances by construction)."""
+    k = min(k, features)
+    g = torch.Generator().manual_seed(seed)
+    scales = 2.0 ** -torch.arange(features, dtype=torch.float32)  # gap ratio 2 between variances
+    ours, theirs = _IncrementalPCA(k), IncrementalPCA(n_components=k, lowrank=True, lowrank_seed=42)
+    for _ in range(steps):
+        x = (torch.randn(features, rows, generator=g) * scales[:, None]).t() + 0.5  # non-contiguous
+        ours.partial_fit(x)
+        theirs.partial_fit(x.clone())
+    scale = float(theirs.singular_values_[0])
+    torch.testing.assert_close(ours.singular_values.double(), theirs.singular_values_.double(),
+                               rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(ours.explained_variance_ratio.double(), theirs.explained_variance_ratio_.double(),
+                               rtol=1e-4, atol=1e-6)
+    proj = ours.components.double().T @ ours.components.double()
+    proj_peft = theirs.components_.double().T @ theirs.components_.double()
+    torch.testing.assert_close(proj, proj_peft, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"rho": 0.5}, "rho"), ({"tau": 1.5}, "tau"), ({"tau": "x"}, "tau")])
