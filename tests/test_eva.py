@@ -207,6 +207,9 @@ def test_iterator_refused():
     model = fastlora.inject(Net(), ["q"], r=2)
     with pytest.raises(TypeError, match="re-iterable"):
         fastlora.initialize_lora_eva_weights(model, iter(_batches(0)))
+    with pytest.raises(ValueError, match="empty"):
+        fastlora.initialize_lora_eva_weights(model, [])
+    assert fastlora.lora_layers(model)["q"].r == 2
 
 
 def test_export_after_eva_loads_in_peft(tmp_path):

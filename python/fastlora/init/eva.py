@@ -6,7 +6,8 @@ Faithful to PEFT 0.21.2's ``init_lora_weights="eva"`` + ``initialize_lora_eva_we
 
 - per layer an incremental PCA of its inputs (centred, float32, low-rank SVD ``q = 2k``,
   ``niter = 4``, seed 42, sign fixed by each component's largest entry), ``k = round(r·rho)``;
-  one batch at a time, so memory is bounded by one batch's activations and the ``k`` components;
+  in each layer's forward hook, one batch at a time: memory holds one layer's inputs of one batch
+  and the ``k`` components per layer, never all activations;
 - layers whose inputs are equal on the first batch share one PCA (as PEFT's hash check);
 - a layer stops once the cosine similarity of each of its needed components with the previous
   batch's is ``>= tau``; the batches are cycled until every layer has stopped;
@@ -197,8 +198,6 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, 
     if iter(batches) is batches:
         raise TypeError("EVA cycles the batches until its components converge: give a re-iterable (a list or a "
                         "DataLoader), not an iterator or generator")
-    if hasattr(batches, "__len__") and len(batches) == 0:
-        raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
     k = {name: round(layer.r * config.rho) for name, layer in layers.items()}
     too_wide = [f"{n} (k={k[n]}, in={layers[n].in_features})" for n in layers if k[n] > layers[n].in_features]
     if too_wide:
@@ -210,27 +209,43 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, 
     training = model.training
     model.eval()
     current: dict[str, Any] = {"mask": None}
-    seen: dict[str, Tensor] = {}
+    digests: dict[str, str] = {}
+    pcas: dict[str, _IncrementalPCA] = {}
+    converged: dict[str, Tensor] = {}
     active: set[str] = set()
+
+    def update(name: str, x: Tensor) -> None:
+        """One PCA step on this batch's rows (inside the hook: one layer's rows in memory at a time)."""
+        if not pcas:  # the first batch: only which layers see equal inputs
+            digests[name] = _digest(x)
+            return
+        if x.shape[0] < k[name]:
+            logger.warning("fastlora: eva: skipping a batch for %s: %d rows < %d components", name, x.shape[0], k[name])
+            return
+        pca = pcas[name]
+        previous = pca.components
+        pca.partial_fit(x.to(torch.float32))
+        if previous is not None:
+            converged[name] = (nn.functional.cosine_similarity(pca.components, previous) >= config.tau).cpu()
 
     def hook_for(name: str):
         def hook(module, args, output):
-            if name not in active:
-                return
-            rows = _rows(args[0], current["mask"])
-            seen[name] = _gathered(rows) if gather else rows
+            if name in active:
+                rows = _rows(args[0], current["mask"])
+                update(name, _gathered(rows) if gather else rows)
         return hook
 
     handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
     try:
-        # First batch: which layers see equal inputs (they share one PCA).
-        first = to_device(next(iter(batches)), device)
+        first = next(iter(batches), None)
+        if first is None:
+            raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
+        first = to_device(first, device)
         current["mask"] = _mask(first, config)
         active.update(layers)
         call_model(model, first)
-        digests = {name: _digest(seen[name]) for name in layers}
         owners: dict[str, str] = {}
-        shared: dict[str, str] = {}
+        shared: dict[str, str] = {}  # layer -> the first layer with equal inputs (whose PCA it shares)
         for name in layers:
             owner = owners.setdefault(digests[name], name)
             if owner != name:
@@ -239,38 +254,22 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, 
             k[owner] = max(k[owner], k[name])
         for name, owner in shared.items():
             k[name] = k[owner]
-        pcas = {name: _IncrementalPCA(k[name]) for name in layers if name not in shared}
-        converged = {name: torch.zeros(k[name], dtype=torch.bool) for name in pcas}
-        stopped = dict.fromkeys(pcas, False)
+        pcas.update({name: _IncrementalPCA(k[name]) for name in layers if name not in shared})
+        converged.update({name: torch.zeros(k[name], dtype=torch.bool) for name in pcas})
         ranks = dict(k)
         rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         progress = Progress("eva", None, bar=show_progress_bar and rank0)
         done = False
-        while not done:
+        while not done:  # PEFT cycles the batches until every layer has converged
             for batch in batches:
                 batch = to_device(batch, device)
                 current["mask"] = _mask(batch, config)
-                for name in pcas:
-                    stopped[name] = bool(converged[name][: ranks[name]].all())
-                if all(stopped.values()):
+                active.clear()
+                active.update(n for n in pcas if not bool(converged[n][: ranks[n]].all()))
+                if not active:
                     done = True
                     break
-                active.clear()
-                active.update(n for n in pcas if not stopped[n])
-                seen.clear()
                 call_model(model, batch)
-                for name in active:
-                    x = seen[name]
-                    if x.shape[0] < k[name]:
-                        logger.warning("fastlora: eva: skipping a batch for %s: %d rows < %d components",
-                                       name, x.shape[0], k[name])
-                        continue
-                    pca = pcas[name]
-                    previous = pca.components
-                    pca.partial_fit(x.to(torch.float32))
-                    if previous is not None:
-                        sim = nn.functional.cosine_similarity(pca.components, previous)
-                        converged[name] = (sim >= config.tau).cpu()
                 progress.update()
                 if all(p.components is not None for p in pcas.values()):
                     ranks = _redistribute(pcas, shared, budget, k)
@@ -279,7 +278,6 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, 
         for handle in handles:
             handle.remove()
         active.clear()
-        seen.clear()
         model.train(training)
     state = {}
     for name in layers:
