@@ -457,8 +457,9 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_state_dict: Mapping[str, Tensor] | None = None,
-                                eva_config: Any = None, show_progress_bar: bool = True,
+def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None,
+                                eva_state_dict: Mapping[str, Tensor] | None = None, eva_config: Any = None,
+                                show_progress_bar: bool = True,
                                 gather_distributed_inputs: bool = True) -> nn.Module:
     """PEFT's ``initialize_lora_eva_weights``: EVA (:mod:`fastlora.init.eva`) on a model adapted
     with ``LoraConfig(init_lora_weights="eva")`` (its ``eva_config`` is used unless ``eva_config``
@@ -473,7 +474,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_st
     config = eva_config_from(eva_config if eva_config is not None else record.get("eva_config"))
     if eva_state_dict is None:
         if dataloader is None:
-            raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an eva_state_dict")
+            raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an "
+                             "eva_state_dict")
         with disable_adapter(model):
             eva_state_dict = get_eva_state_dict(model, dataloader, config, show_progress_bar, gather_distributed_inputs)
     missing = [name for name in layers if name not in eva_state_dict]
@@ -489,7 +491,9 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None, eva_st
             layer.check_unwrap(merge=False)
             removed.append(name)
             continue
-        alpha = layer.lora_alpha * rank / layer.r if config.adjust_scaling_factors and rank != layer.r else layer.lora_alpha
+        alpha = layer.lora_alpha
+        if config.adjust_scaling_factors and rank != layer.r:  # PEFT: alpha *= new_rank / r
+            alpha = alpha * rank / layer.r
         adapter = AdapterConfig(rank, alpha, layer.lora_dropout, layer.use_rslora, "lora")
         a = a.to(layer.lora_A.device, layer.lora_A.dtype)
         b = torch.zeros(layer.out_features, rank, device=a.device, dtype=a.dtype)
