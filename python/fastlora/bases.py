@@ -8,7 +8,6 @@ merge) belongs to the layer, so its transitions and transactions see all of it.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,16 +87,11 @@ class Dense:
         Dense.shift(layer, a, b, -1.0, scaling)
 
     @staticmethod
-    @torch.no_grad()
-    def decay(layer: LoRALinear, factor: float) -> None:
-        """The original weight times ``factor``; the offset's factors by sqrt(factor) with it."""
-        w = local(layer.base_layer.weight)
-        offset = [t for t in (layer.lora_A0, layer.lora_B0) if t is not None]
-        for t in [w, *offset]:
-            preserve(t)
-        w.mul_(factor)
-        for t in offset:
-            t.mul_(math.sqrt(factor))
+    def decayed(layer: LoRALinear) -> list[tuple[Tensor, float]]:
+        """What a decay of the original weight by ``f`` scales, each by ``f ** power``: this rank's
+        weight (power 1) and a LoRA-GA offset's factors (power 1/2 each)."""
+        offset = [(t, 0.5) for t in (layer.lora_A0, layer.lora_B0) if t is not None]
+        return [(local(layer.base_layer.weight), 1.0), *offset]
 
 
 class Quantized:
@@ -162,7 +156,7 @@ class Quantized:
         swap_weight(layer.base_layer, merged)
 
     @staticmethod
-    def decay(layer: LoRALinear, factor: float) -> None:
+    def decayed(layer: LoRALinear) -> list[tuple[Tensor, float]]:
         raise ValueError(f"{layer.where} has a quantized base ({quantization_kind(layer.base_layer)}): its weight "
                          "cannot decay in place; use decay_base_weight=False")
 

@@ -36,6 +36,7 @@ __all__ = [
     "finite_in",
     "check_generator",
     "check_no_peft_layers",
+    "decay_bases",
     "lora_layers",
     "lora_scaling",
     "validate_lora_config",
@@ -506,10 +507,7 @@ class LoRALinear(nn.Module):
         LoRA-GA offset's factors scale by ``sqrt(factor)`` with it, so the layer's base becomes
         ``factor·(W0 - s·B0 A0)`` and ``unload(merge=False)`` gives ``factor·W0``. Refused on
         quantized bases (the packed weight cannot be scaled in place) and on merged layers."""
-        self._require_unmerged("decay its base weight")
-        if not (_is_real_number(factor) and 0.0 <= factor <= 1.0):
-            raise ValueError(f"{self._where}: the decay factor must be in [0, 1], got {factor!r}")
-        self._base_ops.decay(self, factor)
+        decay_bases([self], [factor])
 
     def forward(self, x: Tensor) -> Tensor:
         if type(self.base_layer) is not self._base_type:
@@ -602,6 +600,24 @@ class LoRALinear(nn.Module):
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """All :class:`LoRALinear` modules of ``model`` by name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def decay_bases(layers: list[LoRALinear], factors: list[float]) -> None:
+    """:meth:`LoRALinear.decay_base` of each layer by its factor, every layer checked first, then
+    one batched multiply (LoRA-Pro's ``decay_base_weight`` at every step)."""
+    tensors, scales = [], []
+    for layer, factor in zip(layers, factors, strict=True):
+        layer._require_unmerged("decay its base weight")
+        if not (_is_real_number(factor) and 0.0 <= factor <= 1.0):
+            raise ValueError(f"{layer.where}: the decay factor must be in [0, 1], got {factor!r}")
+        for t, power in layer._base_ops.decayed(layer):
+            tensors.append(t)
+            scales.append(factor**power)
+    for t in tensors:
+        preserve(t)
+    if tensors:
+        torch._foreach_mul_(tensors, scales)
 
 
 def check_no_peft_layers(model: nn.Module) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._distributed import check_row_sharded, full, gather_rows, is_dtensor, local, row_range, rows_like, sum_over_mesh
-from ..layer import check_no_peft_layers, lora_layers
+from ..layer import check_no_peft_layers, decay_bases, lora_layers
 from ..layer import LoRALinear
 from ..reference import adam_directions
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype
@@ -418,9 +418,10 @@ class _LoRAProBase(torch.optim.Optimizer):
             [local(layer.B) for layer in block.layers],
             [b[slice(*layer.rows_B)] for layer, b in zip(block.layers, new_b.unbind(0))],
         )
-        for layer, g in zip(block.layers, block.groups):
-            if g.get("decay_base_weight") and g["weight_decay"] > 0:
-                layer.module.decay_base(1.0 - g["lr"] * g["weight_decay"])
+        decayed = [(layer.module, 1.0 - g["lr"] * g["weight_decay"]) for layer, g in zip(block.layers, block.groups)
+                   if g.get("decay_base_weight") and g["weight_decay"] > 0]
+        if decayed:
+            decay_bases(*map(list, zip(*decayed)))
         return change
 
     # ---- checkpoints -----------------------------------------------------------------------
