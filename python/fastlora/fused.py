@@ -25,7 +25,7 @@ from .composed import lora_backward, lora_forward
 from .reference import dropout_threshold
 from .skinny import needs_index_64, dot_precision
 
-__all__ = ["available", "applies", "lora_linear", "forward", "grad_x"]
+__all__ = ["available", "lora_linear", "forward", "grad_x"]
 
 try:
     import triton
@@ -43,17 +43,6 @@ _MIN_DOT, _MAX_BLOCK_R = 16, 32
 def available() -> bool:
     """Whether Triton (and torch.library.triton_op) are present."""
     return triton is not None and hasattr(torch.library, "triton_op")
-
-
-def _device_type(t: Tensor) -> str:
-    return t.device.type
-
-
-def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether the fused path takes this call on its own (CUDA tensors of a 16-bit or float32
-    dtype); the "fused" backend forces it, on CPU through the interpreter."""
-    return (available() and _device_type(x) == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dtype == x.dtype)
 
 
 # Tiles the autotuner tries on a GPU, per architecture: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
