@@ -20,7 +20,7 @@ from .init.common import check_gradients
 from .init.eva import eva_config_from, get_eva_state_dict
 from .init.lora_ga import rank_fits
 from .init.pissa import is_principal_init, principal_init
-from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers
+from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers, peft_modules
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 from .transaction import transaction
 
@@ -247,8 +247,7 @@ def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, A
 
 def refuse_peft_model(model: nn.Module) -> None:
     """ValueError if PEFT has wrapped ``model`` (fastlora would wrap PEFT's own layers)."""
-    wrapped = [name or type(model).__name__ for name, m in model.named_modules()
-               if type(m).__module__.split(".")[0] == "peft"]
+    wrapped = peft_modules(model)
     if wrapped:
         raise ValueError(
             f"this model is wrapped by PEFT ({wrapped[0]}); fastlora adapts plain models. Fold PEFT's adapter into "

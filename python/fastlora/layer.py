@@ -521,7 +521,7 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if isinstance(base, self._base_type):  # the same class, or a subclass fully_shard made of it
             return
-        peft = type(base).__module__.split(".")[0] == "peft"
+        peft = is_peft_module(base)
         raise TypeError(
             f"{self._where}: its base layer was replaced by {type(base).__module__}.{type(base).__name__}"
             + (": PEFT was applied on top of a fastlora model (get_peft_model, TRL's peft_config, or transformers' "
@@ -602,6 +602,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def is_peft_module(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PEFT's (a tuner layer, a PeftModel wrapper, ...)."""
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def peft_modules(model: nn.Module) -> list[str]:
+    """Names of PEFT's modules in ``model`` (the model itself as its class name)."""
+    return [name or type(model).__name__ for name, m in model.named_modules() if is_peft_module(m)]
+
+
 @torch.no_grad()
 def decay_bases(layers: list[LoRALinear], factors: list[float]) -> None:
     """:meth:`LoRALinear.decay_base` of each layer by its factor, every layer checked first, then
@@ -626,10 +636,10 @@ def check_no_peft_layers(model: nn.Module) -> None:
     correctly. Saves and optimizers call this; forward checks its own layer only."""
     for layer in lora_layers(model).values():
         layer.check_base_unchanged()
-    for name, module in model.named_modules():
-        if type(module).__module__.split(".")[0] == "peft":
-            raise TypeError(
-                f"{name or type(model).__name__} is a PEFT module inside a fastlora model: PEFT was applied on top of "
-                "fastlora's adapters (get_peft_model, TRL's peft_config, or transformers' add_adapter). Use one of the "
-                "two: train the fastlora model as it is (no peft_config), or fastlora.unload(model) first"
-            )
+    wrapped = peft_modules(model)
+    if wrapped:
+        raise TypeError(
+            f"{wrapped[0]} is a PEFT module inside a fastlora model: PEFT was applied on top of "
+            "fastlora's adapters (get_peft_model, TRL's peft_config, or transformers' add_adapter). Use one of the "
+            "two: train the fastlora model as it is (no peft_config), or fastlora.unload(model) first"
+        )
