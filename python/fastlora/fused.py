@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .composed import lora_backward, lora_forward
-from .reference import dropout_threshold
+from ._numerics import dropout_threshold
 from .skinny import needs_index_64, dot_precision
 
 __all__ = ["available", "lora_linear", "forward", "grad_x"]

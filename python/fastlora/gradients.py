@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from ._numerics import accumulation_dtype
 from ._batches import call_model
 from ._distributed import (
     BUCKET_BYTES, chunk_rows, flat_in_place, gather_row_chunks, in_place, sum_in_rank_order, world_size,
@@ -283,7 +283,7 @@ class _ExactUpdate:
         device = weight.device
         pin = pool is not None and device.type == "cuda"
         acc_device = "cpu" if pool is not None else device
-        dtype = reference.accumulation_dtype(weight.dtype)
+        dtype = accumulation_dtype(weight.dtype)
         self._zeros = functools.partial(torch.zeros, out_f, in_f, dtype=dtype, device=acc_device, pin_memory=pin)
         self.nbytes = out_f * in_f * dtype.itemsize  # of the whole accumulator
         self.acc: Tensor | None = None
@@ -324,7 +324,7 @@ class _SketchUpdate:
         # kept once, in the layout the kernels read; the sketch exposes transposed views.
         out_f, in_f = weight.shape
         self.device = device = weight.device
-        self.dtype = dtype = reference.accumulation_dtype(weight.dtype)
+        self.dtype = dtype = accumulation_dtype(weight.dtype)
         omega = torch.randn(in_f, k, generator=gen, dtype=torch.float32).to(device, dtype)
         psi = torch.randn(2 * k, out_f, generator=gen, dtype=torch.float32).to(device, dtype)
         self.k = k

@@ -43,7 +43,7 @@ from .inject import PEFT_RECORD, add_layers, refuse_peft_model, swap_module
 from .layer import (RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, check_no_peft_layers,
                     finite_in, lora_layers)
 from .quantized import is_quantized
-from .reference import accumulation_dtype
+from ._numerics import accumulation_dtype
 from .targets import name_matches, pattern_value
 from .transaction import transaction, write
 

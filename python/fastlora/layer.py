@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .bases import Quantized, for_base
 from .functional import SUPPORTED_DTYPES
-from .reference import accumulation_dtype
+from ._numerics import accumulation_dtype
 from .quantized import check_quantized_layer, cpu_repacking, is_quantized
 from .transaction import preserve, transaction
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _numerics
 from ._extension import extension_available, note_python_kernel
 from .backends.registry import kernel_used
 
@@ -41,7 +41,7 @@ def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     """The keep-mask dropout applies for this seed (the compiled kernel where the registry says so)."""
     if kernel_used("dropout_mask", seed.device.type):
         return torch.ops.fastlora.dropout_mask(seed, rows, cols, p)
-    return reference.dropout_mask(seed, rows, cols, p)
+    return _numerics.dropout_mask(seed, rows, cols, p)
 
 
 def lora_pro_kernel_applies(exp_avg: Tensor, r: int) -> bool:
@@ -67,11 +67,11 @@ def lora_pro_moments(
     args = (exp_avg, exp_avg_sq, lora_A, lora_B, grad_A0, grad_B0, scale, beta1, beta2, eps, step)
     if lora_pro_kernel_applies(exp_avg, lora_A.shape[0]):
         return torch.ops.fastlora.lora_pro_moments(*args)
-    return reference.lora_pro_moments(*args)
+    return _numerics.lora_pro_moments(*args)
 
 
 def _register_fakes() -> None:
-    acc = reference.accumulation_dtype
+    acc = _numerics.accumulation_dtype
 
     @torch.library.register_fake("fastlora::lora_down")
     def _lora_down(x, lora_A, dropout_p, seed):
@@ -148,12 +148,12 @@ def _down_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _down_backward(ctx: Any, dxa: Tensor) -> tuple:
     x, lora_A, seed = ctx.saved_tensors
     p = ctx.dropout_p
-    dxa = dxa.to(reference.accumulation_dtype(x.dtype))
+    dxa = dxa.to(_numerics.accumulation_dtype(x.dtype))
     d_a = torch.ops.fastlora.lora_grad_A(x, dxa, p, seed, lora_A.dtype) if ctx.needs_input_grad[1] else None
     dx = None
     if ctx.needs_input_grad[0]:
         mask = dropout_mask(seed, x.shape[0], x.shape[1], p) if p > 0 else None
-        dx = reference.dropout(dxa @ lora_A.to(dxa.dtype), p, seed, mask).to(x.dtype)
+        dx = _numerics.dropout(dxa @ lora_A.to(dxa.dtype), p, seed, mask).to(x.dtype)
     return dx, d_a, None, None
 
 

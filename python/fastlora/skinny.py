@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import dropout_threshold
+from ._numerics import dropout_threshold
 
 __all__ = ["available", "applies", "forced", "self_check", "down", "dy_products", "grad_a", "add_low_rank"]
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._distributed import broadcast_from_rank0
 from ..gradients import GradientStats, call_model, to_device
-from ..reference import accumulation_dtype
+from .._numerics import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
 from ..progress import Progress

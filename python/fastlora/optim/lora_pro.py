@@ -28,7 +28,7 @@ from .. import ops
 from .._distributed import check_row_sharded, full, gather_rows, is_dtensor, local, row_range, rows_like, sum_over_mesh
 from ..layer import check_no_peft_layers, decay_bases, lora_layers
 from ..layer import LoRALinear
-from ..reference import adam_directions
+from .._numerics import adam_directions
 from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype
 
 __all__ = ["DEFAULT_TRUST_REGION", "LoRAPro", "LoRAProSGD", "MODES", "MOMENT_DTYPES"]
