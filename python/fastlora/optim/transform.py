@@ -16,7 +16,6 @@ Two ways to apply it:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,17 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from .._distributed import full, local
-from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype, lora_pro_gradients
-from .lora_pro import ModelOrLayers, _discover, _Layer
+from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
+from .lora_pro.discovery import Layer, ModelOrLayers, discover
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
-
-
-def _check_x_mode(x_mode: str, ridge: float) -> None:
-    if x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
-    if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
-        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
 
 
 def _stacked(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -61,19 +53,19 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         ValueError: an unknown ``x_mode``, a negative ridge, or only one of a layer's two adapters
             has a gradient (nothing is changed then).
     """
-    _check_x_mode(x_mode, ridge)
-    layers, _ = _discover(model)
+    check_settings(x_mode, ridge)
+    layers, _ = discover(model)
     work = [layer for layer in layers if layer.A.grad is not None or layer.B.grad is not None]
     for layer in work:
         if layer.A.grad is None or layer.B.grad is None:
             raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
                              "both (set the other to zeros if that is what you mean)")
     # Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as LoRAPro batches.
-    blocks: dict[tuple, list[_Layer]] = {}
+    blocks: dict[tuple, list[Layer]] = {}
     for layer in work:
         key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
         blocks.setdefault(key, []).append(layer)
-    by_rank: dict[tuple, list[tuple[list[_Layer], list[Tensor]]]] = {}
+    by_rank: dict[tuple, list[tuple[list[Layer], list[Tensor]]]] = {}
     for (shape_a, _, device, dtype), group in blocks.items():
         parts = [_stacked([getattr(layer, name).detach() for layer in group], dtype) for name in ("A", "B")]
         parts += [_stacked([getattr(layer, name).grad for layer in group], dtype) for name in ("A", "B")]
@@ -129,8 +121,8 @@ def lora_pro_gradient_hooks(
         ...     engine.backward(loss_fn(engine, batch))
         >>> engine.step()
     """
-    _check_x_mode(x_mode, ridge)
-    layers, _ = _discover(model)
+    check_settings(x_mode, ridge)
+    layers, _ = discover(model)
     handles = []
 
     def pre(module: nn.Module, args: tuple) -> None:
