@@ -23,16 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._distributed import full, local
+from .._distributed import local
 from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
-from .lora_pro.discovery import Layer, ModelOrLayers, discover
+from .lora_pro.discovery import Block, ModelOrLayers, discover
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
-
-
-def _stacked(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The tensors whole (gathered under FSDP2: a collective), stacked, in ``dtype``."""
-    return torch.stack([full(t).to(dtype) for t in tensors])
 
 
 @torch.no_grad()
@@ -61,21 +56,21 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
             raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
                              "both (set the other to zeros if that is what you mean)")
     # Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as LoRAPro batches.
-    blocks: dict[tuple, list[Layer]] = {}
+    blocks: dict[tuple, Block] = {}
     for layer in work:
         key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
-        blocks.setdefault(key, []).append(layer)
-    by_rank: dict[tuple, list[tuple[list[Layer], list[Tensor]]]] = {}
-    for (shape_a, _, device, dtype), group in blocks.items():
-        parts = [_stacked([getattr(layer, name).detach() for layer in group], dtype) for name in ("A", "B")]
-        parts += [_stacked([getattr(layer, name).grad for layer in group], dtype) for name in ("A", "B")]
-        parts.append(torch.tensor([float(layer.module.scaling) for layer in group], dtype=dtype, device=device))
-        by_rank.setdefault((shape_a[0], device, dtype), []).append((group, parts))
+        block = blocks.setdefault(key, Block([], [], []))
+        block.layers.append(layer)
+        block.scales.append(float(layer.module.scaling))
+    by_rank: dict[tuple, list[Block]] = {}
+    for (shape_a, _, device, dtype), block in blocks.items():
+        block.stack(dtype)  # under FSDP2 a collective: the whole adapters and gradients
+        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
     for same in by_rank.values():
-        a, b, grad_a, grad_b, s = zip(*(parts for _, parts in same))
-        adjusted = GramProjector(a, b, s, ridge).adjust(grad_a, grad_b, x_mode)
-        for (group, _), (h_a, h_b) in zip(same, adjusted):
-            for layer, ha, hb in zip(group, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
+        projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
+        adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
+        for block, (h_a, h_b) in zip(same, adjusted):
+            for layer, ha, hb in zip(block.layers, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
                 local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
                 local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
     return len(work)

@@ -45,7 +45,8 @@ class Layer:
 class Block:
     """Layers of one shape (r, out, in) on one device, their tensors stacked in the compute dtype
     (whole tensors: sharded adapters and their reduced gradients are gathered, so the closed form
-    runs identically on every rank)."""
+    runs identically on every rank). ``groups`` holds each layer's optimizer param group (empty
+    for the gradient transform, which has none)."""
 
     layers: list[Layer]
     groups: list[dict]
