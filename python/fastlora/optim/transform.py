@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._distributed import local
 from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
-from .lora_pro.discovery import Block, ModelOrLayers, discover
+from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 
@@ -55,18 +55,7 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         if layer.A.grad is None or layer.B.grad is None:
             raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
                              "both (set the other to zeros if that is what you mean)")
-    # Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as LoRAPro batches.
-    blocks: dict[tuple, Block] = {}
-    for layer in work:
-        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
-        block = blocks.setdefault(key, Block([], [], []))
-        block.layers.append(layer)
-        block.scales.append(float(layer.module.scaling))
-    by_rank: dict[tuple, list[Block]] = {}
-    for (shape_a, _, device, dtype), block in blocks.items():
-        block.stack(dtype)  # under FSDP2 a collective: the whole adapters and gradients
-        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
-    for same in by_rank.values():
+    for same in _stacks_by_rank(work):
         projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
         adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
         for block, (h_a, h_b) in zip(same, adjusted):
@@ -74,6 +63,22 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
                 local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
                 local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
     return len(work)
+
+
+def _stacks_by_rank(layers: list[Layer]) -> list[list[Block]]:
+    """Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as
+    LoRAPro batches. Under FSDP2 stacking gathers the adapters and their gradients (collectives)."""
+    blocks: dict[tuple, Block] = {}
+    for layer in layers:
+        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
+        block = blocks.setdefault(key, Block([], [], []))
+        block.layers.append(layer)
+        block.scales.append(float(layer.module.scaling))
+    by_rank: dict[tuple, list[Block]] = {}
+    for (shape_a, _, device, dtype), block in blocks.items():
+        block.stack(dtype)
+        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
+    return list(by_rank.values())
 
 
 class _Adjust(torch.autograd.Function):
