@@ -21,6 +21,7 @@ so ``B = 0`` (the usual initialisation) gives ``(B^T B)^+ = 0`` and finite resul
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_RIDGE",
     "X_MODES",
     "GramProjector",
+    "check_settings",
     "equivalent_gradient",
     "lora_pro_gradients",
     "solve_sylvester",
@@ -38,6 +40,14 @@ __all__ = [
 DEFAULT_RIDGE = 1e-8
 _NEWTON_STEPS = 8  # the trust region's damping: converged to float64 by 6 on random problems (B from 1 to 1e-8)
 X_MODES = ("sylvester", "symmetry", "zero")
+
+
+def check_settings(x_mode: str, ridge: float) -> None:
+    """ValueError unless ``x_mode`` is one of :data:`X_MODES` and ``ridge`` a number >= 0."""
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
+    if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
+        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,6 @@ Two ways to apply it:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,23 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._distributed import full, local
-from .closed_form import DEFAULT_RIDGE, X_MODES, GramProjector, compute_dtype, lora_pro_gradients
-from .lora_pro import ModelOrLayers, _discover, _Layer
+from .._distributed import local
+from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
+from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
-
-
-def _check_x_mode(x_mode: str, ridge: float) -> None:
-    if x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
-    if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
-        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-
-
-def _stacked(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The tensors whole (gathered under FSDP2: a collective), stacked, in ``dtype``."""
-    return torch.stack([full(t).to(dtype) for t in tensors])
 
 
 @torch.no_grad()
@@ -61,32 +48,37 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         ValueError: an unknown ``x_mode``, a negative ridge, or only one of a layer's two adapters
             has a gradient (nothing is changed then).
     """
-    _check_x_mode(x_mode, ridge)
-    layers, _ = _discover(model)
+    check_settings(x_mode, ridge)
+    layers, _ = discover(model)
     work = [layer for layer in layers if layer.A.grad is not None or layer.B.grad is not None]
     for layer in work:
         if layer.A.grad is None or layer.B.grad is None:
             raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
                              "both (set the other to zeros if that is what you mean)")
-    # Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as LoRAPro batches.
-    blocks: dict[tuple, list[_Layer]] = {}
-    for layer in work:
-        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
-        blocks.setdefault(key, []).append(layer)
-    by_rank: dict[tuple, list[tuple[list[_Layer], list[Tensor]]]] = {}
-    for (shape_a, _, device, dtype), group in blocks.items():
-        parts = [_stacked([getattr(layer, name).detach() for layer in group], dtype) for name in ("A", "B")]
-        parts += [_stacked([getattr(layer, name).grad for layer in group], dtype) for name in ("A", "B")]
-        parts.append(torch.tensor([float(layer.module.scaling) for layer in group], dtype=dtype, device=device))
-        by_rank.setdefault((shape_a[0], device, dtype), []).append((group, parts))
-    for same in by_rank.values():
-        a, b, grad_a, grad_b, s = zip(*(parts for _, parts in same))
-        adjusted = GramProjector(a, b, s, ridge).adjust(grad_a, grad_b, x_mode)
-        for (group, _), (h_a, h_b) in zip(same, adjusted):
-            for layer, ha, hb in zip(group, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
+    for same in _stacks_by_rank(work):
+        projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
+        adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
+        for block, (h_a, h_b) in zip(same, adjusted):
+            for layer, ha, hb in zip(block.layers, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
                 local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
                 local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
     return len(work)
+
+
+def _stacks_by_rank(layers: list[Layer]) -> list[list[Block]]:
+    """Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as
+    LoRAPro batches. Under FSDP2 stacking gathers the adapters and their gradients (collectives)."""
+    blocks: dict[tuple, Block] = {}
+    for layer in layers:
+        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
+        block = blocks.setdefault(key, Block([], [], []))
+        block.layers.append(layer)
+        block.scales.append(float(layer.module.scaling))
+    by_rank: dict[tuple, list[Block]] = {}
+    for (shape_a, _, device, dtype), block in blocks.items():
+        block.stack(dtype)
+        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
+    return list(by_rank.values())
 
 
 class _Adjust(torch.autograd.Function):
@@ -129,8 +121,8 @@ def lora_pro_gradient_hooks(
         ...     engine.backward(loss_fn(engine, batch))
         >>> engine.step()
     """
-    _check_x_mode(x_mode, ridge)
-    layers, _ = _discover(model)
+    check_settings(x_mode, ridge)
+    layers, _ = discover(model)
     handles = []
 
     def pre(module: nn.Module, args: tuple) -> None:
