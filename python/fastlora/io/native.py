@@ -23,7 +23,8 @@ from ..quantized import is_quantized
 from ..transaction import transaction
 from . import files
 from .checks import adapter_config, dtype_name, factor_problems, field, refuse_merged, target_problems
-from .files import CONFIG, HF_WEIGHTS, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently
+from .files import (CONFIG, HF_WEIGHTS, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
+                    write_directory)
 from .heads import apply_heads, check_whole, head_problems, trainable_extras
 
 logger = logging.getLogger("fastlora")

@@ -25,7 +25,8 @@ from ..targets import name_matches, pattern_value
 from ..transaction import transaction
 from . import files
 from .checks import adapter_config, factor_problems, field, refuse_merged, target_problems
-from .files import PEFT_CONFIG, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently
+from .files import (PEFT_CONFIG, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
+                    write_directory)
 from .heads import apply_heads, base_module_names, check_whole, head_problems, inside, trainable_extras
 
 logger = logging.getLogger("fastlora")
