@@ -222,6 +222,16 @@ def _load_problems(model: nn.Module, existing: dict[str, LoRALinear], saved: dic
     return values, problems
 
 
+def _apply(model: nn.Module, saved: dict[str, SavedLayer], tensors: dict[str, Tensor], base_weights: str,
+           copies: list[str], values: dict[str, Tensor]) -> None:
+    """Writes the checked adapter into the model's LoRA layers (with their LoRA-GA offsets) and heads."""
+    layers = lora_layers(model)
+    for name, (cfg, *_, has_offset) in saved.items():
+        offset = (tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]) if has_offset else None
+        layers[name].load_factors(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset, base_weights)
+    apply_heads(model, copies, values)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: bool | None = None) -> nn.Module:
     """Loads an adapter saved by :func:`save_adapter` into ``model`` and returns it.
@@ -257,11 +267,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, apply_base_offset: b
     copies = config.get("modules_to_save", [])
 
     def apply(model: nn.Module) -> None:
-        layers = lora_layers(model)
-        for name, (cfg, *_, has_offset) in saved.items():
-            offset = (tensors[f"{name}.lora_A0"], tensors[f"{name}.lora_B0"]) if has_offset else None
-            layers[name].load_factors(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], cfg, offset, base_weights)
-        apply_heads(model, copies, values)
+        _apply(model, saved, tensors, base_weights, copies, values)
 
     if existing:
         with transaction(model):  # a failure on layer k puts everything back
