@@ -71,25 +71,10 @@ def infer_task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
 
 
-def peft_state(
-    model: nn.Module,
-    fold_scaling: bool = False,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and ``adapter_config.json`` of PEFT's format for ``model``'s adapters (see
-    :func:`export_peft`)."""
-    check_no_peft_layers(model)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to export")
-    check_whole(model, layers)
-    record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
-    task_type = task_type if task_type is not None else record.get("task_type")
-    base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"unmerge layers {merged[:4]} before exporting (merged weights are in the base)")
+def _peft_layers(layers: dict[str, LoRALinear], fold_scaling: bool
+                 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float], bool, float]:
+    """The layers' factors as PEFT names them, their ranks and alphas, the one use_rslora and the
+    one lora_dropout PEFT's configuration holds for all of them (ValueError if the dropouts differ)."""
     tensors: dict[str, Tensor] = {}
     ranks, alphas, rslora, dropouts = {}, {}, set(), set()
     for name, layer in layers.items():
@@ -110,6 +95,29 @@ def peft_state(
         for name, layer in layers.items():
             alphas[name] = layer.scaling * ranks[name]
         rslora = {False}
+    return tensors, ranks, alphas, rslora.pop(), dropouts.pop()
+
+
+def peft_state(
+    model: nn.Module,
+    fold_scaling: bool = False,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` of PEFT's format for ``model``'s adapters (see
+    :func:`export_peft`)."""
+    check_no_peft_layers(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to export")
+    check_whole(model, layers)
+    record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
+    task_type = task_type if task_type is not None else record.get("task_type")
+    base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"unmerge layers {merged[:4]} before exporting (merged weights are in the base)")
+    tensors, ranks, alphas, use_rslora, dropout = _peft_layers(layers, fold_scaling)
     extras = trainable_extras(model)
     save_modules = sorted({n.rpartition(".")[0] for n in extras})
     for n, p in extras.items():
@@ -126,9 +134,9 @@ def peft_state(
         "lora_alpha": alpha_default,
         "rank_pattern": {n: r for n, r in ranks.items() if r != r_default},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha_default},
-        "use_rslora": rslora.pop(),
+        "use_rslora": use_rslora,
         "target_modules": list(layers),
-        "lora_dropout": dropouts.pop(),
+        "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
