@@ -336,13 +336,13 @@ def test_a_file_another_process_writes_into_the_folder_during_a_save_is_kept(tmp
     rank 0 saves the model into it (no barrier between them)."""
     d = tmp_path / "checkpoint-1"
     fastlora.hf.save_pretrained(with_head(1, "copy"), d)
-    real_exchange = fastlora.io._exchange
+    real_exchange = fastlora.io.files._exchange
 
     def other_rank_writes_then_exchange(a, b):
         (d / "rng_state_1.pth").write_bytes(b"rank 1")
         real_exchange(a, b)
 
-    monkeypatch.setattr(fastlora.io, "_exchange", other_rank_writes_then_exchange)
+    monkeypatch.setattr(fastlora.io.files, "_exchange", other_rank_writes_then_exchange)
     fastlora.hf.save_pretrained(with_head(2, "copy"), d)
     assert (d / "rng_state_1.pth").read_bytes() == b"rank 1"
     close(out(fastlora.load_adapter(base_model(), d)), out(with_head(2, "copy")))
@@ -353,17 +353,17 @@ def test_a_directory_created_meanwhile_by_another_save_is_swapped_not_an_error(t
     one's check and its rename (simulated here), and the later save wins."""
     target = tmp_path / "a"
     first, second = with_head(1, "none"), with_head(2, "none")
-    real_fsync = fastlora.io._fsync
+    real_fsync = fastlora.io.files._fsync
 
     def other_save_meanwhile(path):
         real_fsync(path)
         if Path(path).name.startswith(".a.tmp-") and not target.exists():
-            monkeypatch.setattr(fastlora.io, "_fsync", real_fsync)
+            monkeypatch.setattr(fastlora.io.files, "_fsync", real_fsync)
             fastlora.save_adapter(first, target)
 
-    monkeypatch.setattr(fastlora.io, "_fsync", other_save_meanwhile)
+    monkeypatch.setattr(fastlora.io.files, "_fsync", other_save_meanwhile)
     fastlora.save_adapter(second, target)
-    assert fastlora.io._fsync is real_fsync  # the other save did run in between
+    assert fastlora.io.files._fsync is real_fsync  # the other save did run in between
     close(out(fastlora.load_adapter(base_model(), target)), out(second))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
@@ -374,17 +374,17 @@ def test_a_load_overtaken_by_a_save_reads_one_save_whole(tmp_path, monkeypatch, 
     the load gets the first save whole if it had it all, else starts over on the new one."""
     first, second = with_head(1, "copy", lora_alpha=3.0), with_head(2, "copy", lora_alpha=5.0)
     save(first, tmp_path / "d", fmt)
-    real = fastlora.io._Generation.read
+    real = fastlora.io.files.Generation.read
 
     def read_then_save(self, name):
         data = real(self, name)
-        monkeypatch.setattr(fastlora.io._Generation, "read", real)
+        monkeypatch.setattr(fastlora.io.files.Generation, "read", real)
         save(second, tmp_path / "d", fmt)
         return data
 
-    monkeypatch.setattr(fastlora.io._Generation, "read", read_then_save)
+    monkeypatch.setattr(fastlora.io.files.Generation, "read", read_then_save)
     loaded = load_for(fmt)(base_model(), tmp_path / "d")
-    assert fastlora.io._Generation.read is real  # the save did run in between
+    assert fastlora.io.files.Generation.read is real  # the save did run in between
     # save_pretrained's folder has fastlora's whole format in its first file; the others need a second file
     close(out(loaded), out(first if fmt == "hf" else second))
 

@@ -600,14 +600,14 @@ def test_a_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch, step):
     randomise(model, 2)
     assert not torch.equal(out(model), saved)  # the test can tell the two saves apart
 
-    real = getattr(fastlora.io, step)
+    real = getattr(fastlora.io.files, step)
 
     def refuse(*args, **kwargs):
         if step == "save_safetensors":
             real(*args, **kwargs)  # the file is written, then the disk fills up
         raise OSError(f"no {step} today")
 
-    monkeypatch.setattr(fastlora.io, step, refuse)
+    monkeypatch.setattr(fastlora.io.files, step, refuse)
     with pytest.raises(OSError, match=f"no {step} today"):
         fastlora.save_adapter(model, tmp_path / "a")
     monkeypatch.undo()

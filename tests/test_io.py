@@ -139,12 +139,12 @@ fastlora.{fn}(model, {path!r})
 torch.save({{n: p.detach() for n, p in model.named_parameters()}}, {path!r} + ".pt")
 for layer in fastlora.lora_layers(model).values():
     torch.nn.init.normal_(layer.lora_B)
-real = fastlora.io.save_safetensors
+real = fastlora.io.files.save_safetensors
 def slow(path, tensors, metadata):
     real(path, tensors, metadata)
     print("writing", flush=True)
     time.sleep(60)
-fastlora.io.save_safetensors = slow
+fastlora.io.files.save_safetensors = slow
 fastlora.{fn}(model, {path!r})
 """
 
