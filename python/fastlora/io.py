@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ._distributed import is_dtensor
 from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
-from .init.pissa import original_weight, principal_factors
+from .principal import original_weight, principal_factors
 from .inject import PEFT_RECORD, add_layers, refuse_peft_model, swap_module
 from .layer import (RECORDED_INITS, AdapterConfig, LoRALinear, check_base_layer, check_factors, check_no_peft_layers,
                     finite_in, lora_layers)
