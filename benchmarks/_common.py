@@ -1,7 +1,9 @@
-"""Shared timing and reporting helpers for the benchmark scripts (not a test suite)."""
+"""Shared timing, memory and reporting helpers for the benchmark scripts and the examples (the
+main job and the FSDP2 example import it; it imports nothing from them). Not a test suite."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -12,6 +14,14 @@ from pathlib import Path
 import torch
 
 from fastlora.backends.measured import cpu_model, elapsed
+
+try:  # FSDP2
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 and 2.5
+    try:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # no FSDP2 (torch without distributed): the FSDP scripts say so when they need it
+        MixedPrecisionPolicy = fully_shard = None
 
 
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3, repeat: int = 30) -> float:
@@ -127,3 +137,46 @@ def plot_ratios(path: str | os.PathLike, rows: Sequence[dict], label_key: str, s
     ax.set_title(title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+class PeakMemory:
+    """Peak device memory on a GPU, peak resident set size of this process on a CPU (reset with
+    ``/proc/self/clear_refs``, so each measured piece starts from the current size; NaN where
+    ``/proc`` is missing)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _status_mib("VmHWM:")
+
+    def current_mib(self) -> float:
+        """Allocated device memory now on a GPU, resident set size now on a CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _status_mib("VmRSS:")
+
+
+def _status_mib(key: str) -> float:
+    """A size from /proc/self/status in MiB (NaN where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return float("nan")

@@ -54,13 +54,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, format_table, pyplot, save_figure, write_json  # noqa: E402
+from _common import PeakMemory, environment, format_table, fully_shard, pyplot, save_figure, write_json  # noqa: E402
 from gradients import build_model, make_batches, projection_weights  # noqa: E402
 
 import fastlora  # noqa: E402
 from fastlora._distributed import local  # noqa: E402
-from fastlora.examples.fsdp import fully_shard  # noqa: E402
-from fastlora.examples.memory import PeakMemory  # noqa: E402
 
 R, ALPHA = 8, 16
 LAYOUTS = ("sharded", "replicated")

@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, format_table, write_json  # noqa: E402
+from _common import PeakMemory, environment, format_table, write_json  # noqa: E402
 
 import fastlora  # noqa: E402
-from fastlora.examples.memory import PeakMemory  # noqa: E402
 
 PRESETS = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, batch, seq)

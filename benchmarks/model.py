@@ -32,12 +32,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, format_table, write_json  # noqa: E402
+from _common import PeakMemory, environment, format_table, write_json  # noqa: E402
 from gradients import build_model, make_batches  # noqa: E402
 from layer_cpu import PlainLoRA  # noqa: E402
 
 import fastlora  # noqa: E402
-from fastlora.examples.memory import PeakMemory  # noqa: E402
 
 R, ALPHA = 16, 32
 

@@ -4,6 +4,9 @@ averaged, which is what FSDP2's reduce-scatter gives for two ranks: halving is e
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,8 +17,9 @@ from fastlora._distributed import full
 from fastlora.optim import LoRAPro
 from gloo import spawn  # noqa: F401  (the FSDP tests' launcher)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the FSDP2 example's model
 try:
-    from fastlora.examples.fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, quantize_blocks, shard_model
+    from fsdp import MixedPrecisionPolicy, TinyDecoder, fully_shard, quantize_blocks, shard_model
 except ImportError:  # no FSDP2 in this torch (it came with 2.4)
     fully_shard = None
 

@@ -243,7 +243,7 @@ def test_inject_failing_after_lora_ga_restores_the_shifted_base_weight_and_every
     def failing_hook(m):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inject_module, "ON_ADAPTERS_ADDED", [*inject_module.ON_ADAPTERS_ADDED, failing_hook])
+    monkeypatch.setitem(inject_module.MODEL_HOOKS, "failing", (failing_hook, lambda m: None))
     refused(model, lambda: fastlora.inject(model, "0", r=1, adapter_dtype=F64, init="lora_ga", gradients=stats,
                                            init_config={"svd": "exact"}), KeyboardInterrupt)
     assert not fastlora.lora_layers(model)

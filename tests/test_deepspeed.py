@@ -15,9 +15,8 @@ import torch
 
 import fastlora
 from conftest import assert_matches
-from fastlora.examples.fsdp import TinyDecoder
 from fastlora.optim import LoRAPro, lora_pro_gradient_hooks
-from fsdp_helpers import U, batch, gram_condition, loss_of, make_model, needs_fsdp2, reference_grads, spawn
+from fsdp_helpers import TinyDecoder, U, batch, gram_condition, loss_of, make_model, needs_fsdp2, reference_grads, spawn
 
 deepspeed = pytest.importorskip("deepspeed")
 pytestmark = needs_fsdp2

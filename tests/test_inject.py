@@ -126,3 +126,74 @@ def test_inject_twice_and_helpers_without_adapters():
         fastlora.inject(model, ["q_proj"], r=2)
     with pytest.raises(ValueError, match="no LoRA layers"):
         fastlora.merge(Model())
+
+
+# ---- the package's import structure and model hooks ------------------------------------------------
+
+
+def _run_python(code: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+HEAVY = "[m for m in sys.modules if m.split('.')[:2] in (['fastlora', 'gradients'], ['fastlora', 'init'])]"
+
+
+@pytest.mark.parametrize("statement", ["import fastlora.inject", "import fastlora", "import fastlora.init.pissa"])
+def test_inject_and_the_package_import_without_the_gradient_engine_or_the_initialisers(statement):
+    # A fresh interpreter: this one has imported everything already.
+    out = _run_python(f"import sys; {statement}; print({HEAVY})")
+    expected = ["fastlora.init", "fastlora.init.pissa"] if statement.endswith("pissa") else []
+    assert sorted(eval(out)) == expected  # pissa needs neither the gradient engine nor the other inits
+
+
+def test_lazy_public_names_load_on_first_use_and_are_the_modules_objects():
+    out = _run_python(
+        "import sys, fastlora; assert 'fastlora.gradients' not in sys.modules\n"
+        "from fastlora import GradientStats\n"
+        "import fastlora.gradients as g, fastlora.optim.lora_pro as lp\n"
+        "assert GradientStats is g.GradientStats and fastlora.collect_gradients is g.collect_gradients\n"
+        "assert fastlora.optim.LoRAPro is lp.LoRAPro and fastlora.param_groups is fastlora.optim.param_groups\n"
+        "from fastlora.init.gora import allocate_ranks  # binds the submodule gora on the package...\n"
+        "assert callable(fastlora.init.gora) and fastlora.init.gora.__name__ == 'gora'  # ...the function stays\n"
+        "assert callable(fastlora.init.lora_ga) and fastlora.init.principal_init.__name__ == 'principal_init'\n"
+        "assert {'collect_gradients', 'init', 'optim', 'GradientStats'} <= set(dir(fastlora))\n"
+        "assert 'ops' not in fastlora.__all__ and 'reference' not in fastlora.__all__\n"
+        "print('ok')")
+    assert out.strip() == "ok"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        fastlora.no_such_name  # noqa: B018
+
+
+def test_model_hooks_are_registered_once_by_name_and_a_reload_replaces_them():
+    import importlib
+
+    inject_module = importlib.import_module("fastlora.inject")  # fastlora.inject is the function
+    hf, peft_methods = importlib.import_module("fastlora.hf"), importlib.import_module("fastlora.peft_methods")
+    saved = dict(inject_module.MODEL_HOOKS)
+    try:
+        assert list(saved) == ["hf", "peft_methods"]
+        assert saved["hf"] == (hf.attach, hf.detach) and saved["peft_methods"] == (peft_methods.attach,
+                                                                                    peft_methods.detach)
+        importlib.reload(fastlora)  # registers again: replaces, never appends
+        assert inject_module.MODEL_HOOKS == saved
+        calls = []
+        inject_module.register_model_hooks("probe", lambda m: calls.append("added"), lambda m: calls.append("x"))
+        inject_module.register_model_hooks("probe", lambda m: calls.append("added again"),
+                                           lambda m: calls.append("removed"))
+        assert list(inject_module.MODEL_HOOKS) == ["hf", "peft_methods", "probe"]
+        model = fastlora.inject(Model(), ["q_proj"], r=2)
+        assert callable(model.__dict__["merge_and_unload"])  # PEFT's methods, from the registered hook
+        fastlora.unload(model)
+        assert calls == ["added again", "removed"] and "merge_and_unload" not in model.__dict__
+        with pytest.raises(TypeError, match="callables"):
+            inject_module.register_model_hooks("probe", None, None)
+    finally:
+        inject_module.MODEL_HOOKS.clear()
+        inject_module.MODEL_HOOKS.update(saved)

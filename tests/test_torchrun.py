@@ -10,8 +10,11 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from fsdp_helpers import needs_fsdp2
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp.py"  # launched as a script, as users do
 
 pytestmark = needs_fsdp2
 
@@ -26,7 +29,7 @@ def test_torchrun_two_nodes_run_the_fsdp_example_with_lora_ga_and_lora_pro(tmp_p
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "fastlora-test",
              "--local_addr", "127.0.0.1",
-             "-m", "fastlora.examples.fsdp", "--init", "lora-ga", "--optimizer", "lora-pro", "--steps", "6",
+             str(EXAMPLE), "--init", "lora-ga", "--optimizer", "lora-pro", "--steps", "6",
              "--save", str(tmp_path / "ckpt")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )

@@ -10,9 +10,12 @@ Quick start::
 See docs/quickstart.md and docs/api.md.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import backends, copies, init, ops, optim, quantized, reference
+from . import backends, copies, hf, peft_methods, quantized
 from ._extension import cpu_isa, extension_available, extension_error
 from ._version import __version__
 from .backends.layer import tune
@@ -24,29 +27,67 @@ from .backends.registry import (
     set_measured,
     use_backend,
 )
-from .functional import lora_linear, lora_update
-from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
 from .config import LoraConfig
+from .functional import lora_linear, lora_update
 from .inject import (
     adapter_state_dict,
     count_parameters,
-    get_peft_model,
     disable_adapter,
+    get_peft_model,
     initialize_lora_eva_weights,
     inject,
     merge,
     merge_and_unload,
     print_trainable_parameters,
+    register_model_hooks,
     trainable_parameters,
     unload,
     unmerge,
 )
-from .progress import enable_logging
 from .io import AdapterFormatError, export_peft, import_peft, load_adapter, save_adapter
-from . import hf  # noqa: F401  (registers the Hugging Face save hook)
-from . import peft_methods  # noqa: F401  (registers PEFT's model methods)
-from .optim import param_groups
 from .layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
+from .progress import enable_logging
+
+# The model hooks, registered once, here: a transformers model's adapter-only save_pretrained and
+# PEFT's model methods (merge_and_unload, ...). Keyed by name, so a reload replaces them.
+register_model_hooks("hf", hf.attach, hf.detach)
+register_model_hooks("peft_methods", peft_methods.attach, peft_methods.detach)
+del register_model_hooks
+
+# The heavy parts, imported on first use (PEP 562): the gradient engine and the initialisers built
+# on it, and the optimizers. ``import fastlora`` (and so ``inject``) does not load them.
+# public name -> (submodule, attribute or None for the submodule itself)
+_LAZY = {
+    "gradients": ("gradients", None),
+    "GradientSketch": ("gradients", "GradientSketch"),
+    "GradientStats": ("gradients", "GradientStats"),
+    "LayerGradient": ("gradients", "LayerGradient"),
+    "collect_gradients": ("gradients", "collect_gradients"),
+    "init": ("init", None),
+    "optim": ("optim", None),
+    "param_groups": ("optim", "param_groups"),
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs (never runs)
+    from . import gradients, init, optim
+    from .gradients import GradientSketch, GradientStats, LayerGradient, collect_gradients
+    from .optim import param_groups
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(f".{module}", __name__)
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AdapterConfig",
@@ -82,12 +123,10 @@ __all__ = [
     "lora_update",
     "merge",
     "merge_and_unload",
-    "ops",
     "optim",
     "param_groups",
     "print_trainable_parameters",
     "quantized",
-    "reference",
     "save_adapter",
     "set_backend",
     "set_cuda_layer_kernels",

@@ -23,7 +23,7 @@ _load_error: str | None = None
 _REBUILD = (
     "Rebuild it against the installed torch: `pip install --no-build-isolation --no-deps "
     "--force-reinstall <path to the fastlora source>`, or set FASTLORA_DISABLE_EXTENSION=1 to "
-    "use the slower pure-PyTorch reference path."
+    "run on the slower composed path of library GEMMs."
 )
 
 
@@ -34,6 +34,9 @@ def env_flag(name: str) -> bool:
 
 def _load() -> str | None:
     """Imports the extension; returns why it is unavailable, or None when it loaded."""
+    # Both imports are downward (build outputs next to this file, importing nothing of fastlora) and
+    # inside this function on purpose: either may be absent (an install without the extension), and
+    # FASTLORA_DISABLE_EXTENSION must keep the shared library from being loaded at all.
     if env_flag("FASTLORA_DISABLE_EXTENSION"):
         return "disabled by FASTLORA_DISABLE_EXTENSION"
     try:

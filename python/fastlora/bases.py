@@ -8,22 +8,38 @@ merge) belongs to the layer, so its transitions and transactions see all of it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._distributed import is_dtensor, local
 from .functional import lora_linear, lora_update
 from .quantized import dense_weight, is_quantized, quantization_kind, requantize, swap_weight
 from .transaction import preserve
 
-if TYPE_CHECKING:
-    from torch import nn
+__all__ = ["AdapterLayer", "Dense", "Quantized", "for_base"]
 
-    from .layer import LoRALinear
 
-__all__ = ["Dense", "Quantized", "for_base"]
+class AdapterLayer(Protocol):
+    """What a strategy reads and changes of its layer (:class:`fastlora.LoRALinear`, the module
+    above this one): the base, the factors, the base offset ``(A0, B0)`` and the flags."""
+
+    base_layer: nn.Module
+    lora_A: Tensor
+    lora_B: Tensor
+    lora_A0: Tensor | None
+    lora_B0: Tensor | None
+    scaling: float
+    lora_dropout: float
+    merged: bool
+    adapter_enabled: bool
+    training: bool
+    where: str
+
+    def delta_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None,
+                     scaling: float | None = None) -> Tensor:
+        ...
 
 
 class Dense:
@@ -37,7 +53,7 @@ class Dense:
         return ""
 
     @staticmethod
-    def forward(layer: LoRALinear, x: Tensor) -> Tensor:
+    def forward(layer: AdapterLayer, x: Tensor) -> Tensor:
         base = layer.base_layer
         if layer.merged or (not layer.adapter_enabled and layer.lora_A0 is None):
             return base(x)
@@ -56,7 +72,7 @@ class Dense:
 
     @staticmethod
     @torch.no_grad()
-    def shift(layer: LoRALinear, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
+    def shift(layer: AdapterLayer, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
         """W += sign·scaling·B A, computed in float32 (float64 for a float64 base), cast back once;
         refused (W unchanged) if the result would not be finite in W's dtype (a float16 overflow)."""
         w = layer.base_layer.weight
@@ -71,23 +87,23 @@ class Dense:
         w.copy_(new)
 
     @staticmethod
-    def check_merge(layer: LoRALinear, allow_requantize: bool, where: str) -> None:
+    def check_merge(layer: AdapterLayer, allow_requantize: bool, where: str) -> None:
         pass
 
     @staticmethod
-    def merge(layer: LoRALinear, allow_requantize: bool) -> tuple[dict[str, float] | None, object]:
+    def merge(layer: AdapterLayer, allow_requantize: bool) -> tuple[dict[str, float] | None, object]:
         """Folds s·B A into the weight; returns (no report, what unmerge must subtract: the factors
         as merged, even if an optimizer steps the adapters meanwhile)."""
         Dense.shift(layer, layer.lora_A, layer.lora_B, +1.0, layer.scaling)
         return None, (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling)
 
     @staticmethod
-    def unmerge(layer: LoRALinear, merged: object) -> None:
+    def unmerge(layer: AdapterLayer, merged: object) -> None:
         a, b, scaling = merged
         Dense.shift(layer, a, b, -1.0, scaling)
 
     @staticmethod
-    def decayed(layer: LoRALinear) -> list[tuple[Tensor, float]]:
+    def decayed(layer: AdapterLayer) -> list[tuple[Tensor, float]]:
         """What a decay of the original weight by ``f`` scales, each by ``f ** power``: this rank's
         weight (power 1) and a LoRA-GA offset's factors (power 1/2 each)."""
         offset = [(t, 0.5) for t in (layer.lora_A0, layer.lora_B0) if t is not None]
@@ -105,7 +121,7 @@ class Quantized:
         return f", quantized={quantization_kind(base)}"
 
     @staticmethod
-    def forward(layer: LoRALinear, x: Tensor) -> Tensor:
+    def forward(layer: AdapterLayer, x: Tensor) -> Tensor:
         y = layer.base_layer(x)
         if layer.merged or not layer.adapter_enabled:
             return y
@@ -120,11 +136,11 @@ class Quantized:
         return lora_update(x, y, a, b, layer.scaling, p)
 
     @staticmethod
-    def shift(layer: LoRALinear, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
+    def shift(layer: AdapterLayer, a: Tensor, b: Tensor, sign: float, scaling: float) -> None:
         pass  # the packed weight never holds the offset: forward computes its term
 
     @staticmethod
-    def check_merge(layer: LoRALinear, allow_requantize: bool, where: str) -> None:
+    def check_merge(layer: AdapterLayer, allow_requantize: bool, where: str) -> None:
         if not allow_requantize:
             raise ValueError(
                 f"{where} has a quantized base ({quantization_kind(layer.base_layer)}): merging rounds W + s·B A back "
@@ -137,7 +153,7 @@ class Quantized:
 
     @staticmethod
     @torch.no_grad()
-    def merge(layer: LoRALinear, allow_requantize: bool) -> tuple[dict[str, float], object]:
+    def merge(layer: AdapterLayer, allow_requantize: bool) -> tuple[dict[str, float], object]:
         """Dequantizes, adds ``s·B A - s·B0 A0`` in float32 and re-quantizes into a new weight;
         returns the rounding error and the weight it replaced (unmerge swaps it back exactly)."""
         target = dense_weight(layer.base_layer) + layer.delta_weight().to(layer.lora_A.device)
@@ -152,11 +168,11 @@ class Quantized:
         return report, previous
 
     @staticmethod
-    def unmerge(layer: LoRALinear, merged: object) -> None:
+    def unmerge(layer: AdapterLayer, merged: object) -> None:
         swap_weight(layer.base_layer, merged)
 
     @staticmethod
-    def decayed(layer: LoRALinear) -> list[tuple[Tensor, float]]:
+    def decayed(layer: AdapterLayer) -> list[tuple[Tensor, float]]:
         raise ValueError(f"{layer.where} has a quantized base ({quantization_kind(layer.base_layer)}): its weight "
                          "cannot decay in place; use decay_base_weight=False")
 

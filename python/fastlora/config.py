@@ -5,7 +5,9 @@ A PEFT script's ``LoraConfig(...)`` (``peft.LoraConfig`` when PEFT is installed,
 settings) becomes :func:`fastlora.inject`'s keyword arguments through :func:`inject_arguments`.
 Every field is either honoured or refused by name with what to do instead; a field this module
 does not know (a newer PEFT) is refused whenever it differs from PEFT's default, so nothing is
-silently ignored. The table is in docs/from_peft.md.
+silently ignored. The table is in docs/from_peft.md. :class:`EvaConfig` (PEFT's EVA settings)
+lives here too, below :mod:`fastlora.init.eva` which runs EVA, so that reading a config needs no
+initialiser.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .init.eva import eva_config_from
-
-__all__ = ["LoraConfig", "PEFT_TASK_TYPES", "inject_arguments", "is_lora_config", "init_name"]
+__all__ = ["EvaConfig", "LoraConfig", "PEFT_TASK_TYPES", "eva_config_from", "inject_arguments", "is_lora_config",
+           "init_name"]
 
 # PEFT's task types (peft.TaskType's values).
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -30,6 +31,43 @@ PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTIO
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's ``EvaConfig`` (same fields and defaults): ``rho`` (>= 1; a layer gets at most
+    ``round(r·rho)``), ``tau`` (cosine threshold of convergence, in [0, 1]), ``use_label_mask``,
+    ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 1.0:
+            raise ValueError(f"EvaConfig.rho={self.rho!r}: must be a number >= 1.0 (1.0: no rank redistribution)")
+        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"EvaConfig.tau={self.tau!r}: must be between 0.0 and 1.0 (PEFT's default 0.99)")
+
+
+def eva_config_from(config: Any) -> EvaConfig:
+    """An :class:`EvaConfig` from ours, PEFT's ``EvaConfig``, a dict of its fields, or None (defaults)."""
+    if config is None:
+        return EvaConfig()
+    if isinstance(config, EvaConfig):
+        return config
+    fields = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
+    if isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"eva_config: unknown fields {unknown}; EvaConfig has {list(fields)}")
+        return EvaConfig(**config)
+    if type(config).__name__ == "EvaConfig":  # peft.EvaConfig
+        return EvaConfig(**{f: getattr(config, f) for f in fields})
+    raise TypeError(f"eva_config must be an EvaConfig (fastlora's or PEFT's) or a dict, got {type(config).__name__}")
 
 
 @dataclass

@@ -34,12 +34,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .inject import ON_ADAPTERS_ADDED, ON_ADAPTERS_REMOVED
 from .io import (CONFIG, HF_WEIGHTS, PEFT_CONFIG, RESUME_MARK, RESUME_WEIGHTS, WEIGHTS, fastlora_state, peft_state,
                  save_safetensors, write_directory)
 from .layer import lora_layers
 
-__all__ = ["save_pretrained", "RESUME_WEIGHTS"]
+__all__ = ["save_pretrained", "RESUME_WEIGHTS", "attach", "detach"]
 
 logger = logging.getLogger("fastlora")
 
@@ -82,18 +81,18 @@ def _is_transformers_model(model: nn.Module) -> bool:
 ADAPTERS_MARK = "_hf_peft_config_loaded"
 
 
-def _attach(model: nn.Module) -> None:
+def attach(model: nn.Module) -> None:
+    """Gives a transformers model with new adapters its adapter-only ``save_pretrained`` (and, if
+    quantized, transformers' mark of attached adapters); registered by the package as a model hook
+    (:func:`fastlora.inject.register_model_hooks`)."""
     if _is_transformers_model(model):
         model.save_pretrained = types.MethodType(save_pretrained, model)
         if getattr(model, "is_quantized", False):
             setattr(model, ADAPTERS_MARK, True)
 
 
-def _detach(model: nn.Module) -> None:
+def detach(model: nn.Module) -> None:
+    """Takes what :func:`attach` gave back off a model whose adapters were all removed."""
     if isinstance(model.__dict__.get("save_pretrained"), types.MethodType):
         del model.save_pretrained
     model.__dict__.pop(ADAPTERS_MARK, None)
-
-
-ON_ADAPTERS_ADDED.append(_attach)
-ON_ADAPTERS_REMOVED.append(_detach)

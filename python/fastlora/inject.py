@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import inject_arguments, is_lora_config
-from .functional import SUPPORTED_DTYPES
+from .config import eva_config_from, inject_arguments, is_lora_config
 from .copies import COPY, TrainableCopy, trainable_copies
-from .init import GoRAConfig, LoraGAConfig, gora, lora_ga
-from .init.common import check_gradients
-from .init.eva import eva_config_from, get_eva_state_dict
-from .init.lora_ga import rank_fits
-from .init.pissa import is_principal_init, principal_init
+from .functional import SUPPORTED_DTYPES
 from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers, peft_modules
+from .principal import is_principal_init
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 from .transaction import transaction
 
@@ -39,9 +36,6 @@ __all__ = [
     "adapter_state_dict",
 ]
 
-if TYPE_CHECKING:
-    from .gradients import GradientStats
-
 logger = logging.getLogger("fastlora")
 
 GRADIENT_INITS = ("lora_ga", "gora")
@@ -50,10 +44,41 @@ WEIGHT_INITS = ("pissa", "olora")
 # What a model adapted from a LoraConfig records for its exports (task_type, base_model_name_or_path).
 PEFT_RECORD = "_fastlora_peft_config"
 
-# Called with the model after adapters were added to it / after all were removed (the Hugging
-# Face integration, a module above this one, registers its save hook here).
-ON_ADAPTERS_ADDED: list[Callable[[nn.Module], None]] = []
-ON_ADAPTERS_REMOVED: list[Callable[[nn.Module], None]] = []
+# The one place inject reaches up: the initialisers sit above this module (LoRA-GA, GoRA and EVA
+# use the gradient engine), so the step an ``init=`` asks for is looked up when it is asked for.
+# What inject calls -> (module, name).
+_INIT_STEPS = {
+    "check_gradients": ("fastlora.init.common", "check_gradients"),
+    "LoraGAConfig": ("fastlora.init.lora_ga", "LoraGAConfig"),
+    "rank_fits": ("fastlora.init.lora_ga", "rank_fits"),
+    "lora_ga": ("fastlora.init.lora_ga", "lora_ga"),
+    "GoRAConfig": ("fastlora.init.gora", "GoRAConfig"),
+    "gora": ("fastlora.init.gora", "gora"),
+    "principal_init": ("fastlora.init.pissa", "principal_init"),
+    "get_eva_state_dict": ("fastlora.init.eva", "get_eva_state_dict"),
+}
+
+
+def _init_step(name: str) -> Any:
+    """The initialiser function or class ``name`` of :data:`_INIT_STEPS`, imported now."""
+    module, attribute = _INIT_STEPS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+ModelHook = Callable[[nn.Module], None]
+# name -> (called with the model after adapters were added to it, after all were removed). The
+# package registers the Hugging Face save hook and PEFT's model methods here (modules above this one).
+MODEL_HOOKS: dict[str, tuple[ModelHook, ModelHook]] = {}
+
+
+def register_model_hooks(name: str, added: ModelHook, removed: ModelHook) -> None:
+    """Calls ``added(model)`` whenever adapters are added to a model and ``removed(model)`` when
+    they are all taken out (inside the same transaction: a hook that raises undoes the change).
+    Registering a name again replaces its hooks (a reload does not register twice); hooks run in
+    the order their names were first registered."""
+    if not callable(added) or not callable(removed):
+        raise TypeError(f"register_model_hooks({name!r}, ...): added and removed must be callables taking the model")
+    MODEL_HOOKS[name] = (added, removed)
 
 
 def inject(
@@ -71,7 +96,7 @@ def inject(
     trainable_modules: Targets | None = None,
     modules_to_save: Targets | None = None,
     generator: torch.Generator | None = None,
-    gradients: GradientStats | None = None,
+    gradients: Any = None,
     init_config: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Replaces the matching ``nn.Linear`` modules of ``model`` by :class:`LoRALinear` in place
@@ -95,7 +120,8 @@ def inject(
             ``gradients``, see :mod:`fastlora.init`; for GoRA ``r`` is the reference rank and each
             layer's rank is allocated), or "pissa", "pissa_niter_<n>", "olora" (from the base
             weights, as PEFT's ``init_lora_weights``; see :mod:`fastlora.init.pissa`).
-        gradients: :func:`fastlora.collect_gradients` result covering the targets (LoRA-GA, GoRA).
+        gradients: a :class:`fastlora.GradientStats` (:func:`fastlora.collect_gradients`) covering the
+            targets (LoRA-GA, GoRA).
         init_config: settings of the gradient init (fields of :class:`fastlora.init.LoraGAConfig`
             or :class:`fastlora.init.GoRAConfig`).
         rank_pattern, alpha_pattern: per-module overrides of r / lora_alpha, keyed by a name or
@@ -166,6 +192,7 @@ def inject(
     init_fn = _gradient_init(init, found, configs, gradients, init_config, r) if gradient_init else None
     if weight_init:
         names = list(configs)
+        principal_init = _init_step("principal_init")
         init_fn = lambda model: principal_init(model, init, names)  # noqa: E731
     add_layers(model, configs, adapter_dtype, generator, trainable_modules, init_fn, copies)
     ranks = sorted({layer.r for layer in lora_layers(model).values()})
@@ -328,26 +355,29 @@ def add_layers(
                         param.requires_grad_(True)
         if then is not None:
             then(model)
-        for hook in ON_ADAPTERS_ADDED:
-            hook(model)
+        for added, _ in MODEL_HOOKS.values():
+            added(model)
 
 
-def _gradient_init(init: str, found: list, configs: dict[str, AdapterConfig], gradients, init_config,
+def _gradient_init(init: str, found: list, configs: dict[str, AdapterConfig], gradients: Any, init_config,
                    r: int) -> Callable[[nn.Module], Any]:
     """Checks a LoRA-GA / GoRA init against the planned layers before the model changes, and
     returns the function that applies it once the layers exist."""
     names = list(configs)
-    check_gradients(gradients, names)
+    _init_step("check_gradients")(gradients, names)
     options = dict(init_config or {})
     if init == "lora_ga":
-        cfg = LoraGAConfig(**options)
+        cfg = _init_step("LoraGAConfig")(**options)
         cfg.validate()
+        rank_fits = _init_step("rank_fits")
         for name, module in found:
             rank_fits(name, configs[name].r, module.out_features, module.in_features, cfg)
+        lora_ga = _init_step("lora_ga")
         return lambda model: lora_ga(model, gradients, cfg, layers=names)
     options.setdefault("r_ref", r)
-    cfg = GoRAConfig(**options)
+    cfg = _init_step("GoRAConfig")(**options)
     cfg.validate()
+    gora = _init_step("gora")
     return lambda model: gora(model, gradients, cfg, layers=names)
 
 
@@ -418,8 +448,8 @@ def unload(model: nn.Module, merge: bool = True, allow_requantize: bool = False)
             swap_module(model, name, layer.unwrap(merge, allow_requantize))
         for name, wrapper in trainable_copies(model).items():
             swap_module(model, name, getattr(wrapper, COPY) if merge else wrapper.original_module)
-        for hook in ON_ADAPTERS_REMOVED:
-            hook(model)
+        for _, removed in MODEL_HOOKS.values():
+            removed(model)
     return model
 
 
@@ -476,7 +506,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Any = None,
             raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an "
                              "eva_state_dict")
         with disable_adapter(model):
-            eva_state_dict = get_eva_state_dict(model, dataloader, config, show_progress_bar, gather_distributed_inputs)
+            eva_state_dict = _init_step("get_eva_state_dict")(model, dataloader, config, show_progress_bar,
+                                                              gather_distributed_inputs)
     missing = [name for name in layers if name not in eva_state_dict]
     unknown = [name for name in eva_state_dict if name not in layers]
     if missing or unknown:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from .copies import TrainableCopy
+from .layer import LoRALinear
 
 __all__ = ["Targets", "check_targets", "find_linear_targets", "name_matches", "pattern_value"]
 
@@ -77,8 +78,6 @@ def find_linear_targets(
     Raises:
         ValueError: nothing matched, or a matched module is not a linear layer.
     """
-    from .layer import LoRALinear  # the layer module imports nothing from here
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     all_linear = target_modules == "all-linear"

@@ -27,7 +27,6 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._batches import call_model
+from ..config import EvaConfig, eva_config_from
 from ..gradients import to_device
 from ..layer import LoRALinear, lora_layers
 from ..progress import Progress
@@ -44,43 +44,6 @@ __all__ = ["EvaConfig", "eva_config_from", "get_eva_state_dict"]
 logger = logging.getLogger("fastlora")
 
 _SEED, _NITER = 42, 4  # PEFT's SVDHook: IncrementalPCA(lowrank=True, lowrank_seed=42), niter 4
-
-
-@dataclass
-class EvaConfig:
-    """PEFT's ``EvaConfig`` (same fields and defaults): ``rho`` (>= 1; a layer gets at most
-    ``round(r·rho)``), ``tau`` (cosine threshold of convergence, in [0, 1]), ``use_label_mask``,
-    ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``."""
-
-    rho: float = 2.0
-    tau: float = 0.99
-    use_label_mask: bool = True
-    label_mask_value: int = -100
-    whiten: bool = False
-    adjust_scaling_factors: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 1.0:
-            raise ValueError(f"EvaConfig.rho={self.rho!r}: must be a number >= 1.0 (1.0: no rank redistribution)")
-        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"EvaConfig.tau={self.tau!r}: must be between 0.0 and 1.0 (PEFT's default 0.99)")
-
-
-def eva_config_from(config: Any) -> EvaConfig:
-    """An :class:`EvaConfig` from ours, PEFT's ``EvaConfig``, a dict of its fields, or None (defaults)."""
-    if config is None:
-        return EvaConfig()
-    if isinstance(config, EvaConfig):
-        return config
-    fields = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
-    if isinstance(config, Mapping):
-        unknown = sorted(set(config) - set(fields))
-        if unknown:
-            raise ValueError(f"eva_config: unknown fields {unknown}; EvaConfig has {list(fields)}")
-        return EvaConfig(**config)
-    if type(config).__name__ == "EvaConfig":  # peft.EvaConfig
-        return EvaConfig(**{f: getattr(config, f) for f in fields})
-    raise TypeError(f"eva_config must be an EvaConfig (fastlora's or PEFT's) or a dict, got {type(config).__name__}")
 
 
 class _IncrementalPCA:

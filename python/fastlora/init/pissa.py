@@ -19,62 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..layer import LoRALinear, lora_layers
+from ..layer import lora_layers
+from ..principal import PRINCIPAL_INITS, is_principal_init, original_weight, principal_factors
 from ..progress import Progress
-from ..quantized import dense_weight
 from ..transaction import transaction
 
 __all__ = ["PRINCIPAL_INITS", "is_principal_init", "original_weight", "principal_factors", "principal_init"]
 
 logger = logging.getLogger("fastlora")
 
-PRINCIPAL_INITS = ("pissa", "olora")  # plus "pissa_niter_<n>"
-_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def is_principal_init(init: object) -> bool:
-    """Whether ``init`` names PiSSA ("pissa", "pissa_niter_<n>") or OLoRA ("olora")."""
-    return isinstance(init, str) and (init in PRINCIPAL_INITS or _NITER.fullmatch(init) is not None)
-
 
 def recorded_name(init: str) -> str:
     """What the adapter records: "pissa" for every PiSSA variant, "olora"."""
     return "olora" if init == "olora" else "pissa"
-
-
-@torch.no_grad()
-def principal_factors(weight: Tensor, r: int, scaling: float, init: str) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` in float32 (r x in, out x r) of PiSSA / OLoRA (``init``) for ``weight``."""
-    w = weight.to(torch.float32)
-    if init == "olora":
-        q, rr = torch.linalg.qr(w)
-        return rr[:r].contiguous(), q[:, :r].contiguous()
-    match = _NITER.fullmatch(init)
-    if match:
-        v, s, u = torch.svd_lowrank(w, r, niter=int(match.group(1)))
-        uh = u.t()
-    elif init == "pissa":
-        v, s, uh = torch.linalg.svd(w, full_matrices=False)
-        v, s, uh = v[:, :r], s[:r], uh[:r]
-    else:
-        raise ValueError(f"init must be 'pissa', 'pissa_niter_<n>' or 'olora', got {init!r}")
-    root = (s / scaling).sqrt()
-    return root[:, None] * uh, v * root[None, :]
-
-
-def original_weight(layer: LoRALinear) -> Tensor:
-    """The layer's original base weight (its recorded offset added back), in float32."""
-    base = layer.base_layer
-    w = dense_weight(base) if layer.quantized else base.weight.detach().to(torch.float32)
-    if layer.base_offset is not None and not layer.quantized:
-        w = w + layer.delta_weight(*layer.base_offset).to(w.device)
-    return w
 
 
 @torch.no_grad()

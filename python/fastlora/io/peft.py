@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
 from ..functional import SUPPORTED_DTYPES
-from ..init.pissa import original_weight, principal_factors
+from ..principal import original_weight, principal_factors
 from ..inject import PEFT_RECORD, add_layers, refuse_peft_model
 from ..layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 from ..targets import name_matches, pattern_value

