@@ -12,7 +12,7 @@ See docs/quickstart.md and docs/api.md.
 
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
-from . import backends, copies, init, ops, optim, quantized, reference
+from . import backends, copies, init, optim, quantized
 from ._extension import cpu_isa, extension_available, extension_error
 from ._version import __version__
 from .backends.layer import tune
@@ -82,12 +82,10 @@ __all__ = [
     "lora_update",
     "merge",
     "merge_and_unload",
-    "ops",
     "optim",
     "param_groups",
     "print_trainable_parameters",
     "quantized",
-    "reference",
     "save_adapter",
     "set_backend",
     "set_cuda_layer_kernels",

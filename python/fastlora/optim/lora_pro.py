@@ -5,7 +5,7 @@ LoRA-Pro adjusts the LoRA gradients so that a step on ``(A, B)`` moves the merge
 matrices (:mod:`fastlora.optim.closed_form`). :class:`LoRAPro` is the AdamW version: in the
 default ``mode="full"`` it keeps Adam's moments of the *equivalent gradient* in weight space
 (``out x in`` per layer) and pulls Adam's direction back to the adapters, one fused pass over the
-moments per layer (``fastlora.ops.lora_pro_moments``); ``mode="efficient"`` runs AdamW on the
+moments per layer (``fastlora._ops.lora_pro_moments``); ``mode="efficient"`` runs AdamW on the
 adjusted adapter gradients with adapter-sized moments. :class:`LoRAProSGD` is the plain SGD
 version. Each layer's ``(A, B, s)`` comes from its :class:`~fastlora.LoRALinear`, so per-layer
 ranks and scales (GoRA, rank_pattern) work; every other trainable parameter gets ordinary AdamW
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import _ops
 from .._distributed import check_row_sharded, full, gather_rows, is_dtensor, local, row_range, rows_like, sum_over_mesh
 from ..layer import check_no_peft_layers, decay_bases, lora_layers
 from ..layer import LoRALinear
@@ -591,7 +591,7 @@ class LoRAPro(_LoRAProBase):
                 state["step"] += 1
                 beta1, beta2 = group["betas"]
                 rows = slice(*layer.rows_B)  # the moments' rows this rank holds (all without FSDP)
-                g_a, g_b = ops.lora_pro_moments(
+                g_a, g_b = _ops.lora_pro_moments(
                     local(state["exp_avg"]), local(state["exp_avg_sq"]), block.A[k], block.B[k][rows], h_a0[k],
                     h_b0[k][rows], block.scales[k], beta1, beta2, group["eps"], state["step"],
                 )
@@ -654,7 +654,7 @@ def _trust_radii(blocks: list[_Block]) -> list[Tensor] | None:
 
 
 def _grouped_adam(states: list[dict], grads: list[Tensor], steps: list[int], groups: list[dict]) -> list[Tensor]:
-    """:func:`fastlora.reference.adam_directions` over tensors whose groups may differ in betas/eps."""
+    """:func:`fastlora._numerics.adam_directions` over tensors whose groups may differ in betas/eps."""
     out: list[Tensor | None] = [None] * len(grads)
     by_hyper: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
