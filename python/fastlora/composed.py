@@ -31,6 +31,7 @@ __all__ = ["lora_linear", "lora_update", "self_check", "uses_skinny"]
 
 logger = logging.getLogger("fastlora")
 
+
 def _keep_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
     return dropout_mask(seed, x.shape[0], x.shape[1], p)
 
