@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlora  # before conftest, which turns measured dispatch off for the test suite  # noqa: E402
-from fastlora import reference  # noqa: E402
+from fastlora.testing import reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import RTOL  # noqa: E402

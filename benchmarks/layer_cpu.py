@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, format_table, measure_interleaved, plot_ratios, write_json  # noqa: E402
 
 import fastlora  # noqa: E402
+import fastlora.testing  # noqa: E402,F401  (registers the oracle: the "reference" variant pins it)
 
 VARIANTS = ("frozen", "fastlora", "composed", "reference", "peft", "plain")
 

@@ -131,9 +131,9 @@ def bandwidth_rows(r, device, repeat) -> list[dict]:
             exp_avg = torch.zeros(out, n_in, dtype=moment_dtype, device=device)
             exp_avg_sq = torch.zeros_like(exp_avg)
             args = (exp_avg, exp_avg_sq, t(r, n_in), t(out, r), t(r, n_in), t(out, r), 2.0, 0.9, 0.999, 1e-8, 3)
-            kernel = fastlora.ops.lora_pro_kernel_applies(exp_avg, r)
+            kernel = fastlora._ops.lora_pro_kernel_applies(exp_avg, r)
             times = measure_interleaved(
-                {"fused": lambda: fastlora.ops.lora_pro_moments(*args), "copy": lambda: dst.copy_(src)},
+                {"fused": lambda: fastlora._ops.lora_pro_moments(*args), "copy": lambda: dst.copy_(src)},
                 device, warmup=2, repeat=repeat,
             )
             moved = 4 * out * n_in * exp_avg.element_size()  # each moment read and written once

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastlora  # noqa: E402
+import fastlora.testing  # noqa: E402,F401  (registers the float64 oracle as the "reference" backend)
 
 requires_extension = pytest.mark.skipif(
     not fastlora.extension_available(), reason=f"compiled extension unavailable: {fastlora.extension_error()}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from conftest import RTOL, assert_matches, make_matrix, seed_tensor, small_lora_model, traced_graphs
 
 # (T, in, out, r, leading shape, layout): T = 1, r = 1, 3-D and non-contiguous inputs.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlora import reference
+from fastlora.testing import reference
 from test_lora_pro_moments import HYPER, _assert_moments_match, _bounds, _inputs, _reference
 from conftest import assert_matches, magnitude, make_matrix, seed_tensor
 

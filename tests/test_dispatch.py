@@ -20,7 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
-from fastlora import composed, reference
+from fastlora import composed
+from fastlora.testing import reference
 from fastlora.backends import layer as dispatch
 from fastlora.backends import measured, registry
 from conftest import assert_matches, seed_tensor, small_lora_model
@@ -293,7 +294,10 @@ def test_fastlora_backend_pins_and_an_unknown_name_is_a_clear_error():
     out = _python(code, FASTLORA_BACKEND="composed", FASTLORA_MEASURED="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["composed", "_ComposedLoRABackward"]
-    out = _python(code, FASTLORA_BACKEND="reference")
+    out = _python(code, FASTLORA_BACKEND="reference")  # the oracle is registered by fastlora.testing only
+    assert out.returncode != 0 and "import fastlora.testing" in out.stderr
+    out = _python("import fastlora.testing\n" + code, FASTLORA_BACKEND="reference")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "reference"
     out = _python(code, FASTLORA_BACKEND="fastest")
     assert out.returncode != 0 and "unknown backend 'fastest'" in out.stderr and "'auto'" in out.stderr
@@ -301,12 +305,28 @@ def test_fastlora_backend_pins_and_an_unknown_name_is_a_clear_error():
         fastlora.set_backend("cuda")
 
 
+def test_the_oracle_is_off_the_production_path():
+    """fastlora and a layer's forward and backward (static and measured dispatch) never import
+    the oracle; pinning it without fastlora.testing says what to do."""
+    code = ("import sys, torch, fastlora\n"
+            "from fastlora.backends import registry\n"
+            "layer = fastlora.LoRALinear(torch.nn.Linear(8, 6), r=2, lora_dropout=0.1)\n"
+            "layer(torch.randn(3, 8, requires_grad=True)).sum().backward()\n"
+            "assert 'fastlora.testing' not in sys.modules, 'production imported the oracle'\n"
+            "assert 'reference' not in registry.implementations('linear')\n"
+            "try:\n    fastlora.set_backend('reference')\nexcept RuntimeError as exc:\n    print(exc)\n")
+    for measured_on in ("0", "1"):
+        out = _python(code, FASTLORA_MEASURED=measured_on)
+        assert out.returncode == 0, out.stderr
+        assert "import fastlora.testing" in out.stdout
+
+
 def test_registry_declares_every_implementation():
     linear = registry.implementations("linear")
     assert {"reference", "composed", "fused", "kernels"} <= set(linear)
     assert set(registry.implementations("update")) >= {"reference", "composed", "kernels"}
     for op in registry.KERNEL_OPS:
-        assert set(registry.implementations(op)) == {"reference", "kernels"}
+        assert set(registry.implementations(op)) == {"library", "kernels"}
     # the experimental CUDA kernels and the fused GEMMs are not trusted on a GPU without a check
     for name in ("fused", "kernels"):
         assert not linear[name].validated or "cuda" not in linear[name].validated

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlora
-from fastlora import fused, reference, skinny
+from fastlora import fused, skinny
+from fastlora.testing import reference
 from conftest import RTOL, make_matrix, seed_tensor
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from fastlora.functional import kernel_path_applies
 from conftest import RTOL, assert_matches, make_matrix, requires_extension, seed_tensor, traced_graphs
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from conftest import assert_matches, available_isas, make_matrix, poisoned_allocations, requires_extension, using_isa
 
 pytestmark = requires_extension
@@ -108,13 +108,13 @@ def test_strided_factors_and_determinism():
 
 def test_python_wrapper_dispatches():
     inputs = _inputs(9, 11, 2, torch.float32, torch.float32, seed=1)
-    assert fastlora.ops.lora_pro_kernel_applies(inputs[0], 2)
+    assert fastlora._ops.lora_pro_kernel_applies(inputs[0], 2)
     with fastlora.use_backend("reference"):
-        assert not fastlora.ops.lora_pro_kernel_applies(inputs[0], 2)
+        assert not fastlora._ops.lora_pro_kernel_applies(inputs[0], 2)
         m, v = inputs[0].clone(), inputs[1].clone()
-        ref = fastlora.ops.lora_pro_moments(m, v, *inputs[2:], step=1, **HYPER)
+        ref = fastlora._ops.lora_pro_moments(m, v, *inputs[2:], step=1, **HYPER)
     m2, v2 = inputs[0].clone(), inputs[1].clone()
-    fused = fastlora.ops.lora_pro_moments(m2, v2, *inputs[2:], step=1, **HYPER)
+    fused = fastlora._ops.lora_pro_moments(m2, v2, *inputs[2:], step=1, **HYPER)
     for got, want in zip(fused, ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fastlora import reference
+from fastlora.testing import reference
 from conftest import (
     DTYPES,
     LAYOUTS,

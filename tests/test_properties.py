@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from conftest import (
     DTYPES,
     RTOL,

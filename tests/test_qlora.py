@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from fastlora.quantized import cpu_repacking, dense_weight
 
 from conftest import assert_matches, magnitude

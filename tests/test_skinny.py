@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlora
-from fastlora import fused, reference, skinny
+from fastlora import composed, fused, skinny
+from fastlora.testing import reference
 from conftest import assert_matches, make_matrix, seed_tensor
 
 pytestmark = pytest.mark.skipif(not skinny.available(), reason="needs Triton (pip install triton)")
@@ -147,7 +148,7 @@ def _layer_check(T, n_in, n_out, r, dtype, layout, bias, p, seed, backend):
     def no_mask(*args):
         raise AssertionError("a PyTorch-op dropout mask was built")
 
-    with fastlora.use_backend(backend), skinny.forced(), mock.patch.object(reference, "dropout_mask", no_mask):
+    with fastlora.use_backend(backend), skinny.forced(), mock.patch.object(composed, "dropout_mask", no_mask):
         y = fastlora.lora_linear(xs, w, b, a, bb, s, p, drop_seed)
         y.backward(dy)
     x64 = x.double().requires_grad_(True)
@@ -202,42 +203,43 @@ def test_lora_update_through_the_kernels():
 
 def test_dispatch(monkeypatch):
     x = torch.randn(4, 8)
-    assert not skinny.applies(x)  # CPU tensors: the composed path's PyTorch ops
+    assert not skinny.applies(x) and not composed.uses_skinny(x)  # CPU tensors: the composed path's PyTorch ops
     with skinny.forced():
-        assert skinny.applies(x, x)
-        assert not skinny.applies(x.double())  # float64: the reference dtype, PyTorch ops
+        assert skinny.applies(x, x) and composed.uses_skinny(x, x)
+        assert not skinny.applies(x.double())  # float64: the oracle's dtype, PyTorch ops
         assert not skinny.applies(x, x.half())  # mixed dtypes
     monkeypatch.setattr(skinny, "_device_type", lambda t: "cuda")  # as a CUDA tensor is seen
-    monkeypatch.setattr(skinny, "_checked", {})
-    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: None)  # tested below
-    assert skinny.applies(x) and skinny.applies(x.half()) and skinny.applies(x.bfloat16())
+    monkeypatch.setattr(composed, "_checked", {})
+    monkeypatch.setattr(composed, "self_check", lambda device, dtype: None)  # tested below
+    assert all(composed.uses_skinny(t) for t in (x, x.half(), x.bfloat16()))
     with skinny.forced(False):
-        assert not skinny.applies(x)
+        assert not skinny.applies(x) and not composed.uses_skinny(x)
     monkeypatch.setattr(skinny, "available", lambda: False)  # no Triton: the PyTorch hash
-    assert not skinny.applies(x)
+    assert not skinny.applies(x) and not composed.uses_skinny(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_self_check_passes_on_correct_kernels_and_names_a_wrong_one(monkeypatch, dtype):
-    assert skinny.self_check(torch.device("cpu"), dtype) is None
+    assert composed.self_check(torch.device("cpu"), dtype) is None
     grad_a = skinny.grad_a
     monkeypatch.setattr(skinny, "grad_a", lambda *args: grad_a(*args) * 1.1)  # 10 %: beyond any rounding
-    assert "grad_a" in skinny.self_check(torch.device("cpu"), dtype)
+    assert "grad_a" in composed.self_check(torch.device("cpu"), dtype)
 
 
 def test_the_kernels_run_on_a_device_only_after_passing_the_self_check(monkeypatch):
     x = torch.randn(4, 8)
     monkeypatch.setattr(skinny, "_device_type", lambda t: "cuda")  # as a CUDA tensor is seen
-    monkeypatch.setattr(skinny, "_checked", {})
+    monkeypatch.setattr(composed, "_checked", {})
     checks = []
-    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: checks.append(dtype) or "down: wrong")
-    with pytest.warns(RuntimeWarning, match="disagree with the reference"):
-        assert not skinny.applies(x)
-    assert not skinny.applies(x) and checks == [torch.float32]  # checked once per device and dtype
-    monkeypatch.setattr(skinny, "self_check", lambda device, dtype: checks.append(dtype))
-    assert skinny.applies(x.half()) and skinny.applies(x.half()) and checks == [torch.float32, torch.float16]
+    monkeypatch.setattr(composed, "self_check", lambda device, dtype: checks.append(dtype) or "down: wrong")
+    with pytest.warns(RuntimeWarning, match="disagree with the composed path's library ops"):
+        assert not composed.uses_skinny(x)
+    assert not composed.uses_skinny(x) and checks == [torch.float32]  # checked once per device and dtype
+    monkeypatch.setattr(composed, "self_check", lambda device, dtype: checks.append(dtype))
+    assert composed.uses_skinny(x.half()) and composed.uses_skinny(x.half())
+    assert checks == [torch.float32, torch.float16]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not skinny.applies(x.bfloat16()) and len(checks) == 2  # no check while compiling: library ops
+    assert not composed.uses_skinny(x.bfloat16()) and len(checks) == 2  # no check while compiling: library ops
 
 
 def test_64_bit_offsets_only_where_offsets_reach_2_31():

@@ -2,8 +2,8 @@
 
 :func:`lora_linear` validates its arguments, handles autocast and leading dimensions, and runs
 the implementation :mod:`fastlora.backends.layer` chooses for the call's shape (the compiled
-kernels, the fused Triton GEMMs, the composed path of library GEMMs, or the pure-PyTorch
-reference when pinned). :class:`fastlora.LoRALinear` calls it.
+kernels, the fused Triton GEMMs, the composed path of library GEMMs, or the float64 oracle when
+pinned after ``import fastlora.testing``). :class:`fastlora.LoRALinear` calls it.
 """
 
 from __future__ import annotations

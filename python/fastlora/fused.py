@@ -12,7 +12,7 @@ so ``y`` and ``dx`` are written once and never read back. The rest is as on the 
 The kernels are written once in Triton's language: compiled for CUDA tensors (autotuned per
 architecture and bucket of T, results cached by Triton; never benchmarked under CUDA-graph
 capture), run by Triton's interpreter for CPU tensors, which is how CI checks them against the
-float64 reference without a GPU (float32/float16; the interpreter gets bfloat16 wrong). The dropout hash is ``csrc/kernels/common/dropout_rng.h``'s, bit for bit.
+float64 oracle without a GPU (float32/float16; the interpreter gets bfloat16 wrong). The dropout hash is ``csrc/kernels/common/dropout_rng.h``'s, bit for bit.
 """
 
 import inspect

@@ -8,37 +8,33 @@
 
 (one read for ranks up to 64, the rank tile; larger ranks loop over rank blocks and re-read).
 The keep-mask is ``csrc/kernels/common/dropout_rng.h``'s hash computed in the kernels, bit for bit
-:func:`fastlora.reference.dropout_mask`, so no mask tensor exists. ``dA`` and ``dB`` are sums over
+:func:`fastlora._numerics.dropout_mask`, so no mask tensor exists. ``dA`` and ``dB`` are sums over
 tokens: per-block fp32 partials added in a fixed order (deterministic, no atomics), returned in
 fp32 so fp32 master adapters get gradients without a 16-bit rounding.
 
 :mod:`fastlora.composed` (and so the fused path, which shares its forward and backward) uses these
-kernels wherever :func:`applies`: CUDA tensors of a float32/bfloat16/float16 dtype with Triton
-present, and only on a device where they passed :func:`self_check` (run once per device and dtype,
-on first use: no GPU has validated them, so each user's device checks them against the float64
-reference before trusting them; where they fail, the composed path falls back to library ops with
-one warning). The PyTorch hash stays the oracle and the fallback without Triton. Under
-:func:`forced` they also take CPU tensors, run by Triton's interpreter: that is how CI checks
-them, and how a dispatcher can try them on CPU.
+kernels wherever they :func:`apply <applies>` (CUDA tensors of a float32/bfloat16/float16 dtype
+with Triton present), and only on a device where they passed its self-check
+(:func:`fastlora.composed.self_check`, run once per device and dtype on first use: no GPU has
+validated them, so each user's device checks them against the composed path's library ops in
+float64 before trusting them; where they fail, the composed path runs those library ops, with one
+warning). The PyTorch hash stays the fallback without Triton. Under :func:`forced` they also take
+CPU tensors, run by Triton's interpreter, without a self-check: that is how CI checks them, and
+how a dispatcher can try them on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
 from ._numerics import dropout_threshold
 
-__all__ = ["available", "applies", "forced", "self_check", "down", "dy_products", "grad_a", "add_low_rank"]
-
-logger = logging.getLogger("fastlora")
+__all__ = ["available", "applies", "forced", "pinned", "down", "dy_products", "grad_a", "add_low_rank"]
 
 try:
     import triton
@@ -50,7 +46,6 @@ except ImportError:  # the kernels need Triton; the composed path then builds th
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _forced: Optional[bool] = None  # a module global like the backend (torch.compile cannot trace a ContextVar)
-_checked: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype): whether self_check passed there
 
 # CUDA tiles per kernel, (BLOCK_T, BLOCK_K or BLOCK_N, warps), for rank tiles of 16, 32 and 64:
 # the largest for which ptxas (Triton 3.9, bf16, sm_90a and sm_80) reports no register spill in the
@@ -94,74 +89,22 @@ def forced(on: bool = True) -> Iterator[None]:
 
 
 def applies(*tensors: Tensor) -> bool:
-    """Whether the composed path runs these kernels for operands ``tensors``: all of one
-    float32/bfloat16/float16 dtype, on CUDA (or on CPU under :func:`forced`)."""
+    """Whether these kernels take operands ``tensors``: all of one float32/bfloat16/float16
+    dtype, on CUDA (also on CPU under :func:`forced`, on nothing under ``forced(False)``).
+    Unless :func:`pinned`, the composed path runs them on a device only after its self-check
+    passed there (:func:`fastlora.composed.uses_skinny`)."""
     dtypes = {t.dtype for t in tensors}
     if not available() or len(dtypes) != 1 or not dtypes <= set(_DTYPES):
         return False
     device = _device_type(tensors[0])
     if _forced is not None:
         return _forced and device in ("cuda", "cpu")
-    return device == "cuda" and _trusted(tensors[0].device, tensors[0].dtype)
+    return device == "cuda"
 
 
-def _trusted(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels passed :func:`self_check` on this device and dtype; runs it the first
-    time (not while compiling or capturing a CUDA graph: there the library ops run until an eager
-    call, or fastlora.tune, has checked them)."""
-    key = (str(device), dtype)
-    passed = _checked.get(key)
-    if passed is not None:
-        return passed
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return False
-    why = self_check(device, dtype)
-    _checked[key] = why is None
-    if why is not None:
-        message = (f"fastlora: the Triton skinny kernels disagree with the reference on {device} in {dtype} ({why}); "
-                   "the composed path uses library ops and PyTorch-op dropout masks there instead (correct, slower). "
-                   "Please report this with your GPU, torch and Triton versions")
-        logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return _checked[key]
-
-
-def self_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Runs each kernel once on ``device`` in ``dtype`` on a small odd-shaped problem with dropout
-    and compares it with the float64 reference computed on the CPU from the same values; returns
-    which kernel disagrees (or raised) and by how much, or None. A wrong mask, index or reduction
-    gives errors of the order of the values; the tolerance admits ``dtype``'s rounding (TF32 for
-    float32). The 64-bit-offset variants run only on tensors of 2^31 elements and are not checked."""
-    g = torch.Generator().manual_seed(0)
-    t, n_in, n_out, r, p, s = 67, 45, 29, 5, 0.25, 1.5
-    x, dy, dx0 = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((t, n_in), (t, n_out), (t, n_in)))
-    a, b = torch.randn(r, n_in, generator=g, dtype=torch.float64), torch.randn(n_out, r, generator=g, dtype=torch.float64)
-    seed = torch.tensor([20261207], dtype=torch.int64)
-    xa = reference.lora_down(x, a, p, seed)
-    dxa, d_b = reference.lora_dy_products(dy, xa, b, s)
-    want = {"down": xa, "dy_products (dxa)": dxa, "dy_products (dB)": d_b,
-            "grad_a": reference.lora_grad_A(x, dxa, p, seed, torch.float64),
-            "add_low_rank": dx0 + reference.dropout(dxa @ a, p, seed)}
-
-    def on(u: Tensor, to: torch.dtype = dtype) -> Tensor:
-        return u.to(device, to)
-
-    try:
-        with forced(True):
-            got_dxa, got_db = dy_products(on(dy), on(b, torch.float32), on(xa), s)
-            got = {"down": down(on(x), on(a, torch.float32), p, on(seed, torch.int64)),
-                   "dy_products (dxa)": got_dxa, "dy_products (dB)": got_db,
-                   "grad_a": grad_a(on(dxa), on(x), p, on(seed, torch.int64)),
-                   "add_low_rank": add_low_rank(on(dx0), on(dxa), on(a, torch.float32), on(seed, torch.int64), p)}
-    except Exception as exc:  # noqa: BLE001  (a kernel that cannot run here is not trusted here)
-        return f"a kernel raised {type(exc).__name__}: {exc}"
-    tolerance = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
-    for name, expected in want.items():
-        error = (got[name].detach().cpu().double() - expected).abs().max().item()
-        scale = expected.abs().max().item()
-        if not error <= tolerance * scale:  # also catches NaN
-            return f"{name}: largest error {error:.3g}, {error / scale:.3g} of the largest value"
-    return None
+def pinned() -> bool:
+    """Whether :func:`forced` turned the kernels on: they run wherever they apply, unchecked."""
+    return bool(_forced)
 
 
 def tiles(kernel: str, device_type: str, rank: int) -> dict:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from conftest import RTOL, assert_matches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import fused, reference
+from fastlora import fused
+from fastlora.testing import reference
 from fastlora.backends import layer as dispatch
 from fastlora.backends import measured, registry
 

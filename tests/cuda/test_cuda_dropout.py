@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from fastlora._extension import compiled_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import fastlora
-from fastlora import reference
+from fastlora.testing import reference
 from fastlora._extension import compiled_kernel
 from fastlora.backends.registry import kernel_used
 from fastlora.functional import kernel_path_applies

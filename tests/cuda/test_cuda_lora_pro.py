@@ -55,8 +55,8 @@ def test_rank_above_the_cuda_limit_falls_back_to_the_reference():
     inputs = [t.cuda() for t in _inputs(50, 60, 129, torch.float32, torch.float32)]
     with pytest.raises(RuntimeError, match="above the CUDA kernel's limit"):
         torch.ops.fastlora.lora_pro_moments(inputs[0].clone(), inputs[1].clone(), *inputs[2:], step=1, **HYPER)
-    assert not fastlora.ops.lora_pro_kernel_applies(inputs[0], 129)
-    grad_a, _ = fastlora.ops.lora_pro_moments(inputs[0], inputs[1], *inputs[2:], step=1, **HYPER)
+    assert not fastlora._ops.lora_pro_kernel_applies(inputs[0], 129)
+    grad_a, _ = fastlora._ops.lora_pro_moments(inputs[0], inputs[1], *inputs[2:], step=1, **HYPER)
     assert grad_a.is_cuda and torch.isfinite(grad_a).all()
 
 

@@ -3,10 +3,12 @@ a call picks one, and :func:`tune`.
 
 | name | ``lora_linear`` | ``lora_update`` | runs on | validated on |
 | --- | --- | --- | --- | --- |
-| reference | ``reference.lora_linear`` (plain autograd) | ``reference.lora_down/up`` | any | the oracle |
 | composed | ``composed.lora_linear`` (library GEMMs) | ``composed.lora_update`` | any | every device |
 | fused | ``fused.lora_linear`` (Triton GEMMs) | none | CUDA; CPU emulated | CPU (interpreter) |
 | kernels | ``torch.ops.fastlora.lora_forward`` (C++/CUDA) | ``lora_down`` + ``lora_up`` | CPU, CUDA | CPU |
+
+The float64 oracle (:mod:`fastlora.testing.reference`, plain autograd) registers itself as a
+fourth, "reference", when :mod:`fastlora.testing` is imported; it runs only when pinned.
 
 A call's choice is memoised per shape key (one dict lookup per call). Under "auto" with
 measured dispatch on, a key where more than the composed path applies is settled on the device
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .. import composed, fused, ops, reference
+from .. import _ops, composed, fused
 from .._batches import call_model
 from . import measured, registry
 from .registry import Implementation, register
@@ -39,13 +41,13 @@ __all__ = ["choose_linear", "choose_update", "tune", "tune_shape", "decisions"]
 logger = logging.getLogger("fastlora")
 
 _EXTENSION_LINEAR = ("lora_forward", "lora_dy_products", "lora_grad_A", "lora_grad_x")
-_EVERYWHERE = None  # validated on every device type (library GEMMs, the oracle)
+_EVERYWHERE = None  # validated on every device type (library GEMMs)
 _TRITON_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 
 def _kernels_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
                     dropout_p: float, seed: Tensor | None) -> Tensor:
-    return ops.lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
+    return _ops.lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
 
 def _kernels_update(x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float,
@@ -54,13 +56,7 @@ def _kernels_update(x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scale:
     return torch.ops.fastlora.lora_up(y.to(x.dtype), xa, lora_B, scale)
 
 
-def _reference_update(x: Tensor, y: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, dropout_p: float,
-                      seed: Tensor | None) -> Tensor:
-    return reference.lora_up(y.to(x.dtype), reference.lora_down(x, lora_A, dropout_p, seed), lora_B, scale)
-
-
 for _impl in (
-    Implementation("reference", "linear", validated=_EVERYWHERE, fn=reference.lora_linear),
     Implementation("composed", "linear", validated=_EVERYWHERE, fn=composed.lora_linear),
     Implementation(
         "fused", "linear", devices=frozenset(("cuda", "cpu")), interpreted=frozenset(("cpu",)), dtypes=_TRITON_DTYPES,
@@ -69,7 +65,6 @@ for _impl in (
     Implementation(
         "kernels", "linear", devices=frozenset(("cpu", "cuda")), needs_extension=_EXTENSION_LINEAR, weight_grad=False,
         experimental_cuda=True, fn=_kernels_linear),
-    Implementation("reference", "update", validated=_EVERYWHERE, fn=_reference_update),
     Implementation("composed", "update", validated=_EVERYWHERE, fn=composed.lora_update),
     Implementation(
         "kernels", "update", devices=frozenset(("cpu", "cuda")), experimental_cuda=True, fn=_kernels_update,
@@ -94,7 +89,7 @@ def _eligible(key: tuple, impl: Implementation, pinned: bool = False) -> str | N
 def _static(key: tuple) -> Implementation:
     """The first implementation that applies and is trusted on the device, in the static order."""
     impls = _BY_OP[key[0]]
-    for name in registry.STATIC_ORDER[:-1]:  # the reference runs only when pinned
+    for name in registry.STATIC_ORDER:
         impl = impls.get(name)
         if impl is not None and _eligible(key, impl) is None and registry.trusted(impl, key[1].type):
             return impl
@@ -103,8 +98,11 @@ def _static(key: tuple) -> Implementation:
 
 def _pinned(key: tuple, name: str) -> Implementation:
     impl = _BY_OP[key[0]].get(name)
-    if impl is None:  # e.g. "fused" for lora_update, which has no fused form
-        return _BY_OP[key[0]]["composed"]
+    if impl is None:
+        why = registry.unregistered(name)  # FASTLORA_BACKEND=reference without fastlora.testing imported
+        if why is not None:
+            raise RuntimeError(why)
+        return _BY_OP[key[0]]["composed"]  # e.g. "fused" for lora_update, which has no fused form
     why = _eligible(key, impl, pinned=True)
     if why is not None:
         raise RuntimeError(f"fastlora: the pinned backend {name!r} cannot take this call ({measured.key_text(key)} on "
@@ -115,7 +113,7 @@ def _pinned(key: tuple, name: str) -> Implementation:
 
 def _candidates(key: tuple) -> list[Implementation]:
     """What measured dispatch weighs for ``key``: the composed path and every implementation that
-    applies (validated or not: the self-check guards the user's device)."""
+    applies (validated or not: the self-check guards the user's device), never the oracle."""
     impls = _BY_OP[key[0]]
     return [impls["composed"]] + [impl for name, impl in impls.items() if name not in ("composed", "reference")
                                   and _eligible(key, impl) is None]

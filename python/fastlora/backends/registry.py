@@ -15,7 +15,9 @@ and the devices a run validated it on. This module is the only reader of the swi
 
 Kernel-level ops (the dropout mask, LoRA-Pro's moment pass, the gradient engine's ops) are
 declared here and chosen statically: the compiled kernel where it applies and is trusted, else
-the reference. The layer's implementations register themselves from :mod:`fastlora.backends.layer`.
+their library-op implementation (:mod:`fastlora.backends.library`). The layer's implementations
+register themselves from :mod:`fastlora.backends.layer`; the float64 oracle registers itself as
+the "reference" one when :mod:`fastlora.testing` is imported (nothing here imports it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import reference
 from .._extension import OPS, compiled_kernel, env_flag
+from . import library
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +44,7 @@ __all__ = [
     "op_function",
     "register",
     "unregister",
+    "unregistered",
     "set_backend",
     "set_cuda_layer_kernels",
     "set_measured",
@@ -104,9 +107,12 @@ def unregister(op: str, name: str) -> None:
 # ---- switches -----------------------------------------------------------------------------------
 
 # The names a backend may take: "auto" and the layer's implementations ("kernels" are the
-# compiled C++/CUDA kernels).
+# compiled C++/CUDA kernels; "reference", the float64 oracle, once fastlora.testing registered it).
 BACKENDS = ("auto", "composed", "fused", "kernels", "reference")
-STATIC_ORDER = ("kernels", "fused", "composed", "reference")
+# What "auto" takes without measuring: the first trusted one that applies (never the oracle).
+STATIC_ORDER = ("kernels", "fused", "composed")
+# Backends whose implementation registers itself from outside the library, by the module that does.
+_REGISTERED_ON_IMPORT = {"reference": "fastlora.testing"}
 
 _listeners: list[Callable[[], None]] = []
 
@@ -132,6 +138,16 @@ _cuda_layer_kernels = env_flag("FASTLORA_CUDA_LAYER")
 _measured = os.environ.get("FASTLORA_MEASURED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def unregistered(name: str) -> str | None:
+    """What to do before backend ``name`` can run when its implementation registers itself from
+    outside the library (the float64 oracle) and has not yet, else None."""
+    module = _REGISTERED_ON_IMPORT.get(name)
+    if module is not None and name not in implementations("linear"):
+        return (f"fastlora: the backend {name!r} is registered when {module} is imported (production never "
+                f"imports it); run `import {module}` first")
+    return None
+
+
 def get_backend() -> str:
     """The current backend: "auto" or the pinned implementation's name (see :func:`set_backend`)."""
     return _backend
@@ -144,12 +160,16 @@ def set_backend(name: str) -> str:
     compiled kernel-level ops where they are trusted). "kernels": the compiled kernels (C++ on
     CPU, the experimental CUDA kernels on CUDA). "fused": the fused Triton GEMMs (on CPU through
     Triton's interpreter: slow, for tests). "composed": library GEMMs and no compiled kernel, as
-    on a device without fastlora's kernels. "reference": the pure-PyTorch definitions through
-    ordinary autograd (comparisons, debugging). A pinned implementation that cannot take a
-    call raises an error saying why. ``FASTLORA_BACKEND`` sets it at import.
+    on a device without fastlora's kernels. "reference": the float64 oracle through ordinary
+    autograd (comparisons, debugging; ``import fastlora.testing`` first, which registers it).
+    A pinned implementation that cannot take a call raises an error saying why.
+    ``FASTLORA_BACKEND`` sets it at import.
     """
     global _backend
-    previous, _backend = _backend, _check_backend(name)
+    why = unregistered(_check_backend(name))
+    if why is not None:
+        raise RuntimeError(why)
+    previous, _backend = _backend, name
     _changed()
     return previous
 
@@ -174,7 +194,7 @@ def set_cuda_layer_kernels(enabled: bool) -> bool:
     pass) or not; returns the previous setting.
 
     Off by default (``FASTLORA_CUDA_LAYER=1`` turns it on at import): the kernel-level ops then
-    use the reference on CUDA tensors, and the layer's CUDA kernels run only where measured
+    use library ops on CUDA tensors, and the layer's CUDA kernels run only where measured
     dispatch checked them against the composed path on the device and they won the timing.
     """
     global _cuda_layer_kernels
@@ -243,11 +263,11 @@ _CUDA_LORA_PRO_MAX_RANK = {torch.float64: 32, torch.float32: 128, torch.bfloat16
 
 KERNEL_OPS = OPS
 for _op in KERNEL_OPS:
-    register(Implementation(name="reference", op=_op))
+    register(Implementation(name="library", op=_op, validated=None))
     register(Implementation(
         name="kernels", op=_op, devices=frozenset(("cpu", "cuda")), needs_extension=(_op,),
         max_rank={"cuda": _CUDA_LORA_PRO_MAX_RANK} if _op == "lora_pro_moments" else {},
-        # accumulate_outer's CUDA kernel is cuBLAS's mixed-precision GEMM (fastlora.ops)
+        # accumulate_outer's CUDA kernel is cuBLAS's mixed-precision GEMM (fastlora._ops)
         validated=frozenset(("cpu", "cuda")) if _op == "accumulate_outer" else frozenset(("cpu",)),
         experimental_cuda=True,
     ))
@@ -264,5 +284,5 @@ def kernel_used(op: str, device_type: str, dtype: torch.dtype | None = None, ran
 
 
 def op_function(op: str, device: torch.device) -> Callable:
-    """The compiled op where :func:`kernel_used`, else the reference (same signature)."""
-    return getattr(torch.ops.fastlora, op) if kernel_used(op, device.type) else getattr(reference, op)
+    """The compiled op where :func:`kernel_used`, else its library-op implementation (same signature)."""
+    return getattr(torch.ops.fastlora, op) if kernel_used(op, device.type) else getattr(library, op)

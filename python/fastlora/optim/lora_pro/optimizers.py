@@ -5,7 +5,7 @@ LoRA-Pro adjusts the LoRA gradients so that a step on ``(A, B)`` moves the merge
 matrices (:mod:`fastlora.optim.closed_form`). :class:`LoRAPro` is the AdamW version: in the
 default ``mode="full"`` it keeps Adam's moments of the *equivalent gradient* in weight space
 (``out x in`` per layer) and pulls Adam's direction back to the adapters, one fused pass over the
-moments per layer (``fastlora.ops.lora_pro_moments``); ``mode="efficient"`` runs AdamW on the
+moments per layer (``fastlora._ops.lora_pro_moments``); ``mode="efficient"`` runs AdamW on the
 adjusted adapter gradients with adapter-sized moments. :class:`LoRAProSGD` is the plain SGD
 version. Each layer's ``(A, B, s)`` comes from its :class:`~fastlora.LoRALinear`, so per-layer
 ranks and scales (GoRA, rank_pattern) work; every other trainable parameter gets ordinary AdamW
@@ -21,7 +21,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ... import ops
+from ... import _ops
 from ..._distributed import gather_rows, local, sum_over_mesh
 from ..._numerics import adam_directions
 from ..closed_form import DEFAULT_RIDGE, GramProjector
@@ -160,7 +160,7 @@ class LoRAPro(LoRAProBase):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         rows = slice(*layer.rows_B)  # the moments' rows this rank holds (all without FSDP)
-        g_a, g_b = ops.lora_pro_moments(
+        g_a, g_b = _ops.lora_pro_moments(
             local(state["exp_avg"]), local(state["exp_avg_sq"]), block.A[k], block.B[k][rows], h_a0,
             h_b0[rows], block.scales[k], beta1, beta2, group["eps"], state["step"],
         )

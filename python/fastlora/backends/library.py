@@ -1,9 +1,10 @@
-"""Pure-PyTorch definitions of every fastlora operator: the single source of their semantics.
+"""The compiled ops (``torch.ops.fastlora.*``) in library ops: what a kernel-level op runs where
+no compiled kernel applies or is trusted (:func:`fastlora.backends.registry.op_function`).
 
-Each function here computes what the same-named ``torch.ops.fastlora`` operator computes, on
-any device and in any floating dtype (float64 included), with ordinary autograd. Tests compare
-the compiled kernels and the composed path (``fastlora.composed``) against these in float64;
-the layer runs them only under ``fastlora.use_backend("reference")``.
+Each function takes the same arguments as the same-named op and computes the same thing, on any
+device and in any floating dtype (float64 included), with ordinary autograd. They are also the
+float64 oracle's definitions of these ops (:mod:`fastlora.testing.reference` re-exports them):
+one copy of each formula. The dropout mask and LoRA-Pro's moment pass are :mod:`fastlora._numerics`'.
 
 Notation (as PEFT): x (T, in), weight W (out, in), lora_A A (r, in), lora_B B (out, r),
 ``xa = drop(x) A^T`` (T, r), dy (T, out), ``dxa = s dy B`` (T, r).
@@ -14,24 +15,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._numerics import accumulation_dtype, adam_directions, dropout, dropout_mask, dropout_threshold, lora_pro_moments
+from .._numerics import accumulation_dtype, dropout, dropout_mask, lora_pro_moments
 
 __all__ = [
     "accumulate_outer",
-    "accumulation_dtype",
-    "adam_directions",
-    "dropout",
     "dropout_mask",
-    "dropout_threshold",
     "lora_down",
     "lora_dy_products",
     "lora_forward",
     "lora_grad_A",
     "lora_grad_x",
-    "lora_linear",
     "lora_pro_moments",
     "lora_up",
 ]
+
 
 def lora_down(
     x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor | None, mask: Tensor | None = None
@@ -81,21 +78,6 @@ def lora_grad_x(
     """dx = dy W + mask / (1 - p) * (dxa A), in dy's dtype."""
     low_rank = dropout(dxa @ lora_A.to(dxa.dtype), dropout_p, seed)
     return (dy.to(dxa.dtype) @ weight.to(dxa.dtype) + low_rank).to(dy.dtype)
-
-
-def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
-) -> Tensor:
-    """The whole layer on a 2-D x through ordinary autograd (gradients for every input that
-    requires them, the frozen weight included). The adapter branch runs in x's dtype."""
-    return lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
 
 def accumulate_outer(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:

@@ -1,12 +1,14 @@
-"""Fake (meta) kernels and autograd formulas of ``torch.ops.fastlora.*``.
+"""Fake (meta) kernels and autograd formulas of ``torch.ops.fastlora.*``, and the typed
+wrappers production calls them through.
 
 The schemas and device kernels are registered in C++ (csrc/ops). Registering the fake kernels
 here lets ``torch.compile`` trace through the ops without graph breaks; registering autograd
 makes ``lora_forward`` differentiable with the memory-lean backward of ``lora_layer.md``: it
-saves x (a reference), xa (T x r) and the dropout seed, never a mask or a T x out tensor.
+saves x (not a copy), xa (T x r) and the dropout seed, never a mask or a T x out tensor.
 ``lora_down`` and ``lora_up`` are differentiable too; the backward pieces (``lora_dy_products``,
 ``lora_grad_A``, ``lora_grad_x``) and ``dropout_mask`` are not (they are derivatives already),
-nor is the optimizer pass ``lora_pro_moments``.
+nor is the optimizer pass ``lora_pro_moments``. Where no compiled kernel of ``dropout_mask`` or
+``lora_pro_moments`` runs, their wrappers here compute them in library ops (:mod:`fastlora._numerics`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def lora_pro_moments(
     eps: float,
     step: int,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA-Pro's fused full-mode moment pass (see :func:`fastlora.reference.lora_pro_moments`):
-    the compiled kernel where one applies, else the reference."""
+    """LoRA-Pro's fused full-mode moment pass (see :func:`fastlora._numerics.lora_pro_moments`):
+    the compiled kernel where one applies, else library ops."""
     args = (exp_avg, exp_avg_sq, lora_A, lora_B, grad_A0, grad_B0, scale, beta1, beta2, eps, step)
     if lora_pro_kernel_applies(exp_avg, lora_A.shape[0]):
         return torch.ops.fastlora.lora_pro_moments(*args)
@@ -125,7 +127,7 @@ def _forward_backward(ctx: Any, dy: Tensor | None, dxa_extra: Tensor | None) -> 
     if need_w or need_b:
         raise RuntimeError(
             "fastlora.lora_forward does not differentiate the frozen weight or bias; "
-            "fastlora.LoRALinear uses the reference path when they require gradients."
+            "fastlora.LoRALinear uses the composed path when they require gradients."
         )
     ops = torch.ops.fastlora
     if dy is None:
