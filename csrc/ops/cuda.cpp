@@ -72,8 +72,9 @@ at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p, const s
   const auto a = prepared(lora_A, x.scalar_type());
   auto xa = at::empty({x.size(0), r}, x.options());
   Scratch scratch(x);
-  check_launch(kc::lora_down(kernel_matrix(x), a.data_ptr(), r, dropout(p, seed), xa.data_ptr(), scratch.get(), stream()),
-               "lora_down");
+  check_launch(
+      kc::lora_down(kernel_matrix(x), a.data_ptr(), r, dropout(p, seed), xa.data_ptr(), scratch.get(), stream()),
+      "lora_down");
   return xa;
 }
 
