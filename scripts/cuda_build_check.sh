@@ -91,10 +91,10 @@ from fastlora import _extension
 
 assert fastlora.extension_available(), fastlora.extension_error()
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-missing = [op for op in _extension._OPS if not has(f"fastlora::{op}", "CUDA")]
+missing = [op for op in _extension.OPS if not has(f"fastlora::{op}", "CUDA")]
 print(f"imported without a GPU (cuda available: {torch.cuda.is_available()}); "
-      f"CUDA kernels registered for {len(_extension._OPS) - len(missing)}/{len(_extension._OPS)} ops: "
-      + ", ".join(op for op in _extension._OPS if op not in missing))
+      f"CUDA kernels registered for {len(_extension.OPS) - len(missing)}/{len(_extension.OPS)} ops: "
+      + ", ".join(op for op in _extension.OPS if op not in missing))
 if missing:
     print("missing CUDA kernels: " + ", ".join(missing))
 sys.exit(1 if missing else 0)

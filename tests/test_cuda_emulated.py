@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA = ROOT / "csrc" / "kernels" / "cuda"
 KERNEL = CUDA / "lora_pro_moments.cu"
 LAYER_KERNELS = ("rows_product.cu", "rank_product.cu", "dy_products.cu", "expand.cu", "f64.cu", "dropout_mask.cu")
-MOMENT_TYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2}  # fastlora::cuda::MomentType
+MOMENT_TYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2}  # fastlora::DType
 
 HARNESS = r"""
 #include <cuda_runtime.h>
@@ -35,7 +35,7 @@ extern "C" int run(int moments, void* m, void* v, int64_t rows, int64_t cols, in
                    double bc2, void* grad_a, void* grad_b, int sms) {
   emu_sm_count = sms;
   fastlora::cuda::LoraProMomentsArgs a;
-  a.exp_avg = m, a.exp_avg_sq = v, a.moments = static_cast<fastlora::cuda::MomentType>(moments);
+  a.exp_avg = m, a.exp_avg_sq = v, a.moments = static_cast<fastlora::DType>(moments);
   a.rows = rows, a.cols = cols, a.r = r, a.u = u, a.v = factors, a.s.scale = scale;
   a.s.beta1 = b1, a.s.beta2 = b2, a.s.eps = eps, a.s.bias_correction1 = bc1, a.s.bias_correction2 = bc2;
   a.grad_a = grad_a, a.grad_b = grad_b;
@@ -141,6 +141,7 @@ LAYER_HARNESS = r"""
 #include <vector>
 #include "dropout_mask.cuh"
 #include "lora_cuda.cuh"
+using fastlora::DType, fastlora::Matrix;
 using namespace fastlora::cuda;
 namespace {
 // Scratch as the glue hands it out (16-byte aligned), poisoned; freed when the call returns.
@@ -190,7 +191,7 @@ int mask(const int64_t* seed, double p, int64_t numel, bool* out) {
 }
 }
 """
-DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # fastlora::cuda::DType
+DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # fastlora::DType
 
 
 @pytest.fixture(scope="module")

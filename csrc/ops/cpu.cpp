@@ -4,20 +4,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "kernels/common/dropout_rng.h"
 #include "kernels/cpu/lora_cpu.h"
+#include "ops/accumulate_outer.h"
 #include "ops/checks.h"
 #include "ops/cpu_helpers.h"
+#include "ops/kernel_args.h"
 
 namespace fastlora::ops {
 namespace {
-
-using cpu::ConstMat;
-using cpu::DType;
 
 DropoutParams dropout_params(double p, const std::optional<at::Tensor>& seed) {
   return p > 0.0 ? make_dropout(p, seed->item<int64_t>()) : DropoutParams{};
@@ -28,7 +27,7 @@ at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p,
   const int64_t r = lora_A.size(0);
   const auto at = prepare(lora_A.t(), acc_type(x.scalar_type()));
   auto xa = at::empty({x.size(0), r}, x.options());
-  const ConstMat xm = mat(x);
+  const Matrix xm = kernel_matrix(x);
   const DropoutParams d = dropout_params(p, seed);
   const auto& k = cpu::kernels();
   at::parallel_for(0, x.size(0), row_grain(x.size(1)), [&](int64_t b, int64_t e) {
@@ -42,15 +41,15 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& w_prepared, int64_t n,
                   const std::optional<at::Tensor>& bias, const at::Tensor* base,
                   const DropoutParams& d, at::ScalarType dtype) {
   auto out = at::empty({u.size(0), n}, u.options().dtype(dtype));
-  const ConstMat um = mat(u);
-  std::optional<ConstMat> bm;
-  if (base != nullptr) bm = mat(*base);
+  const Matrix um = kernel_matrix(u);
+  std::optional<Matrix> bm;
+  if (base != nullptr) bm = kernel_matrix(*base);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const void* bias_ptr = bias_c.defined() ? bias_c.data_ptr() : nullptr;
   const auto& k = cpu::kernels();
   at::parallel_for(0, u.size(0), row_grain(n), [&](int64_t b, int64_t e) {
     k.expand(um, w_prepared.data_ptr(), w_prepared.stride(0), bias_ptr, bm ? &*bm : nullptr, d,
-             kernel_dtype<DType>(dtype), out.data_ptr(), n, b, e);
+             kernel_dtype(dtype), out.data_ptr(), n, b, e);
   });
   return out;
 }
@@ -97,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cpu(const at::Tensor& dy,
   const auto xa_c = xa.contiguous();
   auto dxa = at::empty({T, rb}, dy.options().dtype(acc));
   const int64_t ld = cpu::round_up(out, cpu::kPad);
-  const ConstMat dym = mat(dy);
+  const Matrix dym = kernel_matrix(dy);
   const auto& k = cpu::kernels();
   const auto dbt = token_parallel_sum(T, out, rx, ld, dy.options().dtype(acc),
                                       [&](int64_t t0, int64_t t1, void* partial) {
@@ -117,7 +116,7 @@ at::Tensor lora_grad_A_cpu(const at::Tensor& x, const at::Tensor& dxa, double p,
   const int64_t r = dxa.size(1), n = x.size(1);
   const int64_t ld = cpu::round_up(n, cpu::kPad);
   const auto dxa_c = dxa.contiguous();
-  const ConstMat xm = mat(x);
+  const Matrix xm = kernel_matrix(x);
   const DropoutParams d = dropout_params(p, seed);
   const auto& k = cpu::kernels();
   const auto out = token_parallel_sum(x.size(0), n, r, ld, x.options().dtype(acc_type(x.scalar_type())),
@@ -143,19 +142,7 @@ void accumulate_outer_cpu(at::Tensor& acc, const at::Tensor& dy, const at::Tenso
                           double alpha) {
   check_accumulate_outer(acc, dy, x);
   check_cpu(x, "accumulate_outer");
-  const auto dtype = acc.scalar_type();
-  if (dy.scalar_type() == dtype && x.scalar_type() == dtype) {
-    acc.addmm_(dy.t(), x, 1.0, alpha);
-    return;
-  }
-  // Lower-precision inputs: widen a slab of tokens at a time (~16 MiB), so the copies stay
-  // small, and accumulate with a beta = 1 GEMM in the accumulator's precision.
-  const int64_t tokens = x.size(0);
-  const int64_t slab = std::max<int64_t>(1, (int64_t{1} << 22) / (dy.size(1) + x.size(1)));
-  for (int64_t t0 = 0; t0 < tokens; t0 += slab) {
-    const int64_t n = std::min(slab, tokens - t0);
-    acc.addmm_(dy.narrow(0, t0, n).to(dtype).t(), x.narrow(0, t0, n).to(dtype), 1.0, alpha);
-  }
+  if (!accumulate_outer_same_dtype(acc, dy, x, alpha)) accumulate_outer_widened(acc, dy, x, alpha);
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
@@ -170,8 +157,21 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, 
   return mask;
 }
 
+// Selects the CPU kernel build ("auto", "avx512", "avx2", "baseline"); "" only queries.
+std::string cpu_isa(const std::string& name) {
+  TORCH_CHECK(name.empty() || cpu::select_isa(name.c_str()), "fastlora: CPU kernel build '", name,
+              "' is unknown or not supported by this CPU; use auto, avx512, avx2 or baseline");
+  return cpu::kernels().isa;
+}
+
 }  // namespace
 }  // namespace fastlora::ops
+
+// _cpu_isa takes no tensor, so it dispatches on no backend key: a CompositeImplicitAutograd
+// kernel is the kind the dispatcher runs for it (as for aten::_nnpack_available).
+TORCH_LIBRARY_IMPL(fastlora, CompositeImplicitAutograd, m) {
+  m.impl("_cpu_isa", &fastlora::ops::cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
   using namespace fastlora::ops;

@@ -1,6 +1,5 @@
 // Glue shared by the CPU implementations of the fastlora ops (cpu.cpp, lora_pro_cpu.cpp):
-// dtype and matrix descriptors for the torch-free kernels, prepared small operands, and
-// deterministic parallel sums over rows.
+// prepared small operands and deterministic parallel sums over rows.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,11 +8,8 @@
 #include <algorithm>
 
 #include "kernels/cpu/lora_cpu.h"
-#include "ops/kernel_args.h"
 
 namespace fastlora::ops {
-
-inline cpu::ConstMat mat(const at::Tensor& t) { return kernel_matrix<cpu::ConstMat>(t); }
 
 inline void check_cpu(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "fastlora.", op, ": the CPU kernel got a tensor on ",

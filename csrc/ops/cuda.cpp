@@ -6,8 +6,10 @@
 //
 // The layer only routes CUDA tensors here when fastlora.set_cuda_layer_kernels(True) (or
 // FASTLORA_CUDA_LAYER=1) is set: these kernels are experimental until benchmarks/gpu_check.sh
-// has validated them on a GPU. lora_pro_moments has its kernel in kernels/cuda/lora_pro_moments.cu.
+// has validated them on a GPU. lora_pro_moments has its kernel in kernels/cuda/lora_pro_moments.cu;
+// accumulate_outer (the gradient engine's) is library GEMMs only and runs whatever that switch says.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -20,6 +22,7 @@
 #include "kernels/cuda/dropout_mask.cuh"
 #include "kernels/cuda/lora_cuda.cuh"
 #include "kernels/cuda/lora_pro_moments.cuh"
+#include "ops/accumulate_outer.h"
 #include "ops/checks.h"
 #include "ops/kernel_args.h"
 
@@ -35,8 +38,6 @@ void check_launch(cudaError_t err, const char* op) {
 void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), "fastlora.", op, ": the CUDA kernel got a tensor on ", t.device());
 }
-
-kc::Matrix matrix(const at::Tensor& t) { return kernel_matrix<kc::Matrix>(t); }
 
 kc::Dropout dropout(double p, const std::optional<at::Tensor>& seed) {
   return p > 0.0 ? kc::Dropout{seed->data_ptr<int64_t>(), p} : kc::Dropout{};
@@ -71,8 +72,9 @@ at::Tensor down(const at::Tensor& x, const at::Tensor& lora_A, double p, const s
   const auto a = prepared(lora_A, x.scalar_type());
   auto xa = at::empty({x.size(0), r}, x.options());
   Scratch scratch(x);
-  check_launch(kc::lora_down(matrix(x), a.data_ptr(), r, dropout(p, seed), xa.data_ptr(), scratch.get(), stream()),
-               "lora_down");
+  check_launch(
+      kc::lora_down(kernel_matrix(x), a.data_ptr(), r, dropout(p, seed), xa.data_ptr(), scratch.get(), stream()),
+      "lora_down");
   return xa;
 }
 
@@ -81,7 +83,7 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& w, bool w_by_rank, int6
                   const std::optional<at::Tensor>& bias, const at::Tensor* base, const kc::Dropout& drop,
                   at::ScalarType dtype, const char* op) {
   auto out = at::empty({u.size(0), cols}, u.options().dtype(dtype));
-  const std::optional<kc::Matrix> base_m = base != nullptr ? std::optional(matrix(*base)) : std::nullopt;
+  const std::optional<Matrix> base_m = base != nullptr ? std::optional(kernel_matrix(*base)) : std::nullopt;
   kc::Expand e;
   e.u = u.data_ptr();
   e.w = w.data_ptr();
@@ -93,7 +95,7 @@ at::Tensor expand(const at::Tensor& u, const at::Tensor& w, bool w_by_rank, int6
   e.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   e.base = base_m.has_value() ? &*base_m : nullptr;
   e.drop = drop;
-  e.out_dtype = kernel_dtype<kc::DType>(dtype);
+  e.out_dtype = kernel_dtype(dtype);
   e.out = out.data_ptr();
   check_launch(kc::lora_expand(e, stream()), op);
   return out;
@@ -149,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_products_cuda(const at::Tensor& dy, c
   auto dxa = at::empty({dy.size(0), rb}, dy.options().dtype(acc));
   auto db = at::empty({dy.size(1), rx}, dy.options().dtype(acc));
   Scratch scratch(dy);
-  check_launch(kc::lora_dy_products(matrix(dy), xa_c.data_ptr(), rx, b.data_ptr(), rb, scale, dxa.data_ptr(),
+  check_launch(kc::lora_dy_products(kernel_matrix(dy), xa_c.data_ptr(), rx, b.data_ptr(), rb, scale, dxa.data_ptr(),
                                     db.data_ptr(), scratch.get(), stream()),
                "lora_dy_products");
   return {dxa, db.to(lora_B.scalar_type())};
@@ -164,7 +166,7 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& x, const at::Tensor& dxa, double p
   const int64_t r = dxa.size(1);
   auto da = at::empty({r, x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
   Scratch scratch(x);
-  check_launch(kc::lora_grad_A(matrix(x), dxa_c.data_ptr(), r, dropout(p, seed), da.data_ptr(), scratch.get(),
+  check_launch(kc::lora_grad_A(kernel_matrix(x), dxa_c.data_ptr(), r, dropout(p, seed), da.data_ptr(), scratch.get(),
                                stream()),
                "lora_grad_A");
   return da.to(dtype);
@@ -181,6 +183,34 @@ at::Tensor lora_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, cons
   // The masked rank-r term is the C operand of dy W.
   dx.addmm_(dy, weight);
   return dx;
+}
+
+// aten::addmm.dtype_out: cuBLAS's mixed-precision GEMM (bfloat16/float16 inputs, float32
+// accumulation and output), looked up through the dispatcher because older torch lacks it.
+using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
+                                  const at::Scalar&, const at::Scalar&, at::Tensor&);
+
+const std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>>& addmm_dtype_out() {
+  static const auto op = []() -> std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
+    const auto handle = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+    if (!handle.has_value()) return std::nullopt;
+    return handle->typed<AddmmDtypeOut>();
+  }();
+  return op;
+}
+
+// The library GEMMs: inputs in acc's dtype as one addmm_, others through cuBLAS's mixed-precision
+// GEMM when this torch has it, else widened a slab of tokens at a time.
+void accumulate_outer_cuda(at::Tensor& acc, const at::Tensor& dy, const at::Tensor& x, double alpha) {
+  check_accumulate_outer(acc, dy, x);
+  check_cuda(x, "accumulate_outer");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (accumulate_outer_same_dtype(acc, dy, x, alpha)) return;
+  if (const auto& mixed = addmm_dtype_out()) {
+    mixed->call(acc, dy.t(), x, acc.scalar_type(), 1, alpha, acc);
+    return;
+  }
+  accumulate_outer_widened(acc, dy, x, alpha);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
@@ -214,9 +244,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cuda(
   fastlora::cuda::LoraProMomentsArgs a;
   a.exp_avg = exp_avg.data_ptr();
   a.exp_avg_sq = exp_avg_sq.data_ptr();
-  a.moments = exp_avg.scalar_type() == at::kDouble  ? fastlora::cuda::MomentType::f64
-              : exp_avg.scalar_type() == at::kFloat ? fastlora::cuda::MomentType::f32
-                                                    : fastlora::cuda::MomentType::bf16;
+  a.moments = kernel_dtype(exp_avg.scalar_type());
   a.rows = out;
   a.cols = in;
   a.r = r;
@@ -247,6 +275,7 @@ TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("lora_dy_products", &lora_dy_products_cuda);
   m.impl("lora_grad_A", &lora_grad_A_cuda);
   m.impl("lora_grad_x", &lora_grad_x_cuda);
+  m.impl("accumulate_outer", &accumulate_outer_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
   m.impl("lora_pro_moments", &lora_pro_moments_cuda);
 }

@@ -1,15 +1,15 @@
-// Tensors as the plain structs the torch-free kernels take. The CPU and CUDA kernels each define
-// a dtype enum (f64, f32, bf16, f16) and a strided-matrix struct {data, rows, cols, s0, s1,
-// dtype} with the same members, so one template serves both glue files.
+// Tensors as the descriptor the torch-free kernels take (kernels/common/matrix.h), for the CPU
+// and the CUDA glue alike.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "kernels/common/matrix.h"
+
 namespace fastlora::ops {
 
-template <class DType>
-DType kernel_dtype(at::ScalarType s) {
+inline DType kernel_dtype(at::ScalarType s) {
   switch (s) {
     case at::kDouble: return DType::f64;
     case at::kFloat: return DType::f32;
@@ -19,11 +19,9 @@ DType kernel_dtype(at::ScalarType s) {
   }
 }
 
-// A 2-D tensor as Mat (cpu::ConstMat, cuda::Matrix).
-template <class Mat>
-Mat kernel_matrix(const at::Tensor& t) {
-  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1),
-          kernel_dtype<decltype(Mat::dtype)>(t.scalar_type())};
+// A 2-D tensor as the kernels' strided matrix.
+inline Matrix kernel_matrix(const at::Tensor& t) {
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1), kernel_dtype(t.scalar_type())};
 }
 
 }  // namespace fastlora::ops

@@ -9,6 +9,7 @@
 #include "kernels/cpu/lora_cpu.h"
 #include "ops/checks.h"
 #include "ops/cpu_helpers.h"
+#include "ops/kernel_args.h"
 
 namespace fastlora::ops {
 namespace {
@@ -33,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> lora_pro_moments_cpu(
   cpu::LoraProMoments p;
   p.exp_avg = exp_avg.data_ptr();
   p.exp_avg_sq = exp_avg_sq.data_ptr();
-  p.moment_dtype = kernel_dtype<cpu::DType>(exp_avg.scalar_type());
+  p.moment_dtype = kernel_dtype(exp_avg.scalar_type());
   p.rows = out;
   p.cols = in;
   p.r = r;

@@ -1,27 +1,11 @@
-// The fastlora operator schemas; per-device kernels live in cpu.cpp / cuda.cu and the fake
-// (meta) kernels and autograd formulas in python/fastlora/ops.py.
+// The fastlora operator schemas; per-device kernels live in cpu.cpp / cuda.cpp and the fake
+// (meta) kernels and autograd formulas in python/fastlora/_ops.py.
 //
 // Shapes: x (T, in), weight (out, in), lora_A (r, in), lora_B (out, r), xa (T, r),
 // dy (T, out), dxa (T, r). `seed` is a one-element int64 tensor on the activations' device
 // (read on the device, so CUDA graphs replay with fresh masks); it is required when
 // dropout_p > 0 and ignored otherwise.
 #include <torch/library.h>
-
-#include <string>
-
-#include "kernels/cpu/lora_cpu.h"
-
-namespace {
-
-// Selects the CPU kernel build ("auto", "avx512", "avx2", "baseline"); "" only queries.
-std::string cpu_isa(const std::string& name) {
-  TORCH_CHECK(name.empty() || fastlora::cpu::select_isa(name.c_str()),
-              "fastlora: CPU kernel build '", name,
-              "' is unknown or not supported by this CPU; use auto, avx512, avx2 or baseline");
-  return fastlora::cpu::kernels().isa;
-}
-
-}  // namespace
 
 TORCH_LIBRARY(fastlora, m) {
   // xa = drop(x) A^T, in x's dtype.
@@ -49,7 +33,9 @@ TORCH_LIBRARY(fastlora, m) {
   m.def("accumulate_outer(Tensor(a!) acc, Tensor dy, Tensor x, float alpha) -> ()");
   // The keep mask (bool, rows x cols) that dropout with this seed and p applies.
   m.def("dropout_mask(Tensor seed, int rows, int cols, float dropout_p) -> Tensor");
-  m.def("_cpu_isa(str name) -> str", &cpu_isa);
+  // Selects the CPU kernel build ("auto", "avx512", "avx2", "baseline") and returns the one in
+  // use; "" only queries. Implemented by the CPU glue (cpu.cpp).
+  m.def("_cpu_isa(str name) -> str");
 }
 
 // LoRA-Pro (docs/lora_pro.md). Shapes: exp_avg, exp_avg_sq (out, in); lora_A, grad_A0 (r, in);

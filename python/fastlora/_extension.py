@@ -109,11 +109,6 @@ def compiled_kernel(op: str, device_type: str) -> bool:
     return _kernels.get((op, device_type), False)
 
 
-def note_python_kernel(op: str, device_type: str) -> None:
-    """Records a kernel registered from Python (after the table was built)."""
-    _kernels[(op, device_type)] = True
-
-
 def cpu_isa(name: str = "") -> str:
     """Returns the CPU kernel build in use; with a name ("auto", "avx512", "avx2", "baseline")
     selects it first. Raises RuntimeError without the extension or if the CPU lacks it."""

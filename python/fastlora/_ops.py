@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _numerics
-from ._extension import extension_available, note_python_kernel
+from ._extension import extension_available
 from .backends.registry import kernel_used
 
 __all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
@@ -178,24 +178,6 @@ def _register_autograd() -> None:
     reg("fastlora::lora_up", _up_backward, setup_context=_up_setup)
 
 
-def _accumulate_outer_cuda(acc: Tensor, dy: Tensor, x: Tensor, alpha: float) -> None:
-    # cuBLAS does the mixed-precision GEMM itself: bf16/fp16 inputs, fp32 output, beta = 1.
-    if dy.dtype == acc.dtype and x.dtype == acc.dtype:
-        acc.addmm_(dy.t(), x, alpha=alpha)
-    elif hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.ops.aten.addmm.dtype_out(acc, dy.t(), x, acc.dtype, beta=1, alpha=alpha, out=acc)
-    else:  # torch without mixed-dtype GEMMs: widen slabs of tokens
-        slab = max(1, (1 << 22) // (dy.shape[1] + x.shape[1]))
-        for t0 in range(0, x.shape[0], slab):
-            acc.addmm_(dy[t0 : t0 + slab].to(acc.dtype).t(), x[t0 : t0 + slab].to(acc.dtype), alpha=alpha)
-
-
-def _register_python_kernels() -> None:
-    torch.library.register_kernel("fastlora::accumulate_outer", "cuda", _accumulate_outer_cuda)
-    note_python_kernel("accumulate_outer", "cuda")
-
-
 if extension_available():
     _register_fakes()
     _register_autograd()
-    _register_python_kernels()

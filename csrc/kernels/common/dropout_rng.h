@@ -5,7 +5,7 @@
 // stored. The generator is SplitMix64's output function applied to a counter
 // (state = key + group * gamma), which passes BigCrush as a sequence; each 64-bit hash
 // gives two 32-bit lanes, so the drop probability is resolved to 2^-32.
-// python/fastlora/reference.py implements the same function in PyTorch; tests compare them.
+// python/fastlora/_numerics.py implements the same function in PyTorch; tests compare them.
 #pragma once
 
 #include <cstdint>

@@ -171,7 +171,7 @@ void apply_dropout(Acc* v, int64_t count, const DropoutParams& d, uint64_t idx0)
 // dst[i, c] = drop(m)[t0 + i, k0 + c] for i < nt, c < kc, in Acc; the rest of the
 // nt_pad x round_up(kc, kPad) panel is zero.
 template <class T, class Acc>
-void load_panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
+void load_panel(const Matrix& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
                 int64_t kc, const DropoutParams& d, Acc* dst, int64_t ldd) {
   const T* base = static_cast<const T*>(m.data);
   const int64_t kc_pad = round_up(kc, kPad);
@@ -191,7 +191,7 @@ void load_panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64
 
 // dst[i, j] = u[t0 + i, j] in Acc for i < nt; rows nt..nt_pad-1 zero.
 template <class Acc>
-void load_small_rows(const ConstMat& u, int64_t t0, int64_t nt, int64_t nt_pad, Acc* dst) {
+void load_small_rows(const Matrix& u, int64_t t0, int64_t nt, int64_t nt_pad, Acc* dst) {
   const int64_t r = u.cols;
   with_type(u.dtype, [&](auto tag) {
     using U = decltype(tag);
@@ -323,7 +323,7 @@ struct Panel {
 };
 
 template <class T, class Acc>
-Panel<Acc> panel(const ConstMat& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
+Panel<Acc> panel(const Matrix& m, int64_t t0, int64_t nt, int64_t nt_pad, int64_t k0,
                  int64_t kc, const DropoutParams& d, Acc* buf, int64_t kc_stride) {
   constexpr int64_t N = VecOf<Acc>::N;
   if constexpr (std::is_same_v<T, Acc>) {

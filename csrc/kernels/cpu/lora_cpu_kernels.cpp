@@ -19,7 +19,7 @@ namespace {
 // ---- kernels ----------------------------------------------------------------------------
 
 template <class T>
-void down_impl(const ConstMat& x, const void* at_, int64_t ldat, int64_t r, const DropoutParams& d,
+void down_impl(const Matrix& x, const void* at_, int64_t ldat, int64_t r, const DropoutParams& d,
                void* xa_, int64_t t0, int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const Acc* at = static_cast<const Acc*>(at_);
@@ -40,8 +40,8 @@ void down_impl(const ConstMat& x, const void* at_, int64_t ldat, int64_t r, cons
 }
 
 template <class T>
-void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bias_,
-                 const ConstMat* base, const DropoutParams& d, void* out_, int64_t n, int64_t t0,
+void expand_impl(const Matrix& u, const void* w_, int64_t ldw, const void* bias_,
+                 const Matrix* base, const DropoutParams& d, void* out_, int64_t n, int64_t t0,
                  int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const Acc* w = static_cast<const Acc*>(w_);
@@ -78,7 +78,7 @@ void expand_impl(const ConstMat& u, const void* w_, int64_t ldw, const void* bia
 }
 
 template <class T>
-void dy_products_impl(const ConstMat& dy, const void* xa_, int64_t rx, const void* b_, int64_t ldb,
+void dy_products_impl(const Matrix& dy, const void* xa_, int64_t rx, const void* b_, int64_t ldb,
                       int64_t rb, double scale, void* dxa_, void* dbt_, int64_t lddbt, int64_t t0,
                       int64_t t1) {
   using Acc = typename AccOf<T>::type;
@@ -107,7 +107,7 @@ void dy_products_impl(const ConstMat& dy, const void* xa_, int64_t rx, const voi
 }
 
 template <class T>
-void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_, int64_t r,
+void rank_update_impl(const Matrix& x, const DropoutParams& d, const void* u_, int64_t r,
                       void* out_, int64_t ldo, int64_t t0, int64_t t1) {
   using Acc = typename AccOf<T>::type;
   const Acc* u = static_cast<const Acc*>(u_);
@@ -126,12 +126,12 @@ void rank_update_impl(const ConstMat& x, const DropoutParams& d, const void* u_,
 
 // ---- type-dispatching entry points ------------------------------------------------------
 
-void down(const ConstMat& x, const void* at, int64_t ldat, int64_t r, const DropoutParams& d,
+void down(const Matrix& x, const void* at, int64_t ldat, int64_t r, const DropoutParams& d,
           void* xa, int64_t t0, int64_t t1) {
   with_type(x.dtype, [&](auto tag) { down_impl<decltype(tag)>(x, at, ldat, r, d, xa, t0, t1); });
 }
 
-void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, const ConstMat* base,
+void expand(const Matrix& u, const void* w, int64_t ldw, const void* bias, const Matrix* base,
             const DropoutParams& d, DType out_dtype, void* out, int64_t n, int64_t t0,
             int64_t t1) {
   with_type(out_dtype, [&](auto tag) {
@@ -139,7 +139,7 @@ void expand(const ConstMat& u, const void* w, int64_t ldw, const void* bias, con
   });
 }
 
-void dy_products(const ConstMat& dy, const void* xa, int64_t rx, const void* b, int64_t ldb,
+void dy_products(const Matrix& dy, const void* xa, int64_t rx, const void* b, int64_t ldb,
                  int64_t rb, double scale, void* dxa, void* dbt, int64_t lddbt, int64_t t0,
                  int64_t t1) {
   with_type(dy.dtype, [&](auto tag) {
@@ -147,7 +147,7 @@ void dy_products(const ConstMat& dy, const void* xa, int64_t rx, const void* b, 
   });
 }
 
-void rank_update(const ConstMat& x, const DropoutParams& d, const void* u, int64_t r, void* out,
+void rank_update(const Matrix& x, const DropoutParams& d, const void* u, int64_t r, void* out,
                  int64_t ldo, int64_t t0, int64_t t1) {
   with_type(x.dtype,
             [&](auto tag) { rank_update_impl<decltype(tag)>(x, d, u, r, out, ldo, t0, t1); });

@@ -55,7 +55,7 @@ void moments_impl(const LoraProMoments& p, void* grad_a_, int64_t ldga, int64_t 
   M* exp_avg = static_cast<M*>(p.exp_avg);
   M* exp_avg_sq = static_cast<M*>(p.exp_avg_sq);
   const auto [scale, b1, c1, b2, c2, inv_bc1, inv_sqrt_bc2, eps] = lora_pro_coefficients<Acc>(p.s);
-  const ConstMat u{p.u, p.rows, r2, r2, 1, acc_dtype<Acc>()};
+  const Matrix u{p.u, p.rows, r2, r2, 1, acc_dtype<Acc>()};
 
   // v regrouped so that each group of kGroup columns is a contiguous 2r x kGroup block: the
   // expand tile then streams it sequentially (rows of v are far apart for large n).

@@ -15,16 +15,9 @@
 #include <cstdint>
 #include <functional>
 
+#include "../common/matrix.h"
+
 namespace fastlora::cuda {
-
-enum class DType : int { f64, f32, bf16, f16 };
-
-// Element (i, j) at data + i * s0 + j * s1 (strides in elements, >= 0; 0 broadcasts).
-struct Matrix {
-  const void* data = nullptr;
-  int64_t rows = 0, cols = 0, s0 = 0, s1 = 0;
-  DType dtype = DType::f32;
-};
 
 // Inverted dropout of the element with flat index t * cols + k (dropout_rng.h); the seed is
 // read on the device so CUDA graphs replay with whatever the seed tensor then holds.

@@ -304,16 +304,17 @@ cudaError_t launch(const LoraProMomentsArgs& a, void* workspace, int device, cud
 
 size_t lora_pro_moments_workspace(const LoraProMomentsArgs& a, int device) {
   const Plan p =
-      a.moments == MomentType::f64 ? plan_for<double>(a, device) : plan_for<float>(a, device);
+      a.moments == DType::f64 ? plan_for<double>(a, device) : plan_for<float>(a, device);
   return p.rt == 0 ? SIZE_MAX : p.workspace;
 }
 
 cudaError_t launch_lora_pro_moments(const LoraProMomentsArgs& a, void* workspace, int device,
                                     cudaStream_t stream) {
   switch (a.moments) {
-    case MomentType::f64: return launch<double, double>(a, workspace, device, stream);
-    case MomentType::f32: return launch<float, float>(a, workspace, device, stream);
-    case MomentType::bf16: return launch<bf16_bits, float>(a, workspace, device, stream);
+    case DType::f64: return launch<double, double>(a, workspace, device, stream);
+    case DType::f32: return launch<float, float>(a, workspace, device, stream);
+    case DType::bf16: return launch<bf16_bits, float>(a, workspace, device, stream);
+    case DType::f16: break;  // rejected by the glue (float16 cannot hold the second moment)
   }
   return cudaErrorInvalidValue;
 }

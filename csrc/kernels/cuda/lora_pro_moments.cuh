@@ -8,13 +8,12 @@
 #include <cstdint>
 
 #include "../common/lora_pro_scalars.h"
+#include "../common/matrix.h"
 
 namespace fastlora::cuda {
 
-enum class MomentType : int { f64 = 0, f32 = 1, bf16 = 2 };
-
 // Largest rank the kernel takes: its per-block accumulators live in shared memory.
-// python/fastlora/ops.py mirrors these limits (larger ranks run the reference there).
+// python/fastlora/backends/registry.py mirrors these limits (larger ranks run the reference).
 constexpr int64_t kLoraProMaxRank = 128;     // float32 / bfloat16 moments (float32 math)
 constexpr int64_t kLoraProMaxRankF64 = 32;   // float64 moments (float64 math)
 
@@ -22,7 +21,7 @@ constexpr int64_t kLoraProMaxRankF64 = 32;   // float64 moments (float64 math)
 struct LoraProMomentsArgs {
   void* exp_avg = nullptr;     // rows x cols, contiguous
   void* exp_avg_sq = nullptr;  // rows x cols, contiguous
-  MomentType moments = MomentType::f32;
+  DType moments = DType::f32;  // f64, f32 or bf16
   int64_t rows = 0, cols = 0, r = 0;
   const void* u = nullptr;  // rows x 2r, Acc, contiguous: [B | gB0]
   const void* v = nullptr;  // 2r x cols, Acc, contiguous: [gA0; A]

@@ -267,7 +267,7 @@ for _op in KERNEL_OPS:
     register(Implementation(
         name="kernels", op=_op, devices=frozenset(("cpu", "cuda")), needs_extension=(_op,),
         max_rank={"cuda": _CUDA_LORA_PRO_MAX_RANK} if _op == "lora_pro_moments" else {},
-        # accumulate_outer's CUDA kernel is cuBLAS's mixed-precision GEMM (fastlora._ops)
+        # accumulate_outer's CUDA kernel is cuBLAS's mixed-precision GEMM (csrc/ops/cuda.cpp)
         validated=frozenset(("cpu", "cuda")) if _op == "accumulate_outer" else frozenset(("cpu",)),
         experimental_cuda=True,
     ))
