@@ -89,7 +89,7 @@ def _peft_layers(layers: dict[str, LoRALinear], fold_scaling: bool
             f"the LoRA layers have different lora_dropout values {sorted(dropouts)}; PEFT's adapter_config.json "
             "holds one for all layers (it has no per-module dropout). Give every layer the same dropout "
             "(layer.load_factors(layer.lora_A, layer.lora_B, dataclasses.replace(layer.config, lora_dropout=p), "
-            "layer.base_offset)), or save fastlora's format with fastlora.save_adapter, which keeps each layer's"
+            "layer.base_offset)), or save fastlora's format with fastlora.save_adapter, which keeps each layer's dropout"
         )
     if len(rslora) > 1:  # mixed (never with fold_scaling): express every scale as alpha / r
         for name, layer in layers.items():
