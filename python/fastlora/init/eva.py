@@ -34,8 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._batches import call_model
-from ..gradients import to_device
+from .._batches import call_model, to_device
 from ..layer import LoRALinear, lora_layers
 from ..progress import Progress
 
