@@ -24,6 +24,7 @@ NONFINITE = ("skip", "error")
 
 
 def check_options(model, mode, offload, nonfinite, num_batches, sketch_rank, passes) -> None:
+    """Raises a clear error for a bad option of :func:`collect_gradients`, before anything runs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -51,6 +52,7 @@ class Target:
 
 
 def frozen_weight(module: nn.Module) -> Target:
+    """The weight whose gradient a target layer (``nn.Linear``, quantized or ``LoRALinear``) gives."""
     base = module.base_layer if isinstance(module, LoRALinear) else module
     dtype = torch.float32 if is_quantized(base) else base.weight.dtype
     return Target((base.out_features, base.in_features), base.weight.device, dtype)

@@ -18,6 +18,7 @@ class StagingPool:
         self._turn = 0
 
     def slot(self) -> dict:
+        """The next slot (the two are allocated on first use), its pending copy added to the host first."""
         if not self._slots:
             pin = self.device.type == "cuda"
             for _ in range(2):
@@ -33,6 +34,7 @@ class StagingPool:
 
     @staticmethod
     def drain(slot: dict) -> None:
+        """Adds a slot's copied rows to their host accumulator once the copy is done."""
         if slot["pending"] is None:
             return
         target, event, n = slot["pending"]
@@ -42,6 +44,7 @@ class StagingPool:
         slot["pending"] = None
 
     def flush(self) -> None:
+        """Adds every pending copy (after each backward: the host accumulators are then complete)."""
         for slot in self._slots:
             self.drain(slot)
 
