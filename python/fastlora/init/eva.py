@@ -33,9 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._batches import call_model
+from .._batches import call_model, to_device
 from ..config import EvaConfig, eva_config_from
-from ..gradients import to_device
 from ..layer import LoRALinear, lora_layers
 from ..progress import Progress
 
@@ -143,6 +142,119 @@ def _redistribute(pcas: dict[str, _IncrementalPCA], shared: dict[str, str], budg
     return ranks
 
 
+class _EvaRun:
+    """One EVA run's state, shared with the layers' forward hooks: the current batch's row mask,
+    the layers still fitted, the first batch's input digests, the PCAs and their convergence."""
+
+    def __init__(self, k: dict[str, int], config: EvaConfig, gather: bool) -> None:
+        self.k, self.config, self.gather = k, config, gather
+        self.mask: Tensor | None = None
+        self.active: set[str] = set()
+        self.digests: dict[str, str] = {}
+        self.pcas: dict[str, _IncrementalPCA] = {}
+        self.converged: dict[str, Tensor] = {}
+        self.shared: dict[str, str] = {}  # layer -> the first layer with equal inputs (whose PCA it shares)
+
+    def update(self, name: str, x: Tensor) -> None:
+        """One PCA step on this batch's rows (inside the hook: one layer's rows in memory at a time)."""
+        if not self.pcas:  # the first batch: only which layers see equal inputs
+            self.digests[name] = _digest(x)
+            return
+        k = self.k[name]
+        if x.shape[0] < k:
+            logger.warning("fastlora: eva: skipping a batch for %s: %d rows < %d components", name, x.shape[0], k)
+            return
+        pca = self.pcas[name]
+        previous = pca.components
+        pca.partial_fit(x.to(torch.float32))
+        if previous is not None:
+            self.converged[name] = (nn.functional.cosine_similarity(pca.components, previous) >= self.config.tau).cpu()
+
+    def hook_for(self, name: str):
+        def hook(module, args, output):
+            if name in self.active:
+                rows = _rows(args[0], self.mask)
+                self.update(name, _gathered(rows) if self.gather else rows)
+        return hook
+
+    def first_batch(self, model: nn.Module, batches: Iterable, layers: dict[str, LoRALinear],
+                    device: torch.device) -> None:
+        """Runs the first batch to find the layers with equal inputs: they share one PCA (with the
+        larger ``k``); then makes one PCA per distinct input."""
+        first = next(iter(batches), None)
+        if first is None:
+            raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
+        first = to_device(first, device)
+        self.mask = _mask(first, self.config)
+        self.active.update(layers)
+        call_model(model, first)
+        owners: dict[str, str] = {}
+        for name in layers:
+            owner = owners.setdefault(self.digests[name], name)
+            if owner != name:
+                self.shared[name] = owner
+        k = self.k
+        for name, owner in self.shared.items():
+            k[owner] = max(k[owner], k[name])
+        for name, owner in self.shared.items():
+            k[name] = k[owner]
+        self.pcas.update({name: _IncrementalPCA(k[name]) for name in layers if name not in self.shared})
+        self.converged.update({name: torch.zeros(k[name], dtype=torch.bool) for name in self.pcas})
+
+    def until_converged(self, model: nn.Module, batches: Iterable, budget: int, device: torch.device,
+                        show_progress_bar: bool) -> dict[str, int]:
+        """Cycles the batches (as PEFT) until every layer's needed components have converged,
+        redistributing the ranks after each batch; returns the ranks."""
+        ranks = dict(self.k)
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        progress = Progress("eva", None, bar=show_progress_bar and rank0)
+        done = False
+        while not done:
+            for batch in batches:
+                batch = to_device(batch, device)
+                self.mask = _mask(batch, self.config)
+                self.active.clear()
+                self.active.update(n for n in self.pcas if not bool(self.converged[n][: ranks[n]].all()))
+                if not self.active:
+                    done = True
+                    break
+                call_model(model, batch)
+                progress.update()
+                if all(p.components is not None for p in self.pcas.values()):
+                    ranks = _redistribute(self.pcas, self.shared, budget, self.k)
+        progress.close(f"{len(self.k)} layers, ranks {sorted(set(ranks.values()))}")
+        return ranks
+
+    def lora_a(self, ranks: dict[str, int]) -> dict[str, Tensor]:
+        """Each layer's ``lora_A``: the top ``ranks[name]`` components of its PCA (whitened if asked)."""
+        state = {}
+        for name in self.k:
+            pca = self.pcas[self.shared.get(name, name)]
+            u = pca.components[: ranks[name]].clone()
+            if self.config.whiten:
+                u = u / pca.singular_values[: ranks[name]].sqrt()[:, None]
+            state[name] = u
+        return state
+
+
+def _checked_layers(model: nn.Module, batches: Iterable,
+                    config: EvaConfig) -> tuple[dict[str, LoRALinear], dict[str, int]]:
+    """The model's LoRA layers and the components each needs (``round(r·rho)``); clear errors for a
+    model without LoRA layers, an iterator of batches, or too many components for a layer."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
+    if iter(batches) is batches:
+        raise TypeError("EVA cycles the batches until its components converge: give a re-iterable (a list or a "
+                        "DataLoader), not an iterator or generator")
+    k = {name: round(layer.r * config.rho) for name, layer in layers.items()}
+    too_wide = [f"{n} (k={k[n]}, in={layers[n].in_features})" for n in layers if k[n] > layers[n].in_features]
+    if too_wide:
+        raise ValueError(f"EVA needs round(r*rho) <= in_features per layer; too many components for {too_wide[:4]}: "
+                         "lower r or EvaConfig.rho")
+    return layers, k
+
+
 @torch.no_grad()
 def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, show_progress_bar: bool = True,
                        gather_distributed_inputs: bool = True) -> dict[str, Tensor]:
@@ -155,98 +267,20 @@ def get_eva_state_dict(model: nn.Module, batches: Iterable, config: Any = None, 
     layer inputs are gathered (each rank must get different batches, the same number of them);
     without it each rank computes from its own batches."""
     config = eva_config_from(config)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
-    if iter(batches) is batches:
-        raise TypeError("EVA cycles the batches until its components converge: give a re-iterable (a list or a "
-                        "DataLoader), not an iterator or generator")
-    k = {name: round(layer.r * config.rho) for name, layer in layers.items()}
-    too_wide = [f"{n} (k={k[n]}, in={layers[n].in_features})" for n in layers if k[n] > layers[n].in_features]
-    if too_wide:
-        raise ValueError(f"EVA needs round(r*rho) <= in_features per layer; too many components for {too_wide[:4]}: "
-                         "lower r or EvaConfig.rho")
+    layers, k = _checked_layers(model, batches, config)
     budget = sum(layer.r for layer in layers.values())
     device = next(iter(layers.values())).lora_A.device
     gather = gather_distributed_inputs and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    run = _EvaRun(k, config, gather)
     training = model.training
     model.eval()
-    current: dict[str, Any] = {"mask": None}
-    digests: dict[str, str] = {}
-    pcas: dict[str, _IncrementalPCA] = {}
-    converged: dict[str, Tensor] = {}
-    active: set[str] = set()
-
-    def update(name: str, x: Tensor) -> None:
-        """One PCA step on this batch's rows (inside the hook: one layer's rows in memory at a time)."""
-        if not pcas:  # the first batch: only which layers see equal inputs
-            digests[name] = _digest(x)
-            return
-        if x.shape[0] < k[name]:
-            logger.warning("fastlora: eva: skipping a batch for %s: %d rows < %d components", name, x.shape[0], k[name])
-            return
-        pca = pcas[name]
-        previous = pca.components
-        pca.partial_fit(x.to(torch.float32))
-        if previous is not None:
-            converged[name] = (nn.functional.cosine_similarity(pca.components, previous) >= config.tau).cpu()
-
-    def hook_for(name: str):
-        def hook(module, args, output):
-            if name in active:
-                rows = _rows(args[0], current["mask"])
-                update(name, _gathered(rows) if gather else rows)
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_hook(run.hook_for(name)) for name, layer in layers.items()]
     try:
-        first = next(iter(batches), None)
-        if first is None:
-            raise ValueError("batches is empty; give the calibration batches (a DataLoader or a list)")
-        first = to_device(first, device)
-        current["mask"] = _mask(first, config)
-        active.update(layers)
-        call_model(model, first)
-        owners: dict[str, str] = {}
-        shared: dict[str, str] = {}  # layer -> the first layer with equal inputs (whose PCA it shares)
-        for name in layers:
-            owner = owners.setdefault(digests[name], name)
-            if owner != name:
-                shared[name] = owner
-        for name, owner in shared.items():
-            k[owner] = max(k[owner], k[name])
-        for name, owner in shared.items():
-            k[name] = k[owner]
-        pcas.update({name: _IncrementalPCA(k[name]) for name in layers if name not in shared})
-        converged.update({name: torch.zeros(k[name], dtype=torch.bool) for name in pcas})
-        ranks = dict(k)
-        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        progress = Progress("eva", None, bar=show_progress_bar and rank0)
-        done = False
-        while not done:  # PEFT cycles the batches until every layer has converged
-            for batch in batches:
-                batch = to_device(batch, device)
-                current["mask"] = _mask(batch, config)
-                active.clear()
-                active.update(n for n in pcas if not bool(converged[n][: ranks[n]].all()))
-                if not active:
-                    done = True
-                    break
-                call_model(model, batch)
-                progress.update()
-                if all(p.components is not None for p in pcas.values()):
-                    ranks = _redistribute(pcas, shared, budget, k)
-        progress.close(f"{len(layers)} layers, ranks {sorted(set(ranks.values()))}")
+        run.first_batch(model, batches, layers, device)
+        ranks = run.until_converged(model, batches, budget, device, show_progress_bar)
     finally:
         for handle in handles:
             handle.remove()
-        active.clear()
+        run.active.clear()
         model.train(training)
-    state = {}
-    for name in layers:
-        pca = pcas[shared.get(name, name)]
-        u = pca.components[: ranks[name]].clone()
-        if config.whiten:
-            u = u / pca.singular_values[: ranks[name]].sqrt()[:, None]
-        state[name] = u
-    return state
+    return run.lora_a(ranks)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._distributed import chunk_rows, gather_row_chunks, sum_in_rank_order
 from ..gradients import GradientStats
+from ..layer import LoRALinear
 from ..quantized import dense_weight
 from ..targets import Targets, find_linear_targets
 from ..transaction import transaction
@@ -225,17 +226,7 @@ def gora(
     rank = torch.distributed.get_rank() if world > 1 else 0
     rows = {n: gradients[n].rows if gradients[n].sharded else chunk_rows(layer.out_features, world, rank)
             for n, layer in layers.items()}
-    # One layer's block of dense gradient rows at a time (a sketch's reconstruction is out x in).
-    if world == 1:
-        imps = {n: importance(dense_weight(layer.base_layer), gradients[n].gradient_rows(0, layer.out_features),
-                              cfg.importance) for n, layer in layers.items()}
-    else:
-        sums = torch.stack([
-            _importance_sum(dense_weight(layer.base_layer)[slice(*rows[n])], gradients[n].gradient_rows(*rows[n]),
-                            cfg.importance).cpu() for n, layer in layers.items()])
-        sums = sum_in_rank_order(sums).tolist()
-        imps = {n: _importance_from_sums(total, layer.out_features * layer.in_features, cfg.importance)
-                for (n, layer), total in zip(layers.items(), sums)}
+    imps = _importances(layers, gradients, rows, cfg.importance, world)
     zero = [n for n, v in imps.items() if v == 0.0]
     if zero:
         warnings.warn(f"GoRA: layers with a zero importance get r_min={r_min}: {zero[:6]}", RuntimeWarning, stacklevel=2)
@@ -246,11 +237,51 @@ def gora(
         caps={n: min(layer.in_features, layer.out_features) for n, layer in layers.items()},
         strict_budget=cfg.strict_budget,
     )
+    # Every layer's factors first: a failure leaves the model as it was.
+    planned, norms = _planned_factors(layers, gradients, alloc.ranks, rows, cfg, r_max, world)
+    report = {}
+    for name, (g_norm, d_norm, distance) in zip(layers, norms):
+        report[name] = {
+            "rank": alloc.ranks[name],
+            "importance": imps[name],
+            "share": alloc.shares[name],
+            "delta_over_gamma_grad": d_norm / (cfg.gamma * g_norm) if g_norm else float("nan"),
+            "distance_to_minus_gamma_grad": distance / g_norm if g_norm else float("nan"),
+        }
+    with transaction(model):  # a failure on layer k puts layers 0..k-1 back
+        for name, layer in layers.items():
+            layer.load_factors(*planned[name])
+    ranks = sorted(alloc.ranks.values())
+    logger.info("GoRA: budget %d adapter parameters, allocated %d (%.1f%%), ranks min %d / median %d / max %d",
+                alloc.budget, alloc.used, 100.0 * alloc.used / alloc.budget, ranks[0], ranks[len(ranks) // 2], ranks[-1])
+    logger.info("GoRA: ranks %s", {name: info["rank"] for name, info in report.items()})
+    return {"allocation": alloc, "layers": report}
 
+
+def _importances(layers: dict[str, LoRALinear], gradients: GradientStats, rows: dict[str, tuple[int, int]],
+                 kind: str, world: int) -> dict[str, float]:
+    """Each layer's importance, from one layer's block of dense gradient rows at a time (a sketch's
+    reconstruction is out x in); on several ranks from each rank's rows, summed in rank order."""
+    if world == 1:
+        return {n: importance(dense_weight(layer.base_layer), gradients[n].gradient_rows(0, layer.out_features), kind)
+                for n, layer in layers.items()}
+    sums = torch.stack([
+        _importance_sum(dense_weight(layer.base_layer)[slice(*rows[n])], gradients[n].gradient_rows(*rows[n]),
+                        kind).cpu() for n, layer in layers.items()])
+    sums = sum_in_rank_order(sums).tolist()
+    return {n: _importance_from_sums(total, layer.out_features * layer.in_features, kind)
+            for (n, layer), total in zip(layers.items(), sums)}
+
+
+def _planned_factors(layers: dict[str, LoRALinear], gradients: GradientStats, ranks: dict[str, int],
+                     rows: dict[str, tuple[int, int]], cfg: GoRAConfig, r_max: int,
+                     world: int) -> tuple[dict[str, tuple[Tensor, Tensor, Any]], list[list[float]]]:
+    """Every layer's checked ``(A, B, config)`` at its allocated rank (``B`` gathered whole from the
+    ranks' rows), and per layer ``‖Ḡ‖``, ``‖ΔW_0‖`` and ``‖ΔW_0 + γ Ḡ‖`` (squares summed over the ranks)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    planned, squares = {}, []  # every layer's factors first: a failure leaves the model as it was
+    planned, squares = {}, []
     for name, layer in layers.items():
-        r, (start, stop), g = alloc.ranks[name], rows[name], gradients[name]
+        r, (start, stop), g = ranks[name], rows[name], gradients[name]
         grad = g.gradient_rows(start, stop)
         a_max = cfg.a_max[name] if cfg.a_max is not None else _draw_a_max(layer.in_features, r_max, gen)
         a = a_max[:r].to(device=grad.device, dtype=torch.float32)
@@ -270,21 +301,4 @@ def gora(
         layer_norms = torch.stack([grad.norm(), delta.norm(), (delta + cfg.gamma * grad).norm()])
         squares.append(layer_norms.double().square().cpu())
     squares = torch.stack(squares)
-    norms = (sum_in_rank_order(squares) if world > 1 else squares).sqrt().tolist()
-    report = {}
-    for name, (g_norm, d_norm, distance) in zip(layers, norms):
-        report[name] = {
-            "rank": alloc.ranks[name],
-            "importance": imps[name],
-            "share": alloc.shares[name],
-            "delta_over_gamma_grad": d_norm / (cfg.gamma * g_norm) if g_norm else float("nan"),
-            "distance_to_minus_gamma_grad": distance / g_norm if g_norm else float("nan"),
-        }
-    with transaction(model):  # a failure on layer k puts layers 0..k-1 back
-        for name, layer in layers.items():
-            layer.load_factors(*planned[name])
-    ranks = sorted(alloc.ranks.values())
-    logger.info("GoRA: budget %d adapter parameters, allocated %d (%.1f%%), ranks min %d / median %d / max %d",
-                alloc.budget, alloc.used, 100.0 * alloc.used / alloc.budget, ranks[0], ranks[len(ranks) // 2], ranks[-1])
-    logger.info("GoRA: ranks %s", {name: info["rank"] for name, info in report.items()})
-    return {"allocation": alloc, "layers": report}
+    return planned, (sum_in_rank_order(squares) if world > 1 else squares).sqrt().tolist()

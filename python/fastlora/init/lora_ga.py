@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._batches import call_model, to_device
 from .._distributed import broadcast_from_rank0
-from ..gradients import GradientStats, call_model, to_device
+from ..gradients import GradientStats
 from .._numerics import accumulation_dtype
 from ..layer import lora_layers
 from ..layer import LoRALinear
