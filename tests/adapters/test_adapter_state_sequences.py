@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 import fastlora
 from fastlora.optim import LoRAPro, LoRAProSGD
-from test_adapter_state import X, assert_unchanged, base_model, ga_model, snapshot
+from helpers import X, assert_unchanged, base_model, ga_model, snapshot
 
 F64 = torch.float64
 ALPHA = 2.0

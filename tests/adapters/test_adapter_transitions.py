@@ -15,7 +15,7 @@ from torch import nn
 
 import fastlora
 from fastlora.optim import LoRAPro, LoRAProSGD
-from test_adapter_state import F64, X, assert_unchanged, base_model, expected, ga_model, out, randomise, snapshot
+from helpers import F64, X, assert_unchanged, base_model, expected, ga_model, out, randomise, snapshot
 
 
 inject_module = importlib.import_module("fastlora.inject")  # fastlora.inject is the function
@@ -159,7 +159,7 @@ def test_decay_base_weight_is_a_layer_transition_that_keeps_lora_ga_offsets_exac
 
 def test_decay_base_weight_is_refused_on_quantized_bases():
     pytest.importorskip("bitsandbytes")
-    from test_qlora import adapted as quantized_model
+    from helpers import adapted as quantized_model
 
     model = quantized_model()
     with pytest.raises(ValueError, match="quantized"):

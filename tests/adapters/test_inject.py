@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastlora
+from helpers import assert_unchanged, base_model, randomise, snapshot
 
 
 class Block(nn.Module):
@@ -126,3 +127,119 @@ def test_inject_twice_and_helpers_without_adapters():
         fastlora.inject(model, ["q_proj"], r=2)
     with pytest.raises(ValueError, match="no LoRA layers"):
         fastlora.merge(Model())
+
+
+# ---- refusals, and failed calls that leave the model as it was -----------------------------------
+
+
+def test_second_inject_keeps_the_first_adapters_trainable():
+    model = fastlora.inject(base_model(), "0", r=2)
+    fastlora.inject(model, ["2.0"], r=1)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {"0.base_layer.weight": False, "0.base_layer.bias": False, "0.lora_A": True, "0.lora_B": True,
+                     "2.0.base_layer.weight": False, "2.0.base_layer.bias": False, "2.0.lora_A": True,
+                     "2.0.lora_B": True}
+
+
+
+def test_inject_refuses_a_peft_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, target_modules=["0"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="merge_and_unload.*import_peft"):
+        fastlora.inject(model, "all-linear", r=2)
+    assert_unchanged(model, before)
+
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(adapter_dtype=torch.int32), TypeError),
+    (dict(generator="seed"), TypeError),
+])
+def test_inject_errors_change_nothing(kwargs, error):
+    model = base_model()
+    before = snapshot(model)
+    with pytest.raises(error):
+        fastlora.inject(model, "0", r=2, **kwargs)
+    assert_unchanged(model, before)
+
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 6)
+        self.body = nn.Linear(6, 6)
+        self.lm_head = nn.Linear(6, 7, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+
+
+def test_tied_head_is_refused_and_merge_leaves_embeddings_alone():
+    model = Tied()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="tied to embed.weight"):
+        fastlora.inject(model, ["lm_head"], r=2)
+    assert_unchanged(model, before)
+    fastlora.inject(model, ["body"], r=2)
+    embeddings = model.embed.weight.detach().clone()
+    randomise(model, 1)
+    fastlora.merge(model)
+    assert torch.equal(model.embed.weight, embeddings)
+
+
+
+class QuantizedLinear(nn.Linear):
+    """Stands in for a bitsandbytes layer: an nn.Linear subclass with its own forward."""
+
+
+    def forward(self, x):
+        return super().forward(x).round()
+
+
+
+def test_quantized_or_custom_linear_layers_are_refused():
+    model = nn.Sequential(QuantizedLinear(6, 4))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="its own forward"):
+        fastlora.inject(model, "all-linear", r=2)
+    assert_unchanged(model, before)
+
+
+
+@pytest.mark.parametrize("kind", ["Linear8bitLt", "Linear4bit"])
+def test_bitsandbytes_layers_are_adapted_unless_unquantized(kind):
+    bnb = pytest.importorskip("bitsandbytes")
+
+
+    def layer():
+        if kind == "Linear8bitLt":
+            return bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
+        return bnb.nn.Linear4bit(16, 16)
+
+
+    model = nn.Sequential(layer())  # not quantized until moved to a device
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="not quantized"):
+        fastlora.inject(model, "all-linear", r=2)
+    assert_unchanged(model, before)
+    model = fastlora.inject(nn.Sequential(layer().to("cpu")), "all-linear", r=2)
+    assert model[0].quantized
+
+
+
+def test_meta_weights_complex_bases_and_infinite_alpha_are_refused():
+    w = torch.empty(4, 6, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        fastlora.lora_linear(torch.randn(3, 6), w, None, torch.randn(2, 6), torch.randn(4, 2), 1.0)
+    with pytest.raises(TypeError, match="dtype torch.complex64"):
+        fastlora.LoRALinear(nn.Linear(6, 4, dtype=torch.complex64), r=2)
+    with pytest.raises(ValueError, match="finite"):
+        fastlora.LoRALinear(nn.Linear(6, 4), r=2, lora_alpha=float("inf"))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastlora.lora_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 2),
+                             float("nan"))

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from fastlora import reference
-from test_lora_pro_moments import HYPER, _assert_moments_match, _bounds, _inputs, _reference
+from helpers import HYPER, assert_moments_match, moment_bounds, moment_inputs, moment_reference
 from conftest import assert_matches, magnitude, make_matrix, seed_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # compiles the .cu sources and runs a thread per CUDA thread
+
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "csrc" / "kernels" / "cuda"
 KERNEL = CUDA / "lora_pro_moments.cu"
 LAYER_KERNELS = ("rows_product.cu", "rank_product.cu", "dy_products.cu", "expand.cu", "f64.cu", "dropout_mask.cu")
@@ -108,8 +110,8 @@ CASES = [
 @pytest.mark.parametrize("out,n_in,r,moment_dtype,sms", CASES)
 def test_emulated_cuda_kernel_matches_reference(kernel, out, n_in, r, moment_dtype, sms):
     acc = torch.float64 if moment_dtype == torch.float64 else torch.float32
-    inputs = _inputs(out, n_in, r, moment_dtype, acc)
-    (ref_a, ref_b), ref_m, ref_v = _reference(*inputs, step=3)
+    inputs = moment_inputs(out, n_in, r, moment_dtype, acc)
+    (ref_a, ref_b), ref_m, ref_v = moment_reference(*inputs, step=3)
     m, v, a, b, grad_a0, grad_b0 = (t.clone() for t in inputs)
     u = torch.cat([b, grad_b0], 1).contiguous()  # what csrc/ops/cuda.cpp passes
     factors = torch.cat([grad_a0, a], 0).contiguous()
@@ -120,10 +122,10 @@ def test_emulated_cuda_kernel_matches_reference(kernel, out, n_in, r, moment_dty
                     factors.data_ptr(), HYPER["scale"], b1, b2, HYPER["eps"], 1 - b1**3, 1 - b2**3,
                     grad_a.data_ptr(), grad_b.data_ptr(), sms)
     assert rc == 0
-    mag_a, mag_b = _bounds(a, b)
+    mag_a, mag_b = moment_bounds(a, b)
     assert_matches(grad_a, ref_a, acc, "grad_A", magnitude=mag_a)
     assert_matches(grad_b, ref_b, acc, "grad_B", magnitude=mag_b)
-    _assert_moments_match(m, v, ref_m, ref_v)
+    assert_moments_match(m, v, ref_m, ref_v)
 
 
 def test_emulated_rank_limit(kernel):

@@ -25,7 +25,7 @@ from fastlora.backends import layer as dispatch
 from fastlora.backends import measured, registry
 from conftest import assert_matches, seed_tensor, small_lora_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL_TIME_RUN = measured.time_run  # the fixture below replaces it
 
 

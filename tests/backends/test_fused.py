@@ -1,6 +1,6 @@
-"""The fused Triton path (fastlora.fused) under Triton's interpreter on the CPU: values and
-gradients against the float64 reference (hypothesis, odd shapes and layouts, float32/float16,
-with and without dropout), the dropout mask bit for bit, what it saves, and the dispatch."""
+"""The fused Triton path (fastlora.fused) under Triton's interpreter on the CPU: the dropout mask
+bit for bit, what it saves, the dispatch, torch.compile, autotuning and offsets. Its values and
+gradients against the float64 oracle are in the layer conformance suite (tests/layer/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,14 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import fastlora
 from fastlora import fused, reference, skinny
-from conftest import RTOL, make_matrix, seed_tensor
+from conftest import seed_tensor
+from helpers import check_against_the_oracle, layer_problem
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")
-
-DTYPES = (torch.float32, torch.float16)  # the interpreter gets bfloat16 wrong; a GPU checks it
-
-
-def _problem(T, n_in, n_out, r, dtype, layout, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = make_matrix(T, n_in, dtype, layout, g)
-    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(n_out, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    a = torch.randn(r, n_in, generator=g, dtype=torch.float64).float()  # float32 master adapters
-    bb = torch.randn(n_out, r, generator=g, dtype=torch.float64).float()
-    dy = torch.randn(T, n_out, generator=g, dtype=torch.float64).to(dtype)
-    return x, w, b, a, bb, dy
+# Triton's interpreter on the CPU: slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")]
 
 
 def _path(y: torch.Tensor) -> str:
@@ -36,56 +23,6 @@ def _path(y: torch.Tensor) -> str:
     while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
         node = node.next_functions[0][0]
     return type(node).__name__
-
-
-def _check(T, n_in, n_out, r, dtype, layout, bias, p, seed):
-    x, w, b, a, bb, dy = _problem(T, n_in, n_out, r, dtype, layout, bias, seed)
-    s, drop_seed = 1.3, seed_tensor(seed)
-    xs, a_s, b_s = x.detach().requires_grad_(True), a.clone().requires_grad_(True), bb.clone().requires_grad_(True)
-    with fastlora.use_backend("fused"):
-        y = fastlora.lora_linear(xs, w, b, a_s, b_s, s, p, drop_seed)
-    assert _path(y) == "_FusedLoRABackward"
-    y.backward(dy)
-    x64 = x.double().requires_grad_(True)
-    a64, b64 = a.double().requires_grad_(True), bb.double().requires_grad_(True)
-    y64 = reference.lora_linear(x64, w.double(), None if b is None else b.double(), a64, b64, s, p, drop_seed)
-    y64.backward(dy.double())
-    # Relative to the largest term that enters each result (sums of products may cancel), with
-    # the compute dtype's rounding; the rank-r parts pass through one extra rounding (xa, dxa).
-    terms = {
-        "y": (x64.detach().abs() @ w.double().abs().t() + s * (x64.detach().abs() @ a64.detach().abs().t())
-              @ b64.detach().abs().t() + (0.0 if b is None else b.double().abs())),
-        "dx": dy.double().abs() @ w.double().abs() + s * (dy.double().abs() @ b64.detach().abs()) @ a64.detach().abs(),
-        "dA": s * (dy.double().abs() @ b64.detach().abs()).t() @ x64.detach().abs(),
-        "dB": s * dy.double().abs().t() @ (x64.detach().abs() @ a64.detach().abs().t()),
-    }
-    for name, got, want, scale in (
-        ("y", y, y64, terms["y"].max()),
-        ("dx", xs.grad, x64.grad, terms["dx"].max()),
-        ("dA", a_s.grad, a64.grad, terms["dA"].max()),
-        ("dB", b_s.grad, b64.grad, terms["dB"].max()),
-    ):
-        assert got.shape == want.shape and torch.isfinite(got).all(), name
-        err = (got.double() - want).abs().max().item()
-        assert err <= 2 * RTOL[dtype] * max(scale.item(), 1e-30), f"{name}: {err:.3g} (scale {scale.item():.3g})"
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    T=st.integers(1, 70), n_in=st.integers(1, 80), n_out=st.integers(1, 80), r=st.integers(1, 40),
-    dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
-    bias=st.booleans(), p=st.sampled_from([0.0, 0.25]), seed=st.integers(0, 2**20),
-)
-def test_fused_matches_float64_reference(T, n_in, n_out, r, dtype, layout, bias, p, seed):
-    _check(T, n_in, n_out, r, dtype, layout, bias, p, seed)
-
-
-@pytest.mark.parametrize("T,n_in,n_out,r", [(1, 1, 1, 1), (1, 33, 17, 1), (37, 45, 29, 3), (64, 64, 48, 16), (5, 130, 70, 33),
-                                             (9, 40, 33, 130)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_odd_shapes(T, n_in, n_out, r, p, dtype):
-    _check(T, n_in, n_out, r, dtype, "strided", True, p, seed=3)
 
 
 @pytest.mark.parametrize("n_in", [41, 42])  # odd: a hash per element; even: one per column pair
@@ -105,7 +42,7 @@ def test_grad_x_regenerates_dropout_mask_bit_for_bit(p, n_in):
 
 def test_fused_saves_only_x_xa_and_seed():
     T, n_in, n_out, r = 12, 16, 10, 2
-    x, w, b, a, bb, _ = _problem(T, n_in, n_out, r, torch.float32, "contiguous", True, 0)
+    x, w, b, a, bb, _ = layer_problem(T, n_in, n_out, r, torch.float32, "contiguous", True, 0)
     x.requires_grad_(True)
     a.requires_grad_(True)
     saved = []
@@ -121,8 +58,8 @@ def test_fused_saves_only_x_xa_and_seed():
 
 def test_dispatch_of_the_fused_path(monkeypatch):
     # CPU tensors run it only when pinned (the interpreter emulates it); on CUDA it is a candidate
-    # of measured dispatch, not trusted on its own (tests/test_dispatch.py).
-    x, w, b, a, bb, _ = _problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
+    # of measured dispatch, not trusted on its own (tests/backends/test_dispatch.py).
+    x, w, b, a, bb, _ = layer_problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
     with fastlora.use_backend("auto"):
         assert _path(fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)) != "_FusedLoRABackward"
     with fastlora.use_backend("fused"):
@@ -169,7 +106,7 @@ def test_64_bit_offsets_forced_on_small_tensors(monkeypatch):
     """The INDEX_64 variant (chosen where offsets reach 2^31) computes the same results."""
     monkeypatch.setattr(fused, "needs_index_64", lambda *tensors: True)
     for p in (0.0, 0.3):
-        _check(37, 45, 29, 3, torch.float32, "transposed", True, p, seed=8)
+        check_against_the_oracle("fused", 37, 45, 29, 3, torch.float32, "transposed", True, p, seed=8)
 
 
 def test_bias_stride_is_honoured():
@@ -236,10 +173,3 @@ def test_no_autotuning_under_cuda_graph_capture(monkeypatch):
     tuned = fused._configs((9, 0))[0]
     monkeypatch.setitem(fused._TUNED, key, tuned)
     assert fused._capture_config(key, 128, 2, (9, 0)) is tuned
-
-
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_path_with_the_skinny_kernels(p):
-    """As on CUDA: the fused GEMMs with the skinny kernels for xa, dxa, dB and dA."""
-    with skinny.forced():
-        _check(33, 70, 41, 130, torch.float16, "strided", True, p, seed=4)

@@ -19,22 +19,13 @@ from conftest import (
     seed_tensor,
 )
 
+from helpers import op_inputs, opcheck_samples
+
 pytestmark = requires_extension
 ops = torch.ops.fastlora if hasattr(torch.ops, "fastlora") else None
 
 # (T, in, out, r): one token, rank one, sizes that are not multiples of 8/16, wide and deep.
 SHAPES = [(1, 1, 1, 1), (1, 17, 9, 1), (5, 7, 6, 3), (33, 70, 45, 16), (64, 300, 129, 8), (130, 31, 260, 31)]
-
-
-def _inputs(T, n_in, n_out, r, dtype, layout, adapter_dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = make_matrix(T, n_in, dtype, layout, g)
-    w = make_matrix(n_out, n_in, dtype, "contiguous", g) / n_in**0.5
-    a = make_matrix(r, n_in, adapter_dtype, "contiguous", g) / n_in**0.5
-    b = make_matrix(n_out, r, adapter_dtype, "contiguous", g)
-    bias = make_matrix(1, n_out, dtype, "contiguous", g)[0]
-    dy = make_matrix(T, n_out, dtype, layout, g)
-    return x, w, bias, a, b, dy
 
 
 def _d(t):
@@ -47,7 +38,7 @@ CASES = list(itertools.product(SHAPES, DTYPES, LAYOUTS[:2], (0.0, 0.3)))
 @pytest.mark.parametrize("shape,dtype,layout,p", CASES)
 def test_ops_match_reference(shape, dtype, layout, p):
     T, n_in, n_out, r = shape
-    x, w, bias, a, b, dy = _inputs(T, n_in, n_out, r, dtype, layout)
+    x, w, bias, a, b, dy = op_inputs(T, n_in, n_out, r, dtype, layout)
     seed = seed_tensor(99)
     s = 1.7
     with poisoned_allocations():
@@ -80,7 +71,7 @@ def test_ops_match_reference(shape, dtype, layout, p):
 @pytest.mark.parametrize("adapter_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adapter_dtypes(dtype, adapter_dtype):
-    x, w, bias, a, b, dy = _inputs(9, 19, 23, 4, dtype, "strided", adapter_dtype)
+    x, w, bias, a, b, dy = op_inputs(9, 19, 23, 4, dtype, "strided", adapter_dtype)
     y, xa = ops.lora_forward(x, w, None, a, b, 0.5, 0.0, None)
     y_ref, _ = reference.lora_forward(_d(x), _d(w), None, _d(a), _d(b), 0.5, 0.0, None)
     assert_matches(y, y_ref, dtype, "y")
@@ -91,7 +82,7 @@ def test_adapter_dtypes(dtype, adapter_dtype):
 
 def test_broadcast_gradient_and_empty_batch():
     # The gradient of y.sum() arrives as an expanded tensor with zero strides.
-    x, w, bias, a, b, _ = _inputs(12, 10, 6, 2, torch.float64, "contiguous")
+    x, w, bias, a, b, _ = op_inputs(12, 10, 6, 2, torch.float64, "contiguous")
     dy = torch.ones(1, 6, dtype=torch.float64).expand(12, 6)
     _, xa = ops.lora_forward(x, w, bias, a, b, 2.0, 0.0, None)
     dxa, d_b = ops.lora_dy_products(dy, xa, b, 2.0)
@@ -129,7 +120,7 @@ def test_dropout_mask_matches_reference_and_statistics():
 
 def test_dropout_is_applied_by_every_op_consistently():
     # Dropped inputs must not influence xa, dA or the low-rank part of dx.
-    x, w, bias, a, b, dy = _inputs(16, 40, 12, 5, torch.float64, "contiguous")
+    x, w, bias, a, b, dy = op_inputs(16, 40, 12, 5, torch.float64, "contiguous")
     seed, p = seed_tensor(3), 0.5
     mask = ops.dropout_mask(seed, 16, 40, p)
     x_changed = torch.where(mask, x, x + 100.0)  # only dropped elements differ
@@ -140,28 +131,7 @@ def test_dropout_is_applied_by_every_op_consistently():
     assert torch.all(low_rank[~mask] == 0) and torch.all(low_rank[mask] != 0)
 
 
-def _opcheck_samples():
-    x, w, bias, a, b, dy = _inputs(7, 13, 11, 3, torch.float32, "contiguous")
-    seed = seed_tensor(5)
-    xa = ops.lora_down(x, a, 0.2, seed)
-    dxa, _ = ops.lora_dy_products(dy, xa, b, 1.5)
-    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
-    return [
-        ("lora_forward", (grad(x), w, bias, grad(a), grad(b), 1.5, 0.2, seed)),
-        ("lora_forward", (x, w, None, grad(a), b, 1.5, 0.0, None)),
-        ("lora_down", (grad(x), grad(a), 0.2, seed)),
-        ("lora_up", (grad(dy), grad(xa), grad(b), 1.5)),
-        ("lora_dy_products", (dy, xa, b, 1.5)),
-        ("lora_dy_products", (dy, xa, torch.randn(11, 5), 1.5)),  # xa and B of different widths
-        ("accumulate_outer", (torch.randn(11, 13), dy, x, 0.5)),
-        ("accumulate_outer", (torch.randn(11, 13), dy.bfloat16(), x.bfloat16(), 0.5)),
-        ("lora_grad_A", (x, dxa, 0.2, seed, torch.float32)),
-        ("lora_grad_x", (dy, w, dxa, a, 0.2, seed)),
-        ("dropout_mask", (seed, 4, 6, 0.3)),
-    ]
-
-
-@pytest.mark.parametrize("name,args", _opcheck_samples(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,args", opcheck_samples(), ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(ops, name).default, args)
 
@@ -183,7 +153,7 @@ def test_opcheck(name, args):
     ],
 )
 def test_op_errors(call, message):
-    x, w, bias, a, b, _ = _inputs(4, 6, 5, 2, torch.float32, "contiguous")
+    x, w, bias, a, b, _ = op_inputs(4, 6, 5, 2, torch.float32, "contiguous")
     with pytest.raises(RuntimeError, match=message):
         call(x, w, a, b)
 

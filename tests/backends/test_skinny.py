@@ -21,7 +21,8 @@ import fastlora
 from fastlora import fused, reference, skinny
 from conftest import assert_matches, make_matrix, seed_tensor
 
-pytestmark = pytest.mark.skipif(not skinny.available(), reason="needs Triton (pip install triton)")
+# Triton's interpreter on the CPU: slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not skinny.available(), reason="needs Triton (pip install triton)")]
 
 DTYPES = (torch.float32, torch.float16)  # the interpreter gets bfloat16 wrong; a GPU checks it
 U32 = 2.0**-24  # unit roundoff of float32
@@ -261,7 +262,7 @@ def test_float32_follows_torch_matmul_precision():
 
 def _benchmark(name: str):
     """A module of benchmarks/ (they import their _common helpers by path)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(name, module)

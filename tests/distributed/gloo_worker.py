@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import fastlora
 from gloo import exit_rank
-from test_gradients import make_mlp_problem
+from helpers import make_mlp_problem
 
 if __name__ == "__main__":
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import fastlora
+import pytest
 import torch
 from fastlora._distributed import chunk_rows, local
 from fsdp_helpers import (
@@ -16,7 +17,7 @@ from fsdp_helpers import (
     shard_model, spawn,
 )
 
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 2
 

@@ -16,7 +16,7 @@ from fsdp_helpers import (
     reference_grads, repeat_first_batch, shard_model, spawn, token_magnitudes,
 )
 
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 3
 

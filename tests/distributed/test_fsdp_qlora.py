@@ -20,7 +20,7 @@ from fsdp_helpers import (
 )
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 2
 

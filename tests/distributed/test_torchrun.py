@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from fsdp_helpers import needs_fsdp2
 
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 
 def test_torchrun_two_nodes_run_the_fsdp_example_with_lora_ga_and_lora_pro(tmp_path):

@@ -10,7 +10,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 DEVICE_CALL_S = 480  # one call of at most 8 minutes out of 15 minutes of device time
 STEPS = ["build", "correctness", "layer", "model", "gpu-tests", "memcheck", "racecheck"]
 

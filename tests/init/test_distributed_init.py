@@ -14,7 +14,8 @@ from fastlora._distributed import chunk_rows
 from fastlora.gradients import GradientStats
 from fsdp_helpers import TinyDecoder, needs_fsdp2, shard_model, spawn, token_magnitudes
 
-pytestmark = needs_fsdp2  # the same gloo requirement (TinyDecoder lives with the FSDP example)
+# the same gloo requirement (TinyDecoder lives with the FSDP example); multi-process, so slow
+pytestmark = [needs_fsdp2, pytest.mark.slow]
 
 TARGETS = ["up", "down", "head"]  # 16 x 8, 8 x 16 and 5 x 8: rows 2, 2, 1, 0 of head on 4 ranks
 BATCHES = 4  # rank r of w takes batches r, r + w, ...

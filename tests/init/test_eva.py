@@ -241,6 +241,7 @@ def _eva_on_rank(rank, world, out_dir):
     return {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(model).items()}
 
 
+@pytest.mark.slow  # two processes
 def test_distributed_gathers_every_ranks_inputs(tmp_path):
     """Two gloo ranks with half of each batch each reach the one-process result on whole batches."""
     gloo = pytest.importorskip("gloo")

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastlora
 from fastlora.init.gora import allocate_ranks
-from test_gradients import make_mlp_problem
+from helpers import F64, X, assert_unchanged, base_model, make_mlp_problem, randomise, snapshot
 
 
 def _one_layer_problem(out_f=12, in_f=10, n=7, dtype=torch.float64, seed=0):
@@ -283,3 +283,31 @@ def test_param_groups():
     torch.optim.AdamW(groups)  # a valid torch optimizer argument
     with pytest.raises(ValueError, match="lr must be positive"):
         fastlora.param_groups(model, lr=0)
+
+
+# ---- non-finite gradients change nothing ---------------------------------------------------------
+
+
+def _nan_stats(model):
+    batches = [(X, torch.zeros(5, 3, dtype=F64))]
+    stats = fastlora.collect_gradients(model, batches, "all-linear", loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean(),
+                                       progress=False)
+    stats["0"].mean[0, 0] = float("nan")
+    return stats
+
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "gora"])
+def test_gradient_inits_with_nan_gradients_change_nothing(init):
+    model = base_model()
+    stats = _nan_stats(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fastlora.inject(model, "all-linear", r=1, init=init, gradients=stats)
+    assert_unchanged(model, before)
+    fastlora.inject(model, "all-linear", r=1, adapter_dtype=F64)
+    randomise(model, 1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        getattr(fastlora.init, init)(model, stats)
+    assert_unchanged(model, before)

@@ -23,7 +23,7 @@ from fsdp_helpers import (
 )
 
 accelerate = pytest.importorskip("accelerate")
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 3
 

@@ -20,7 +20,7 @@ from fastlora.optim import LoRAPro, lora_pro_gradient_hooks
 from fsdp_helpers import U, batch, gram_condition, loss_of, make_model, needs_fsdp2, reference_grads, spawn
 
 deepspeed = pytest.importorskip("deepspeed")
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 3
 LR = 1e-2

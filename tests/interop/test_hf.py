@@ -80,6 +80,7 @@ def _trainer(model, out, optimizer=None, **kw):
     return transformers.Trainer(model=model, args=_args(out, **kw), train_dataset=_Data(), optimizers=optimizers)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_trainer_saves_the_adapter_only_and_every_loader_gets_the_trained_model(base_dir, tmp_path):
     model = _adapted(base_dir)
     trainer = _trainer(model, tmp_path / "run", max_steps=3, save_steps=100)
@@ -113,6 +114,7 @@ def _adapter_values(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # a Trainer run
 @pytest.mark.parametrize("init", ["lora", "lora_ga", "gora"])
 @pytest.mark.parametrize("optimizer", [None, lambda m: LoRAPro(m, lr=1e-2, moment_dtype=torch.float32)],
                          ids=["adamw", "lorapro"])
@@ -131,6 +133,7 @@ def test_trainer_resume_is_bit_identical(base_dir, tmp_path, init, optimizer, si
         assert torch.equal(again[name], straight[name]), name
 
 
+@pytest.mark.slow  # a Trainer run
 def test_trainer_resumes_into_a_model_rebuilt_by_inject(base_dir, tmp_path, single_thread):
     """Trainer loads the checkpoint's adapter (model.safetensors, the trainable tensors only)."""
     model = _adapted(base_dir)
@@ -206,6 +209,7 @@ def test_print_trainable_parameters(base_dir, capsys):
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
+@pytest.mark.slow  # a Trainer run
 def test_trl_sft_trainer_trains_a_fastlora_model(base_dir, tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
@@ -272,6 +276,7 @@ def test_modules_to_save_train_a_copy_and_keep_the_original(base_dir, tmp_path):
     torch.testing.assert_close(_logits(plain), _logits(base), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_trl_dpo_trainer_trains_a_fastlora_model(base_dir, tmp_path):
     """DPO with the reference log-probabilities precomputed (TRL keeps a frozen copy of the model
     at the start as the reference); the preference loss falls."""
@@ -315,6 +320,7 @@ def _quantized_base(base_dir):
     return model.eval()
 
 
+@pytest.mark.slow  # a Trainer run
 def test_qlora_from_transformers_4bit_loader_trains_saves_exports_and_imports(base_dir, tmp_path, single_thread):
     model = _quantized_base(base_dir)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8

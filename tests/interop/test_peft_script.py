@@ -56,6 +56,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+@pytest.mark.slow  # a Trainer run
 def test_the_peft_quick_tour_trains_with_fastlora_and_peft_reloads_it(tmp_path, capsys):
     assert FASTLORA_SCRIPT != PEFT_SCRIPT and FASTLORA_SCRIPT.count("\n") == PEFT_SCRIPT.count("\n") + 1
     torch.manual_seed(0)

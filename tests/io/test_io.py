@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastlora
-from test_gradients import make_mlp_problem
+from helpers import make_mlp_problem
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -130,7 +130,7 @@ SLOW_SAVE = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 import fastlora, fastlora.io
-from test_gradients import make_mlp_problem
+from helpers import make_mlp_problem
 model, _, _ = make_mlp_problem()
 fastlora.inject(model, ["1", "3"], r=2)
 for layer in fastlora.lora_layers(model).values():
@@ -152,7 +152,7 @@ fastlora.{fn}(model, {path!r})
 @pytest.mark.parametrize("fn", ["save_adapter", "export_peft"])
 def test_sigkill_during_a_save_leaves_the_previous_adapter(tmp_path, fn):
     path = tmp_path / "adapter"
-    code = textwrap.dedent(SLOW_SAVE.format(tests=str(Path(__file__).parent), fn=fn, path=str(path)))
+    code = textwrap.dedent(SLOW_SAVE.format(tests=str(Path(__file__).resolve().parents[1]), fn=fn, path=str(path)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.strip() == "writing", line

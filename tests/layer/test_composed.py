@@ -1,5 +1,6 @@
-"""The composed path (fastlora.composed): values and gradients against the float64 reference,
-gradcheck, what it saves for backward, torch.compile, and where it is the default."""
+"""The composed path (fastlora.composed): what it saves for backward, torch.compile, where it is
+the default, and the quantized branch's update. Its values and gradients against the float64
+oracle and its gradchecks are in the layer conformance suite (tests/layer/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -12,36 +13,13 @@ import torch
 
 import fastlora
 from fastlora import reference
-from conftest import RTOL, assert_matches, make_matrix, seed_tensor, small_lora_model, traced_graphs
-
-# (T, in, out, r, leading shape, layout): T = 1, r = 1, 3-D and non-contiguous inputs.
-CASES = [
-    (1, 5, 3, 1, (1,), "contiguous"),
-    (6, 7, 9, 2, (2, 3), "contiguous"),
-    (10, 13, 6, 5, (10,), "transposed"),
-    (12, 17, 11, 3, (3, 4), "strided"),
-]
-
+from conftest import assert_matches, seed_tensor, small_lora_model, traced_graphs
+from helpers import layer_input, layer_params
 
 @pytest.fixture(autouse=True)
 def composed_backend():
     with fastlora.use_backend("composed"):
         yield
-
-
-def _params(n_in, n_out, r, dtype=torch.float64, adapter_dtype=torch.float64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(*shape, dt=dtype):
-        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dt)
-
-    w, b = draw(n_out, n_in), (draw(n_out) if bias else None)
-    return w, b, draw(r, n_in, dt=adapter_dtype), draw(n_out, r, dt=adapter_dtype), 1.7
-
-
-def _input(T, n_in, lead, layout, dtype=torch.float64):
-    x2d = make_matrix(T, n_in, dtype, layout, torch.Generator().manual_seed(1))
-    return x2d.reshape(*lead, n_in)
 
 
 def _is_composed(y: torch.Tensor, function: str = "_ComposedLoRA") -> bool:
@@ -51,77 +29,11 @@ def _is_composed(y: torch.Tensor, function: str = "_ComposedLoRA") -> bool:
     return type(node).__name__ == f"{function}Backward"
 
 
-@pytest.mark.parametrize("p", [0.0, 0.4])
-@pytest.mark.parametrize("T,n_in,n_out,r,lead,layout", CASES)
-def test_matches_float64_reference_with_the_same_mask(T, n_in, n_out, r, lead, layout, p):
-    w, b, a, bb, s = _params(n_in, n_out, r)
-    x = _input(T, n_in, lead, layout).requires_grad_(True)
-    inputs = (x, w, b, a, bb)
-    for t in inputs[1:]:
-        t.requires_grad_(True)
-    seed = seed_tensor(7)
-    y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
-    assert _is_composed(y)
-    ref = reference.lora_linear(x.reshape(-1, n_in), w, b, a, bb, s, p, seed).reshape(y.shape)
-    assert_matches(y, ref, torch.float64, "y")
-    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got = torch.autograd.grad(y, inputs, g)
-    want = torch.autograd.grad(ref, inputs, g)
-    for name, u, v in zip(("dx", "dW", "db", "dA", "dB"), got, want):
-        assert_matches(u, v, torch.float64, name)
-
-
-@pytest.mark.parametrize("p", [0.0, 0.4])
-@pytest.mark.parametrize("T,n_in,n_out,r,lead,layout", CASES)
-def test_gradcheck(T, n_in, n_out, r, lead, layout, p):
-    w, b, a, bb, s = _params(n_in, n_out, r, bias=T > 1)
-    x = _input(T, n_in, lead, layout).requires_grad_(True)
-    seed = seed_tensor(11)
-
-    def f(x, a, bb):
-        return fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
-
-    assert _is_composed(f(x, a.requires_grad_(True), bb.requires_grad_(True)))
-    assert torch.autograd.gradcheck(f, (x, a, bb))
-
-
-def test_gradcheck_with_trainable_base_and_dropout():
-    w, b, a, bb, s = _params(6, 5, 2)
-    args = [t.requires_grad_(True) for t in (torch.randn(4, 6, dtype=torch.float64), w, b, a, bb)]
-    seed = seed_tensor(5)
-    assert torch.autograd.gradcheck(lambda *t: fastlora.lora_linear(*t, s, 0.3, seed), args)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_low_precision_matches_float64_reference(dtype, p):
-    w, b, a, bb, s = _params(96, 80, 8, dtype=dtype, adapter_dtype=torch.float32)
-    x = torch.randn(3, 20, 96, dtype=torch.float64).to(dtype).requires_grad_(True)
-    a.requires_grad_(True)
-    bb.requires_grad_(True)
-    seed = seed_tensor(21)
-    y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
-    assert y.dtype == dtype
-    g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
-    dx, da, db = torch.autograd.grad(y, (x, a, bb), g)
-    assert da.dtype == torch.float32 and db.dtype == torch.float32 and dx.dtype == dtype
-
-    x64 = x.detach().double().requires_grad_(True)
-    a64, b64 = a.detach().double().requires_grad_(True), bb.detach().double().requires_grad_(True)
-    y64 = reference.lora_linear(x64.reshape(-1, 96), w.double(), b.double(), a64, b64, s, p, seed).reshape(y.shape)
-    want = torch.autograd.grad(y64, (x64, a64, b64), g.double())
-    assert_matches(y, y64, dtype, "y")
-    # Gradients pass through rounded intermediates (xa, dxa in x's dtype): two roundings.
-    for name, u, v in zip(("dx", "dA", "dB"), (dx, da, db), want):
-        err = (u.double() - v).abs().max() / v.abs().max()
-        assert err <= 2 * RTOL[dtype], f"{name}: relative error {err:.3g}"
-
-
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saves_only_x_xa_and_seed(p, dtype):
     T, n_in, n_out, r = 48, 64, 40, 4
-    w, b, a, bb, s = _params(n_in, n_out, r, dtype=dtype, adapter_dtype=torch.float32)
+    w, b, a, bb, s = layer_params(n_in, n_out, r, dtype=dtype, adapter_dtype=torch.float32)
     a.requires_grad_(True)
     bb.requires_grad_(True)
     x = torch.randn(2, T // 2, n_in, dtype=dtype, requires_grad=True)
@@ -164,11 +76,11 @@ def test_default_on_devices_without_kernels():
     # The meta device stands for any device fastlora has no kernels for (CUDA with the kernels
     # off goes the same way: the registry finds no trusted kernel there).
     with fastlora.use_backend("auto"):
-        w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in _params(8, 6, 2))
+        w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in layer_params(8, 6, 2))
         x = torch.empty(5, 8, dtype=torch.float64, device="meta", requires_grad=True)
         assert _is_composed(fastlora.lora_linear(x, w, b, a, bb, s, 0.1, seed_tensor().to("meta")))
         # and on the CPU where the kernels do not apply (the base weight requires grad)
-        w, b, a, bb, s = _params(8, 6, 2)
+        w, b, a, bb, s = layer_params(8, 6, 2)
         x = torch.randn(5, 8, dtype=torch.float64)
         assert _is_composed(fastlora.lora_linear(x, w.requires_grad_(True), b, a, bb, s))
 
@@ -190,8 +102,8 @@ def test_update_of_a_base_output_matches_reference_and_saves_x_xa_seed(p):
     """fastlora.lora_update (a quantized base's branch) on the composed path: values and gradients
     of x, y, A, B against the reference's lora_down/lora_up, gradcheck, and what it saves."""
     T, n_in, n_out, r = 9, 13, 7, 3
-    _, _, a, bb, s = _params(n_in, n_out, r)
-    x = _input(T, n_in, (T,), "strided").requires_grad_(True)
+    _, _, a, bb, s = layer_params(n_in, n_out, r)
+    x = layer_input(T, n_in, (T,), "strided").requires_grad_(True)
     y = torch.randn(T, n_out, dtype=torch.float64, requires_grad=True)
     a.requires_grad_(True)
     bb.requires_grad_(True)

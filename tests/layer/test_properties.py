@@ -11,61 +11,21 @@ from hypothesis import strategies as st
 import fastlora
 from fastlora import reference
 from conftest import (
-    DTYPES,
     RTOL,
     assert_matches,
-    available_isas,
     magnitude,
     make_matrix,
     requires_extension,
     using_isa,
 )
 
+from helpers import ISAS, problem_tensors, problems
+
 pytestmark = requires_extension
 ops = torch.ops.fastlora
-ISAS = available_isas() or ["auto"]
 EXAMPLES = 600
 
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def problems(draw, dy_layouts=("contiguous", "transposed", "strided", "broadcast")):
-    n_in = draw(st.integers(1, 80))
-    n_out = draw(st.integers(1, 80))
-    dtype = draw(st.sampled_from(DTYPES))
-    return dict(
-        T=draw(st.integers(0, 40)),
-        n_in=n_in,
-        n_out=n_out,
-        r=draw(st.integers(1, min(n_in, n_out, 24))),
-        r2=draw(st.integers(1, 24)),  # a second width: lora_dy_products takes xa and B of any widths
-        dtype=dtype,
-        adapter_dtype=draw(st.sampled_from(sorted({torch.float32, dtype}, key=str))),
-        p=draw(st.one_of(st.just(0.0), st.floats(0.01, 0.95))),
-        seed=draw(st.integers(0, 2**62)),
-        scale=draw(st.floats(0.05, 4.0)) * draw(st.sampled_from([1.0, -1.0])),
-        x_layout=draw(st.sampled_from(("contiguous", "transposed", "strided"))),
-        dy_layout=draw(st.sampled_from(dy_layouts)),
-        values=draw(st.integers(0, 2**31 - 1)),
-        isa=draw(st.sampled_from(ISAS)),
-    )
-
-
-def _tensors(pr):
-    g = torch.Generator().manual_seed(pr["values"])
-    T, n_in, n_out, r, dt, at = pr["T"], pr["n_in"], pr["n_out"], pr["r"], pr["dtype"], pr["adapter_dtype"]
-    return dict(
-        x=make_matrix(T, n_in, dt, pr["x_layout"], g),
-        w=make_matrix(n_out, n_in, dt, "contiguous", g),
-        bias=make_matrix(1, n_out, dt, "contiguous", g)[0],
-        a=make_matrix(r, n_in, at, "contiguous", g),
-        b=make_matrix(n_out, r, at, "contiguous", g),
-        b2=make_matrix(n_out, pr["r2"], at, "contiguous", g),
-        dy=make_matrix(T, n_out, dt, pr["dy_layout"], g),
-        dxa=make_matrix(T, r, reference.accumulation_dtype(dt), "contiguous", g),
-        seed=torch.tensor([pr["seed"]]),
-    )
 
 
 def _acc(dtype):
@@ -75,7 +35,7 @@ def _acc(dtype):
 @SETTINGS
 @given(problems())
 def test_lora_down(pr):
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     with using_isa(pr["isa"]):
         got = ops.lora_down(t["x"], t["a"], pr["p"], t["seed"])
     want = reference.lora_down(t["x"].double(), t["a"].double(), pr["p"], t["seed"])
@@ -87,7 +47,7 @@ def test_lora_down(pr):
 @SETTINGS
 @given(problems())
 def test_lora_forward_and_up(pr):
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     with using_isa(pr["isa"]):
         y, xa = ops.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], pr["scale"], pr["p"], t["seed"])
         up = ops.lora_up(t["dy"], xa, t["b"], pr["scale"])
@@ -105,7 +65,7 @@ def test_lora_forward_and_up(pr):
 @SETTINGS
 @given(problems())
 def test_lora_dy_products(pr):
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     xa = t["x"][:, : pr["r"]]  # any T x r matrix in the activation dtype, strided like x
     with using_isa(pr["isa"]):
         dxa, d_b = ops.lora_dy_products(t["dy"], xa, t["b2"], pr["scale"])
@@ -122,7 +82,7 @@ def test_lora_dy_products(pr):
 @SETTINGS
 @given(problems())
 def test_lora_grad_A(pr):
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     with using_isa(pr["isa"]):
         got = ops.lora_grad_A(t["x"], t["dxa"], pr["p"], t["seed"], pr["adapter_dtype"])
     want = reference.lora_grad_A(t["x"].double(), t["dxa"].double(), pr["p"], t["seed"], torch.float64)
@@ -134,7 +94,7 @@ def test_lora_grad_A(pr):
 @SETTINGS
 @given(problems())
 def test_lora_grad_x(pr):
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     with using_isa(pr["isa"]):
         got = ops.lora_grad_x(t["dy"], t["w"], t["dxa"], t["a"], pr["p"], t["seed"])
     d = lambda v: v.double()  # noqa: E731
@@ -155,7 +115,7 @@ def test_dropout_mask(rows, cols, p, seed):
 @given(problems(dy_layouts=("contiguous",)), st.lists(st.integers(1, 3), min_size=0, max_size=2))
 def test_layer_end_to_end(pr, lead):
     """lora_linear forward and all gradients, with extra leading dimensions, vs the reference."""
-    t = _tensors(pr)
+    t = problem_tensors(pr)
     n_in, dt = pr["n_in"], pr["dtype"]
     rows = pr["T"] * int(torch.tensor(lead, dtype=torch.int64).prod())
     g = torch.Generator().manual_seed(pr["values"] + 1)

@@ -15,35 +15,9 @@ from fastlora import reference
 from fastlora.quantized import cpu_repacking, dense_weight
 
 from conftest import assert_matches, magnitude
+from helpers import ALPHA, IN, KIND_IDS, KINDS, OUT, R, adapted, quantized_linear
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
-
-IN, OUT, R, ALPHA = 48, 40, 4, 8.0
-# (quant_type, double quantization, compute dtype); "int8" is Linear8bitLt.
-KINDS = [("nf4", False, torch.float32), ("nf4", True, torch.float32), ("nf4", True, torch.bfloat16),
-         ("fp4", False, torch.float32), ("fp4", True, torch.bfloat16), ("int8", False, None)]
-KIND_IDS = [f"{q}-{'dq' if d else 'nodq'}-{str(c).replace('torch.', '')}" for q, d, c in KINDS]
-
-
-def quantized_linear(kind=KINDS[0], seed: int = 0, in_f: int = IN, out_f: int = OUT) -> nn.Linear:
-    """A quantized layer built from a seeded float weight: the same arguments give the same layer."""
-    quant_type, double, compute = kind
-    torch.manual_seed(seed)
-    if quant_type == "int8":
-        layer = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=compute, compress_statistics=double,
-                                  quant_type=quant_type)
-    return layer.to("cpu")  # bitsandbytes quantizes on .to(device)
-
-
-def adapted(kind=KINDS[0], dropout: float = 0.0, seed: int = 0) -> nn.Sequential:
-    model = fastlora.inject(nn.Sequential(quantized_linear(kind, seed)), "all-linear", r=R, lora_alpha=ALPHA,
-                            lora_dropout=dropout)
-    with torch.no_grad():  # B = 0 would hide every error of the branch
-        model[0].lora_B.copy_(torch.randn(OUT, R, generator=torch.Generator().manual_seed(seed + 1)))
-    return model
-
 
 def branch(x, a, b, s):
     return s * (x @ a.t()) @ b.t()

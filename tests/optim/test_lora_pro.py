@@ -13,6 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.optim import LoRAPro, LoRAProSGD
+from helpers import X, base_model, randomise
 
 F64 = torch.float64
 
@@ -421,3 +422,65 @@ def test_step_errors():
     with pytest.raises(ValueError, match="only be given when the optimizer is built"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lora_pro": True})
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})  # plain parameters are fine
+
+
+# ---- foreign state changes nothing; the ridge and pseudo-inverse of the grams --------------------
+
+
+def test_lora_pro_foreign_state_changes_nothing():
+    model = fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64)
+    randomise(model, 1)
+    opt = LoRAPro(model, lr=1e-2)
+    model(X).sum().backward()
+    opt.step()
+    other = fastlora.inject(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Sequential(nn.Linear(5, 3))).to(F64), "0",
+                            r=2, adapter_dtype=F64)
+    foreign = LoRAPro(other, lr=1e-2)
+    other(X).sum().backward()
+    foreign.step()
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="saved exp_avg has shape"):
+        opt.load_state_dict(foreign.state_dict())
+    now = opt.state_dict()
+    assert now["param_groups"] == state["param_groups"]
+    for key, values in state["state"].items():
+        for k, v in values.items():
+            assert torch.equal(torch.as_tensor(now["state"][key][k]), torch.as_tensor(v))
+    model(X).sum().backward()
+    opt.step()  # still works
+
+
+
+def test_lora_pro_ridge_regularises_both_grams():
+    from fastlora.optim import lora_pro_gradients
+
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    ga, gb = torch.randn(3, 7, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    s, ridge = 1.5, 0.3
+    h_a, h_b = lora_pro_gradients(a, b, ga, gb, s, x_mode="zero", ridge=ridge)
+    bp = torch.linalg.inv(b.mT @ b + ridge * torch.eye(3, dtype=F64))
+    ap = torch.linalg.inv(a @ a.mT + ridge * torch.eye(3, dtype=F64))
+    torch.testing.assert_close(h_a, bp @ ga / s**2, rtol=1e-10, atol=0)
+    torch.testing.assert_close(h_b, (gb - b @ bp @ b.mT @ gb) @ ap / s**2, rtol=1e-10, atol=0)
+
+
+
+def test_lora_pro_pseudo_inverse_keeps_small_but_numerically_nonzero_directions():
+    """An eigenvalue of B^T B at 1e-13 of the largest is far above r·eps (float64): it must be
+    inverted (a cutoff 1e4 times larger would drop it)."""
+    from fastlora.optim import lora_pro_gradients
+
+
+    q = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=F64)).Q
+    b = q * torch.tensor([1.0, 1e-13**0.5], dtype=F64)
+    a = torch.eye(2, 4, dtype=F64)
+    ga = torch.ones(2, 4, dtype=F64)
+    h_a, _ = lora_pro_gradients(a, b, ga, torch.zeros(6, 2, dtype=F64), 1.0, x_mode="zero", ridge=0.0)
+    lam, vec = torch.linalg.eigh(b.mT @ b)
+    cutoff = 2 * torch.finfo(F64).eps * lam.max()
+    assert cutoff < lam.min() < 1e4 * cutoff
+    want = vec @ torch.diag(1.0 / lam) @ vec.mT @ ga
+    assert want.abs().max() > 1e10
+    torch.testing.assert_close(h_a, want, rtol=1e-2, atol=0)  # the small eigenvalue carries ~eps/1e-13 error

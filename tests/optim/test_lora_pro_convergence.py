@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_pro_convergence.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lora_pro_convergence.py"
 
 
 def _load():

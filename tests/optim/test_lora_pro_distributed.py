@@ -13,9 +13,10 @@ import fastlora
 from fastlora.optim import LoRAPro
 from gloo import spawn
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.slow,  # multi-process (gloo)
+]
 
 CONFIGS = {"full, paper's step": dict(mode="full", trust_region=None), "efficient": dict(mode="efficient"),
            "full, trust region (default)": dict(mode="full")}

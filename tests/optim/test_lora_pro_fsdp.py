@@ -18,7 +18,7 @@ from fsdp_helpers import (
     needs_fsdp2, reference_grads, repeat_first_batch, shard_model, spawn,
 )
 
-pytestmark = needs_fsdp2
+pytestmark = [needs_fsdp2, pytest.mark.slow]  # multi-process (gloo)
 
 STEPS = 3
 LR = 1e-2

@@ -10,7 +10,9 @@ import torch
 
 import fastlora
 from fastlora import reference
-from conftest import assert_matches, available_isas, make_matrix, poisoned_allocations, requires_extension, using_isa
+from conftest import assert_matches, available_isas, poisoned_allocations, requires_extension, using_isa
+
+from helpers import HYPER, assert_moments_match, moment_bounds, moment_inputs, moment_reference
 
 pytestmark = requires_extension
 ops = torch.ops.fastlora if hasattr(torch.ops, "fastlora") else None
@@ -19,43 +21,6 @@ ops = torch.ops.fastlora if hasattr(torch.ops, "fastlora") else None
 # more rows than one row block, a rank above the vector width.
 SHAPES = [(1, 1, 1), (1, 17, 1), (5, 7, 3), (33, 70, 16), (19, 1030, 5), (70, 300, 8), (129, 45, 31)]
 MOMENT_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
-HYPER = dict(scale=1.7, beta1=0.9, beta2=0.99, eps=1e-8)
-
-
-def _inputs(out, n_in, r, moment_dtype, factor_dtype, seed=0, layout="contiguous"):
-    g = torch.Generator().manual_seed(seed)
-    lora_a = make_matrix(r, n_in, factor_dtype, layout, g) / n_in**0.5
-    lora_b = make_matrix(out, r, factor_dtype, "contiguous", g)
-    grad_a0 = make_matrix(r, n_in, factor_dtype, "contiguous", g)
-    grad_b0 = make_matrix(out, r, factor_dtype, layout, g) / n_in**0.5
-    exp_avg = make_matrix(out, n_in, torch.float64, "contiguous", g).to(moment_dtype)
-    # Second moments away from zero keep D well conditioned (D's sensitivity to g is 1/sqrt(v)).
-    exp_avg_sq = (torch.rand(out, n_in, generator=g, dtype=torch.float64) + 0.5).to(moment_dtype)
-    return exp_avg, exp_avg_sq, lora_a, lora_b, grad_a0, grad_b0
-
-
-def _reference(exp_avg, exp_avg_sq, lora_a, lora_b, grad_a0, grad_b0, step):
-    m, v = exp_avg.double().clone(), exp_avg_sq.double().clone()
-    out = reference.lora_pro_moments(
-        m, v, lora_a.double(), lora_b.double(), grad_a0.double(), grad_b0.double(), step=step, **HYPER
-    )
-    return out, m, v
-
-
-def _bounds(lora_a, lora_b):
-    """Sizes of the terms the two outputs sum (tolerance floors where they cancel); |D| < 10
-    for these inputs (|m| < 6, v >= 0.5, step 2 or 3)."""
-    s, d_max = HYPER["scale"], 10.0
-    return s * d_max * lora_b.double().abs().sum(0).max().item(), s * d_max * lora_a.double().abs().sum(1).max().item()
-
-
-def _assert_moments_match(got_m, got_v, ref_m, ref_v, what=""):
-    """The updated moments: the same math rounded to their storage dtype (bfloat16: at most one
-    unit in the last place apart)."""
-    ulp = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[got_m.dtype]
-    for got, want, name in ((got_m, ref_m, "exp_avg"), (got_v, ref_v, "exp_avg_sq")):
-        err = ((got.cpu().double() - want).abs() - ulp * want.abs()).max().item()
-        assert err <= 1e-6 * want.abs().max().item(), f"{what} {name}: off by {err:.3g} beyond {ulp:g} relative"
 
 
 CASES = list(itertools.product(SHAPES, MOMENT_DTYPES, (torch.float32, torch.bfloat16)))
@@ -65,9 +30,9 @@ CASES = list(itertools.product(SHAPES, MOMENT_DTYPES, (torch.float32, torch.bflo
 def test_kernel_matches_reference(shape, moment_dtype, factor_dtype):
     if moment_dtype == torch.float64:
         factor_dtype = torch.float64
-    inputs = _inputs(*shape, moment_dtype, factor_dtype)
-    (ref_a, ref_b), ref_m, ref_v = _reference(*inputs, step=3)
-    mag_a, mag_b = _bounds(inputs[2], inputs[3])
+    inputs = moment_inputs(*shape, moment_dtype, factor_dtype)
+    (ref_a, ref_b), ref_m, ref_v = moment_reference(*inputs, step=3)
+    mag_a, mag_b = moment_bounds(inputs[2], inputs[3])
     compute = torch.float64 if moment_dtype == torch.float64 else torch.float32
     for isa in available_isas():
         exp_avg, exp_avg_sq = inputs[0].clone(), inputs[1].clone()
@@ -77,14 +42,14 @@ def test_kernel_matches_reference(shape, moment_dtype, factor_dtype):
         assert_matches(grad_a, ref_a, compute, f"{isa} grad_A", magnitude=mag_a)
         assert_matches(grad_b, ref_b, compute, f"{isa} grad_B", magnitude=mag_b)
         assert exp_avg.dtype == moment_dtype and exp_avg_sq.dtype == moment_dtype
-        _assert_moments_match(exp_avg, exp_avg_sq, ref_m, ref_v, isa)
+        assert_moments_match(exp_avg, exp_avg_sq, ref_m, ref_v, isa)
 
 
 def test_fresh_moments_first_step_float64():
     # Step 1 from zero moments: D = g / (|g| + eps) exactly as the reference computes it.
-    exp_avg, exp_avg_sq, a, b, ga0, gb0 = _inputs(21, 37, 4, torch.float64, torch.float64, seed=3)
+    exp_avg, exp_avg_sq, a, b, ga0, gb0 = moment_inputs(21, 37, 4, torch.float64, torch.float64, seed=3)
     exp_avg.zero_(), exp_avg_sq.zero_()
-    (ref_a, ref_b), ref_m, ref_v = _reference(exp_avg, exp_avg_sq, a, b, ga0, gb0, step=1)
+    (ref_a, ref_b), ref_m, ref_v = moment_reference(exp_avg, exp_avg_sq, a, b, ga0, gb0, step=1)
     grad_a, grad_b = ops.lora_pro_moments(exp_avg, exp_avg_sq, a, b, ga0, gb0, step=1, **HYPER)
     assert_matches(grad_a, ref_a, torch.float64, "grad_A")
     assert_matches(grad_b, ref_b, torch.float64, "grad_B")
@@ -93,21 +58,21 @@ def test_fresh_moments_first_step_float64():
 
 
 def test_strided_factors_and_determinism():
-    inputs = _inputs(40, 90, 6, torch.float32, torch.float32, seed=5, layout="transposed")
+    inputs = moment_inputs(40, 90, 6, torch.float32, torch.float32, seed=5, layout="transposed")
     runs = []
     for _ in range(2):
         m, v = inputs[0].clone(), inputs[1].clone()
         runs.append((*ops.lora_pro_moments(m, v, *inputs[2:], step=2, **HYPER), m, v))
     for first, second in zip(*runs):
         assert torch.equal(first, second), "two runs on the same inputs differ"
-    (ref_a, ref_b), _, _ = _reference(*inputs, step=2)
-    mag_a, mag_b = _bounds(inputs[2], inputs[3])
+    (ref_a, ref_b), _, _ = moment_reference(*inputs, step=2)
+    mag_a, mag_b = moment_bounds(inputs[2], inputs[3])
     assert_matches(runs[0][0], ref_a, torch.float32, "grad_A", magnitude=mag_a)
     assert_matches(runs[0][1], ref_b, torch.float32, "grad_B", magnitude=mag_b)
 
 
 def test_python_wrapper_dispatches():
-    inputs = _inputs(9, 11, 2, torch.float32, torch.float32, seed=1)
+    inputs = moment_inputs(9, 11, 2, torch.float32, torch.float32, seed=1)
     assert fastlora.ops.lora_pro_kernel_applies(inputs[0], 2)
     with fastlora.use_backend("reference"):
         assert not fastlora.ops.lora_pro_kernel_applies(inputs[0], 2)
@@ -120,14 +85,14 @@ def test_python_wrapper_dispatches():
 
 
 def test_opcheck():
-    exp_avg, exp_avg_sq, a, b, ga0, gb0 = _inputs(6, 13, 3, torch.bfloat16, torch.float32, seed=2)
+    exp_avg, exp_avg_sq, a, b, ga0, gb0 = moment_inputs(6, 13, 3, torch.bfloat16, torch.float32, seed=2)
     torch.library.opcheck(
         ops.lora_pro_moments.default, (exp_avg, exp_avg_sq, a, b, ga0, gb0, 1.5, 0.9, 0.999, 1e-8, 4)
     )
 
 
 def _err_inputs():
-    return _inputs(4, 6, 2, torch.float32, torch.float32)
+    return moment_inputs(4, 6, 2, torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize(
