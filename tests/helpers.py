@@ -1,6 +1,9 @@
-"""Helpers shared by test files in several folders (the fixtures, tolerances and allocators every
-test uses live in conftest.py): the gradient engine's MLP problem, the adapter-state models and
-snapshots, LoRA-Pro's moment-pass inputs and oracle, and the drawn op problems of the property tests."""
+"""Problems and oracles shared by test files in several folders, so that no test file imports
+another (the fixtures, tolerances, layouts and poisoned allocations every test uses live in
+conftest.py; the multi-process launchers in tests/distributed/gloo.py and fsdp_helpers.py):
+the gradient engine's MLP problem, the adapter-state models and snapshots, LoRA-Pro's moment-pass
+inputs and oracle, the drawn op problems, the ops' operands and opcheck samples, quantized bases,
+and the layer problems with the low-precision comparison against the float64 oracle."""
 
 from __future__ import annotations
 
