@@ -329,14 +329,16 @@ def check_against_the_oracle(impl, T, n_in, n_out, r, dtype, layout, bias, p, se
     a64, b64 = a.double().requires_grad_(True), bb.double().requires_grad_(True)
     y64 = reference.lora_linear(x64, w.double(), None if b is None else b.double(), a64, b64, s, p, drop_seed)
     y64.backward(dy.double())
-    ax, aw, aa, ab, ady = x64.detach().abs(), w.double().abs(), a64.detach().abs(), b64.detach().abs(), dy.double().abs()
+    ax, aw, ady = x64.detach().abs(), w.double().abs(), dy.double().abs()
+    aa, ab = a64.detach().abs(), b64.detach().abs()
     terms = {
         "y": ax @ aw.t() + s * (ax @ aa.t()) @ ab.t() + (0.0 if b is None else b.double().abs()),
         "dx": ady @ aw + s * (ady @ ab) @ aa,
         "dA": s * (ady @ ab).t() @ ax,
         "dB": s * ady.t() @ (ax @ aa.t()),
     }
-    for name, got, want in (("y", y, y64), ("dx", xs.grad, x64.grad), ("dA", a_s.grad, a64.grad), ("dB", b_s.grad, b64.grad)):
+    results = {"y": (y, y64), "dx": (xs.grad, x64.grad), "dA": (a_s.grad, a64.grad), "dB": (b_s.grad, b64.grad)}
+    for name, (got, want) in results.items():
         scale = terms[name].max().item()
         assert got.shape == want.shape and torch.isfinite(got).all(), name
         err = (got.double() - want).abs().max().item()

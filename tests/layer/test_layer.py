@@ -232,7 +232,7 @@ def test_torch_compile_fullgraph_matches_eager():
     assert graphs and graphs[0].count("fastlora.lora_forward") == 3
 
 
-# ---- a failed constructor leaves the base layer --------------------------------------------------
+# ---- a failed constructor leaves the base layer; merging rounds once -----------------------------
 
 
 def test_layer_constructor_error_leaves_the_base_layer():
@@ -240,3 +240,15 @@ def test_layer_constructor_error_leaves_the_base_layer():
     with pytest.raises(ValueError, match="unknown init"):
         fastlora.LoRALinear(linear, r=2, init="foo")
     assert linear.weight.requires_grad and linear.bias.requires_grad
+
+
+def test_merge_rounds_once_into_a_low_precision_weight():
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(nn.Linear(64, 64, dtype=torch.bfloat16), r=8, lora_alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=1e-2)
+    w = layer.base_layer.weight.detach().clone()
+    delta = layer.delta_weight()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, (w.float() + delta).to(torch.bfloat16))
+    assert not torch.equal(layer.base_layer.weight, w + delta.to(torch.bfloat16))  # the test can tell them apart
