@@ -124,10 +124,11 @@ def test_gradcheck_with_trainable_base_and_dropout(impl):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("impl", _implementations(lambda i: _float64(i) and not _interpreted(i)))
+@pytest.mark.parametrize("impl", _implementations(lambda i: not _interpreted(i)))
 def test_low_precision_matches_float64_reference(impl, dtype, p):
     """A layer-sized problem in float32/bfloat16/float16 with float32 adapters: output in x's
-    dtype within its rounding, adapter gradients in float32."""
+    dtype within its rounding, adapter gradients in float32. (Interpreted implementations skip
+    this size; their drawn and odd-shape problems check low precision.)"""
     w, b, a, bb, s = layer_params(96, 80, 8, dtype=dtype, adapter_dtype=torch.float32)
     x = torch.randn(3, 20, 96, dtype=torch.float64).to(dtype).requires_grad_(True)
     a.requires_grad_(True)
