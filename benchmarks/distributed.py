@@ -223,7 +223,7 @@ def worker(args) -> None:
         result = _lora_pro(args.preset, device, args.part, mine, args.warmup)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
-    # No teardown of gloo: destroying its process group can abort or deadlock (see tests/gloo.py).
+    # No teardown of gloo: destroying its process group can abort or deadlock (see tests/distributed/gloo.py).
     sys.stdout.flush()
     os._exit(0)
 

@@ -5,12 +5,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$root/scripts/setup.sh"
 cd "$root"
-bash benchmarks/gpu_check.sh --dry-run  # the GPU check's plan; tests/test_gpu_check.py checks its budget
+bash benchmarks/gpu_check.sh --dry-run  # the GPU check's plan; tests/examples/test_gpu_check.py checks its budget
 if [ $# -eq 0 ]; then
-  # The CUDA kernels under the host emulation and the Triton kernels (fused, skinny) under Triton's
-  # interpreter first, one line per case (and hypothesis' example counts), so the log shows what ran.
-  python -m pytest -v -p no:cacheprovider --hypothesis-show-statistics tests/test_cuda_emulated.py tests/test_fused.py tests/test_skinny.py
-  python -m pytest -q -p no:cacheprovider --ignore=tests/test_cuda_emulated.py --ignore=tests/test_fused.py --ignore=tests/test_skinny.py
+  # The tests marked slow first, one line per case (and hypothesis' example counts), so the log shows
+  # what ran: the CUDA kernels under the host emulation, the Triton kernels (fused, skinny) under
+  # Triton's interpreter, the multi-process (gloo, torchrun, FSDP, DeepSpeed) and Trainer/TRL tests.
+  # Then everything else: the two runs together are the whole suite.
+  python -m pytest -v -p no:cacheprovider --hypothesis-show-statistics -m slow
+  python -m pytest -q -p no:cacheprovider -m "not slow"
 else
   python -m pytest -q -p no:cacheprovider "$@"
 fi

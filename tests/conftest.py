@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 # Before fastlora is imported (here and in the subprocesses tests start): measured dispatch off,
-# so which implementation a call runs never depends on a timing (tests/test_dispatch.py turns it
+# so which implementation a call runs never depends on a timing (tests/backends/test_dispatch.py turns it
 # on with injected timings), and no choice is read from or written to the user's cache.
 os.environ["FASTLORA_MEASURED"] = "0"
 os.environ["FASTLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-test-cache-")

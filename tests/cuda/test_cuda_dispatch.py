@@ -36,7 +36,7 @@ def measuring(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_grad_x_regenerates_dropout_mask_bit_for_bit_on_cuda(p):
-    """The CUDA twin of tests/test_fused.py's: with W = 0, dx = mask/(1-p) ⊙ (dxa A), its zeros
+    """The CUDA twin of tests/backends/test_fused.py's: with W = 0, dx = mask/(1-p) ⊙ (dxa A), its zeros
     exactly the dropped elements of the reference hash's mask."""
     T, n_in, r = 1023, 1041, 3  # more than one tile in each direction, ragged edges
     g = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ from fastlora._extension import compiled_kernel
 from fastlora.backends.registry import kernel_used
 from fastlora.functional import kernel_path_applies
 from conftest import DTYPES, RTOL, assert_matches, magnitude, make_matrix, seed_tensor, traced_graphs
-from test_properties import _tensors, problems
+from helpers import opcheck_samples, problem_tensors, problems
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -71,7 +71,7 @@ def cuda_matrix(rows, cols, dtype, layout, g):
 
 
 def _inputs(T, n_in, n_out, r, dtype, layout="contiguous", seed=0):
-    """The tensors of one problem on the GPU, in the same keys as test_properties._tensors."""
+    """The tensors of one problem on the GPU, in the same keys as helpers.problem_tensors."""
     g = torch.Generator().manual_seed(seed)
     return dict(
         x=cuda_matrix(T, n_in, dtype, layout, g),
@@ -157,7 +157,7 @@ def test_ops_match_reference(shape, dtype, layout, p):
 def test_properties_on_cuda(pr):
     """test_properties' drawn problems (shapes, strides incl. broadcast dy, dtypes, ranks, xa and
     B of different widths, dropout, seeds) on the GPU."""
-    _check_ops({k: on_cuda(v) for k, v in _tensors(pr).items()}, pr["scale"], pr["p"])
+    _check_ops({k: on_cuda(v) for k, v in problem_tensors(pr).items()}, pr["scale"], pr["p"])
 
 
 @pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1", reason="caching allocator off")
@@ -242,9 +242,7 @@ def test_broadcast_gradient_and_empty_batch():
 
 
 def test_opcheck_on_cuda():
-    from test_ops import _opcheck_samples
-
-    samples = _opcheck_samples()
+    samples = opcheck_samples()
     t = _inputs(7, 16, 24, 4, torch.bfloat16)
     grad = lambda v: v.clone().requires_grad_(True)  # noqa: E731
     samples.append(("lora_forward", (grad(t["x"]), t["w"], t["bias"], grad(t["a"]), grad(t["b"]), 1.5, 0.2, t["seed"])))

@@ -12,7 +12,7 @@ import torch
 import fastlora
 from fastlora._extension import compiled_kernel
 from conftest import assert_matches
-from test_lora_pro_moments import HYPER, _assert_moments_match, _bounds, _inputs, _reference
+from helpers import HYPER, assert_moments_match, moment_bounds, moment_inputs, moment_reference
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -29,20 +29,20 @@ def test_cuda_kernel_matches_reference(shape, moment_dtype):
     if moment_dtype == torch.float64 and shape[2] > 32:
         pytest.skip("float64 moments run ranks up to 32 on CUDA")
     factor_dtype = torch.float64 if moment_dtype == torch.float64 else torch.float32
-    inputs = _inputs(*shape, moment_dtype, factor_dtype)
-    (ref_a, ref_b), ref_m, ref_v = _reference(*inputs, step=3)
-    mag_a, mag_b = _bounds(inputs[2], inputs[3])
+    inputs = moment_inputs(*shape, moment_dtype, factor_dtype)
+    (ref_a, ref_b), ref_m, ref_v = moment_reference(*inputs, step=3)
+    mag_a, mag_b = moment_bounds(inputs[2], inputs[3])
     cuda = [t.cuda() for t in inputs]
     grad_a, grad_b = torch.ops.fastlora.lora_pro_moments(*cuda, step=3, **HYPER)
     compute = torch.float64 if moment_dtype == torch.float64 else torch.float32
     assert grad_a.dtype == compute and grad_a.is_cuda
     assert_matches(grad_a.cpu(), ref_a, compute, "grad_A", magnitude=mag_a)
     assert_matches(grad_b.cpu(), ref_b, compute, "grad_B", magnitude=mag_b)
-    _assert_moments_match(cuda[0], cuda[1], ref_m, ref_v)
+    assert_moments_match(cuda[0], cuda[1], ref_m, ref_v)
 
 
 def test_cuda_kernel_is_deterministic():
-    inputs = [t.cuda() for t in _inputs(1000, 3000, 16, torch.bfloat16, torch.float32)]
+    inputs = [t.cuda() for t in moment_inputs(1000, 3000, 16, torch.bfloat16, torch.float32)]
     runs = []
     for _ in range(2):
         m, v = inputs[0].clone(), inputs[1].clone()
@@ -52,7 +52,7 @@ def test_cuda_kernel_is_deterministic():
 
 
 def test_rank_above_the_cuda_limit_falls_back_to_the_reference():
-    inputs = [t.cuda() for t in _inputs(50, 60, 129, torch.float32, torch.float32)]
+    inputs = [t.cuda() for t in moment_inputs(50, 60, 129, torch.float32, torch.float32)]
     with pytest.raises(RuntimeError, match="above the CUDA kernel's limit"):
         torch.ops.fastlora.lora_pro_moments(inputs[0].clone(), inputs[1].clone(), *inputs[2:], step=1, **HYPER)
     assert not fastlora._ops.lora_pro_kernel_applies(inputs[0], 129)

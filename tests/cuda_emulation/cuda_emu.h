@@ -1,4 +1,4 @@
-// Host emulation of the CUDA features the fastlora kernels use, for tests/test_cuda_emulated.py:
+// Host emulation of the CUDA features the fastlora kernels use, for tests/backends/test_cuda_emulated.py:
 // a block's threads are std::threads sharing one shared-memory buffer (poisoned) and a
 // std::barrier for __syncthreads; blocks run one after another over a 3-D grid. It checks a
 // kernel's indexing, tiling and synchronisation logic on machines without a GPU; it says nothing
