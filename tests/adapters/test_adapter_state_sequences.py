@@ -340,17 +340,27 @@ class OptimizerRules:
         kind, opt = self.opt
         held = list(opt._layers.values()) if kind != "adamw" else []
         steppable = all(not h.module.merged and not h.module.detached and h.module.lora_A is h.A for h in held)
+        # torch's optimizers (and LoRA-Pro's plain groups) step every parameter they hold that has a
+        # gradient, whatever its requires_grad: a head that unload(merge=True) left in the plain model
+        # keeps a gradient taken there after a later inject froze it (as PEFT's get_peft_model does)
+        stepped = {id(p) for group in opt.param_groups for p in group["params"] if p.grad is not None}
         if self.expect(steppable, opt.step):
             if self.ranks:
-                self.read_deltas()  # whatever the step did to the adapters and head; the base must be untouched
-            else:  # unloaded: a merged head stays trainable in the plain model (as PEFT's); nothing else moves
-                with torch.no_grad():
-                    for (name, p), base in zip(self.model.named_parameters(), self.base.parameters()):
-                        if p.requires_grad:
-                            assert name.startswith("2."), f"{name} is trainable after unload"
-                            base.copy_(p)
+                self.read_deltas()  # whatever the step did to the adapters and a copy's head
+            self.read_plain(stepped)
         opt.zero_grad(set_to_none=True)
         self.check_function()
+
+    def read_plain(self, stepped: set[int]):
+        """The model's plain parameters in ``stepped`` (not adapters, not a copy's trained head) as
+        the base from now on: only module "2" can have them (a head merged by unload); every base
+        layer stays frozen from the first inject on, so never gets a gradient."""
+        base = dict(self.base.named_parameters())
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if id(p) in stepped and ".lora_" not in name and f".{fastlora.copies.COPY}." not in name:
+                    assert name.startswith("2."), f"the step moved {name}"
+                    base[name.replace("base_layer.", "").replace("original_module.", "")].copy_(p)
 
 
 
@@ -364,6 +374,25 @@ class OptimizerSequences(OptimizerRules, Adapters):
 
 class HalfPrecisionSequences(FileRules, OptimizerRules, Adapters):
     dtype = torch.float16
+
+
+@pytest.mark.parametrize("machine", [OptimizerSequences, HalfPrecisionSequences])
+def test_an_optimizer_built_before_unload_steps_the_merged_head_frozen_by_a_later_inject(machine):
+    """Found by the float16 machine: unload(merge=True) leaves the head trainable in the plain model
+    (the optimizer's own parameters), backward gives it a gradient, inject freezes it and keeps the
+    gradient (as PEFT does); the earlier AdamW's step moves it, and the machine must expect that."""
+    state = machine()
+    try:
+        state.start(pattern="0+head", kind=None)
+        state.build_optimizer(kind="adamw")
+        state.unload(merge=True)
+        state.backward(seed=0, kind="adamw")
+        state.inject(pattern="0", r=1, head=False)
+        head = state.base[2][0].weight.detach().clone()
+        state.optimizer_step()
+        assert not torch.equal(state.base[2][0].weight, head)  # the machine followed the head's step
+    finally:
+        state.teardown()
 
 
 def _settings(examples):

@@ -124,6 +124,23 @@ def test_an_adamw_step_while_merged_does_not_corrupt_the_unmerged_base():
     torch.testing.assert_close(out(model), expected(base_model(), model), rtol=1e-12, atol=1e-12)
 
 
+def test_an_optimizer_built_before_unload_still_steps_the_merged_head_after_a_new_inject():
+    """As with PEFT: unload(merge=True) leaves the modules_to_save copy (the optimizer's own
+    Parameters) trainable in the plain model; a later inject freezes it and keeps its gradient,
+    which torch's optimizers still apply (zero_grad before the inject drops it)."""
+    model = fastlora.inject(base_model(), "0", r=2, lora_alpha=2.0, adapter_dtype=F64, modules_to_save=["2"])
+    opt = torch.optim.AdamW(fastlora.trainable_parameters(model), lr=0.05)
+    head = model[2].trained[0].weight
+    fastlora.unload(model, merge=True)
+    assert model[2][0].weight is head and head.requires_grad
+    gradients(model)
+    fastlora.inject(model, "0", r=1, adapter_dtype=F64)
+    assert not head.requires_grad and head.grad is not None
+    before = head.detach().clone()
+    opt.step()
+    assert not torch.equal(head, before)
+
+
 @pytest.mark.parametrize("then_inject", [False, True])
 def test_lora_pro_refuses_layers_taken_out_by_unload(then_inject):
     model = adapted()
