@@ -69,9 +69,11 @@ def test_each_documented_row_names_exactly_what_the_module_imports():
 
 
 def test_every_import_points_down():
-    rank = {m: i for i, m in enumerate(_documented())}
-    upward = [f"{m} imports {t}" for m in rank for t in sorted(_imports(m)) if rank.get(t, -1) >= rank[m]]
-    assert not upward, "imports of a module listed at or above the importer in docs/architecture.md:\n" + "\n".join(upward)
+    rank = {m: i for i, m in enumerate(_documented())}  # rows of modules not in the tree: the test above
+    upward = [f"{m} imports {t}" for m in rank if m in MODULES for t in sorted(_imports(m))
+              if rank.get(t, -1) >= rank[m]]
+    assert not upward, ("imports of a module listed at or above the importer in docs/architecture.md:\n"
+                        + "\n".join(upward))
 
 
 def test_no_production_module_imports_the_oracle():
@@ -93,9 +95,10 @@ def _code_lines(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) 
 
 def test_no_function_is_longer_than_60_lines_of_code():
     long = []
-    for name, path in MODULES.items():
+    for path in MODULES.values():
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(lines, node) > MAX_CODE_LINES:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_code_lines(lines, node)} lines)")
-    assert not long, f"functions over {MAX_CODE_LINES} lines of code (docstrings, blank and comment lines not counted):\n" + "\n".join(long)
+    assert not long, (f"functions over {MAX_CODE_LINES} lines of code (docstrings, blank and comment lines not "
+                      "counted):\n" + "\n".join(long))
