@@ -172,9 +172,7 @@ def inject(
                         ("modules_to_save", modules_to_save)):
         if value is not None:
             check_targets(value, what)
-    merged = [name for name, layer in lora_layers(model).items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before adding adapters")
+    refuse_merged(lora_layers(model), "adding adapters")
     disabled = [name for name, layer in lora_layers(model).items() if not layer.adapter_enabled]
     if disabled:
         raise RuntimeError(f"the adapters of {disabled[:4]} are switched off (inside fastlora.disable_adapter): add "
@@ -270,6 +268,14 @@ def _modules_to_save(model: nn.Module, targets: Targets, configs: Mapping[str, A
     if not names:
         raise ValueError(f"no module matched modules_to_save={targets!r}")
     return names
+
+
+def refuse_merged(layers: Mapping[str, LoRALinear], before: str) -> None:
+    """RuntimeError if any of ``layers`` is merged: adding or reading an adapter into it, or writing
+    one out, needs the base unmerged."""
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before {before}")
 
 
 def refuse_peft_model(model: nn.Module) -> None:

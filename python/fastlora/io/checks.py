@@ -51,13 +51,6 @@ def adapter_config(r: Any, alpha: Any, dropout: Any, use_rslora: Any, init: str,
     return dataclasses.replace(config, lora_alpha=float(alpha), lora_dropout=float(dropout))
 
 
-def refuse_merged(layers: dict[str, LoRALinear], before: str) -> None:
-    """RuntimeError if any of ``layers`` is merged: reading an adapter into it needs the base unmerged."""
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"layers {merged[:4]} are merged: call fastlora.unmerge(model) before {before}")
-
-
 def target_problems(module: nn.Module, r: int, name: str) -> list[str]:
     """Why an adapter of rank r cannot go into ``module`` (an existing LoRA layer of another rank,
     or a linear layer fastlora cannot wrap)."""

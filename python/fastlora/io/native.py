@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from .._numerics import accumulation_dtype
 from ..copies import trainable_copies
 from ..functional import SUPPORTED_DTYPES
-from ..inject import add_layers, refuse_peft_model
+from ..inject import add_layers, refuse_merged, refuse_peft_model
 from ..layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 from ..quantized import is_quantized
 from ..transaction import transaction
 from . import files
-from .checks import adapter_config, dtype_name, factor_problems, field, refuse_merged, target_problems
+from .checks import adapter_config, dtype_name, factor_problems, field, target_problems
 from .files import (CONFIG, HF_WEIGHTS, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
                     write_directory)
 from .heads import apply_heads, check_whole, head_problems, trainable_extras

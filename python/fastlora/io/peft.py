@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from .._numerics import accumulation_dtype
 from ..functional import SUPPORTED_DTYPES
 from ..principal import original_weight, principal_factors
-from ..inject import PEFT_RECORD, add_layers, refuse_peft_model
+from ..inject import PEFT_RECORD, add_layers, refuse_merged, refuse_peft_model
 from ..layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 from ..targets import name_matches, pattern_value
 from ..transaction import transaction
 from . import files
-from .checks import adapter_config, factor_problems, field, refuse_merged, target_problems
+from .checks import adapter_config, factor_problems, field, target_problems
 from .files import (PEFT_CONFIG, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
                     write_directory)
 from .heads import apply_heads, base_module_names, check_whole, head_problems, inside, trainable_extras
@@ -114,9 +114,7 @@ def peft_state(
     record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
     task_type = task_type if task_type is not None else record.get("task_type")
     base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"unmerge layers {merged[:4]} before exporting (merged weights are in the base)")
+    refuse_merged(layers, "exporting (merged weights are in the base)")
     tensors, ranks, alphas, use_rslora, dropout = _peft_layers(layers, fold_scaling)
     extras = trainable_extras(model)
     save_modules = sorted({n.rpartition(".")[0] for n in extras})
