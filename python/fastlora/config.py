@@ -13,7 +13,6 @@ initialiser.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .principal import is_principal_init
 
 __all__ = ["EvaConfig", "LoraConfig", "PEFT_TASK_TYPES", "eva_config_from", "inject_arguments", "is_lora_config",
            "init_name"]
@@ -30,7 +31,6 @@ PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTIO
 # Heads PEFT's task-specific models add to modules_to_save (PeftModelForSequenceClassification, ...).
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
-PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
 @dataclass
@@ -187,7 +187,7 @@ def init_name(init_lora_weights: Any) -> str:
     for value, name in PEFT_INITS.items():
         if init_lora_weights is value or (isinstance(value, str) and init_lora_weights == value):
             return name
-    if isinstance(init_lora_weights, str) and PISSA_NITER.fullmatch(init_lora_weights):
+    if is_principal_init(init_lora_weights):  # "pissa_niter_<n>"
         return init_lora_weights
     for value, advice in REFUSED_INITS.items():
         if init_lora_weights is value or (isinstance(value, str) and init_lora_weights == value):

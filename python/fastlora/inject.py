@@ -17,7 +17,7 @@ from .config import eva_config_from, inject_arguments, is_lora_config
 from .copies import COPY, TrainableCopy, trainable_copies
 from .functional import SUPPORTED_DTYPES
 from .layer import INITS, AdapterConfig, LoRALinear, check_base_layer, check_generator, lora_layers, peft_modules
-from .principal import is_principal_init
+from .principal import PRINCIPAL_INITS, is_principal_init
 from .targets import Targets, check_targets, find_linear_targets, name_matches, pattern_value
 from .transaction import transaction
 
@@ -39,8 +39,6 @@ __all__ = [
 logger = logging.getLogger("fastlora")
 
 GRADIENT_INITS = ("lora_ga", "gora")
-# Weight-based inits (PEFT's init_lora_weights), plus "pissa_niter_<n>".
-WEIGHT_INITS = ("pissa", "olora")
 # What a model adapted from a LoraConfig records for its exports (task_type, base_model_name_or_path).
 PEFT_RECORD = "_fastlora_peft_config"
 
@@ -157,7 +155,7 @@ def inject(
     gradient_init = init in GRADIENT_INITS
     weight_init = is_principal_init(init)
     if init not in INITS and not gradient_init and not weight_init:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS + WEIGHT_INITS} "
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS + GRADIENT_INITS + PRINCIPAL_INITS} "
                          "or 'pissa_niter_<n>'")
     if gradient_init and gradients is None:
         raise ValueError(f"init={init!r} needs gradients: stats = fastlora.collect_gradients(model, batches, "

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
 from ..functional import SUPPORTED_DTYPES
-from ..principal import original_weight, principal_factors
+from ..principal import PRINCIPAL_INITS, original_weight, principal_factors
 from ..inject import PEFT_RECORD, add_layers, refuse_merged, refuse_peft_model
 from ..layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
 from ..targets import name_matches, pattern_value
@@ -203,8 +203,9 @@ def _peft_layer_name(key: str) -> tuple[str, str] | None:
 
 # init_lora_weights values whose adapters apply to the unchanged base model.
 PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-# init_lora_weights values whose base adjustment import_peft recomputes from the original base.
-PEFT_PRINCIPAL_INITS = ("pissa", "olora")
+# init_lora_weights values whose base adjustment import_peft recomputes from the original base
+# (not the randomized "pissa_niter_<n>").
+PEFT_PRINCIPAL_INITS = PRINCIPAL_INITS
 # Config fields of PEFT features that change what the adapter computes; fastlora has none of them.
 PEFT_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
                     "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
