@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora.init.pissa import principal_factors
+from fastlora.principal import principal_factors
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -1,12 +1,8 @@
 """PiSSA (Meng, Wang, Zhang, arXiv 2404.02948) and OLoRA (Büyükakyüz, arXiv 2406.01775): the
 adapter starts as the principal part of the base weight, which is moved out of the base.
 
-Faithful to PEFT 0.21.2's ``init_lora_weights="pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``, all
-in float32 from the (dequantized) base weight ``W`` (out x in) of a layer with scale ``s``:
-
-- PiSSA: ``W = V S U^T`` (exact SVD, or ``torch.svd_lowrank(W, r, niter=n)``);
-  ``A = diag(sqrt(S_r / s)) U_r^T``, ``B = V_r diag(sqrt(S_r / s))``.
-- OLoRA: ``W = Q R``; ``A = R[:r]``, ``B = Q[:, :r]``.
+Faithful to PEFT 0.21.2's ``init_lora_weights="pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``; the
+factors ``(A, B)`` are :func:`fastlora.principal.principal_factors` of the original base weight.
 
 In both ``s·B A`` is then taken out of the base: LoRA-GA's recorded base offset ``(A0, B0) = (A,
 B)`` (:meth:`fastlora.LoRALinear.load_factors`), so the output is unchanged at init and merge,
@@ -25,11 +21,11 @@ import torch
 from torch import nn
 
 from ..layer import lora_layers
-from ..principal import PRINCIPAL_INITS, is_principal_init, original_weight, principal_factors
+from ..principal import is_principal_init, original_weight, principal_factors
 from ..progress import Progress
 from ..transaction import transaction
 
-__all__ = ["PRINCIPAL_INITS", "is_principal_init", "original_weight", "principal_factors", "principal_init"]
+__all__ = ["principal_init"]
 
 logger = logging.getLogger("fastlora")
 
