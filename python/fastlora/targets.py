@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from .copies import TrainableCopy
-from .layer import LoRALinear
+from .copies import trainable_copies
+from .layer import LoRALinear, lora_layers
 
 __all__ = ["Targets", "check_targets", "find_linear_targets", "name_matches", "pattern_value"]
 
@@ -86,8 +86,8 @@ def find_linear_targets(
     if exclude_modules is not None:
         check_targets(exclude_modules, "exclude_modules")
     excluded = _output_heads(model) if all_linear else set()
-    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    copies = [name for name, m in model.named_modules() if isinstance(m, TrainableCopy)]
+    adapted = set(lora_layers(model))
+    copies = list(trainable_copies(model))
     found = []
     for name, module in model.named_modules():
         if not name or name in excluded or name.rpartition(".")[0] in adapted:
