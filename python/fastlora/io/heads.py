@@ -12,7 +12,7 @@ from .._distributed import is_dtensor
 from ..copies import COPY, TrainableCopy, trainable_copies
 from ..functional import SUPPORTED_DTYPES
 from ..inject import swap_module
-from ..layer import LoRALinear, finite_in, lora_layers
+from ..layer import LoRALinear, check_no_peft_layers, finite_in, lora_layers
 from ..transaction import write
 from .checks import check_dtypes, dtype_name
 
@@ -43,6 +43,17 @@ def plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def trainable_extras(model: nn.Module) -> dict[str, Tensor]:
     """Trainable parameters outside the adapters (a classification head, say)."""
     return {n: p for n, p in plain_parameters(model).items() if p.requires_grad}
+
+
+def layers_to_write(model: nn.Module, action: str) -> dict[str, LoRALinear]:
+    """The model's LoRA layers for a save or export (``action``), checked as both formats need: no
+    PEFT layers, at least one LoRA layer, every tensor whole on this process (:func:`check_whole`)."""
+    check_no_peft_layers(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"the model has no LoRA layers to {action}")
+    check_whole(model, layers)
+    return layers
 
 
 def check_whole(model: nn.Module, layers: dict[str, LoRALinear]) -> None:

@@ -18,14 +18,14 @@ from .._numerics import accumulation_dtype
 from ..copies import trainable_copies
 from ..functional import SUPPORTED_DTYPES
 from ..inject import add_layers, refuse_merged, refuse_peft_model
-from ..layer import RECORDED_INITS, AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
+from ..layer import RECORDED_INITS, AdapterConfig, LoRALinear, lora_layers
 from ..quantized import is_quantized
 from ..transaction import transaction
 from . import files
 from .checks import adapter_config, dtype_name, factor_problems, field, target_problems
 from .files import (CONFIG, HF_WEIGHTS, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
                     write_directory)
-from .heads import apply_heads, check_whole, head_problems, trainable_extras
+from .heads import apply_heads, head_problems, layers_to_write, trainable_extras
 
 logger = logging.getLogger("fastlora")
 
@@ -37,11 +37,7 @@ SavedLayer = tuple[AdapterConfig, int, int, torch.dtype, bool]
 
 def fastlora_state(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     """The tensors and the JSON configuration of fastlora's format for ``model``'s adapters."""
-    check_no_peft_layers(model)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save")
-    check_whole(model, layers)
+    layers = layers_to_write(model, "save")
     tensors: dict[str, Tensor] = {}
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, "layers": {}, "trainable": []}
     for name, layer in layers.items():

@@ -20,14 +20,14 @@ from .._numerics import accumulation_dtype
 from ..functional import SUPPORTED_DTYPES
 from ..principal import PRINCIPAL_INITS, original_weight, principal_factors
 from ..inject import PEFT_RECORD, add_layers, refuse_merged, refuse_peft_model
-from ..layer import AdapterConfig, LoRALinear, check_no_peft_layers, lora_layers
+from ..layer import AdapterConfig, LoRALinear, lora_layers
 from ..targets import name_matches, pattern_value
 from ..transaction import transaction
 from . import files
 from .checks import adapter_config, factor_problems, field, target_problems
 from .files import (PEFT_CONFIG, WEIGHTS, AdapterFormatError, Generation, parse_safetensors, read_consistently,
                     write_directory)
-from .heads import apply_heads, base_module_names, check_whole, head_problems, inside, trainable_extras
+from .heads import apply_heads, base_module_names, head_problems, inside, layers_to_write, trainable_extras
 
 logger = logging.getLogger("fastlora")
 
@@ -106,11 +106,7 @@ def peft_state(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and ``adapter_config.json`` of PEFT's format for ``model``'s adapters (see
     :func:`export_peft`)."""
-    check_no_peft_layers(model)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to export")
-    check_whole(model, layers)
+    layers = layers_to_write(model, "export")
     record = model.__dict__.get(PEFT_RECORD) or {}  # what a LoraConfig said (inject(model, config))
     task_type = task_type if task_type is not None else record.get("task_type")
     base_model_name_or_path = base_model_name_or_path or record.get("base_model_name_or_path")
