@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._distributed import local
 from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
-from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover
+from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover, has_gradients
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 
@@ -45,16 +45,12 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         The number of layers adjusted.
 
     Raises:
-        ValueError: an unknown ``x_mode``, a negative ridge, or only one of a layer's two adapters
-            has a gradient (nothing is changed then).
+        ValueError: an unknown ``x_mode``, a negative ridge, only one of a layer's two adapters
+            has a gradient, or one is sparse (nothing is changed then).
     """
     check_settings(x_mode, ridge)
     layers, _ = discover(model)
-    work = [layer for layer in layers if layer.A.grad is not None or layer.B.grad is not None]
-    for layer in work:
-        if layer.A.grad is None or layer.B.grad is None:
-            raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
-                             "both (set the other to zeros if that is what you mean)")
+    work = [layer for layer in layers if has_gradients(layer)]  # every layer checked before any is changed
     for same in _stacks_by_rank(work):
         projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
         adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)

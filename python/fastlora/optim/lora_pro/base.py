@@ -20,7 +20,7 @@ from torch import Tensor
 from ..._distributed import full, local
 from ...layer import decay_bases
 from ..closed_form import GramProjector, check_settings, compute_dtype
-from .discovery import Block, Layer, ModelOrLayers, check_steppable, discover
+from .discovery import Block, Layer, ModelOrLayers, check_steppable, discover, has_gradients
 from .state import check_saved_moments, restore_moments, saved_lora_states
 
 __all__ = ["LoRAProBase"]
@@ -85,7 +85,7 @@ class LoRAProBase(torch.optim.Optimizer):
             if not group["lora_pro"]:
                 continue
             for layer in self._layers_of(group):
-                if not _has_gradients(layer):
+                if not has_gradients(layer):
                     continue
                 a, b = layer.A, layer.B
                 key = (group["mode"], group["x_mode"], group["trust_region"], a.shape, b.shape, a.device,
@@ -254,23 +254,6 @@ def _check_base_decay(layers: list[Layer], defaults: dict[str, Any]) -> None:
         if quantized:
             raise ValueError(f"decay_base_weight=True: layers {quantized[:4]} have quantized bases, whose weights "
                              "cannot decay in place; use decay_base_weight=False")
-
-
-def _has_gradients(layer: Layer) -> bool:
-    """Whether the layer is stepped: both adapters have dense gradients (False if neither has
-    one; ValueError if only one has, or one is sparse)."""
-    a, b = layer.A, layer.B
-    if a.grad is None and b.grad is None:
-        return False
-    for pname, p in (("lora_A", a), ("lora_B", b)):
-        if p.grad is None:
-            raise ValueError(
-                f"layer {layer.name!r}: {pname}.grad is None but the other adapter has a gradient; "
-                "LoRA-Pro needs both (set it to zeros if that is what you mean)"
-            )
-        if p.grad.is_sparse:
-            raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
-    return True
 
 
 def _raise_if_not_finite(blocks: list[Block], plain: PlainWork) -> None:

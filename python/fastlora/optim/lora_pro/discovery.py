@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..._distributed import check_row_sharded, full, is_dtensor, row_range
 from ...layer import LoRALinear, check_no_peft_layers, lora_layers
 
-__all__ = ["Block", "Layer", "ModelOrLayers", "check_steppable", "discover"]
+__all__ = ["Block", "Layer", "ModelOrLayers", "check_steppable", "discover", "has_gradients"]
 
 ModelOrLayers = nn.Module | Mapping[str, LoRALinear] | Iterable[LoRALinear]
 
@@ -161,3 +161,20 @@ def check_steppable(layer: Layer) -> None:
         raise RuntimeError(f"layer {layer.name!r} is merged: a step would change adapters the merged weight does not "
                            "follow; fastlora.unmerge(model) before training")
     module.check_base_unchanged()
+
+
+def has_gradients(layer: Layer) -> bool:
+    """Whether the layer is stepped (or adjusted): both adapters have dense gradients (False if
+    neither has one; ValueError if only one has, or one is sparse)."""
+    a, b = layer.A, layer.B
+    if a.grad is None and b.grad is None:
+        return False
+    for pname, p in (("lora_A", a), ("lora_B", b)):
+        if p.grad is None:
+            raise ValueError(
+                f"layer {layer.name!r}: {pname}.grad is None but the other adapter has a gradient (only one of "
+                "lora_A.grad and lora_B.grad is set); LoRA-Pro needs both (set it to zeros if that is what you mean)"
+            )
+        if p.grad.is_sparse:
+            raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
+    return True
