@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .._distributed import local
-from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
-from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover, has_gradients
+from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, lora_pro_gradients
+from .lora_pro.discovery import ModelOrLayers, by_rank, discover, has_gradients, stack_blocks
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 
@@ -51,7 +51,7 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
     check_settings(x_mode, ridge)
     layers, _ = discover(model)
     work = [layer for layer in layers if has_gradients(layer)]  # every layer checked before any is changed
-    for same in _stacks_by_rank(work):
+    for same in by_rank(stack_blocks(((), layer, None) for layer in work)):
         projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
         adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
         for block, (h_a, h_b) in zip(same, adjusted):
@@ -59,22 +59,6 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
                 local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
                 local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
     return len(work)
-
-
-def _stacks_by_rank(layers: list[Layer]) -> list[list[Block]]:
-    """Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as
-    LoRAPro batches. Under FSDP2 stacking gathers the adapters and their gradients (collectives)."""
-    blocks: dict[tuple, Block] = {}
-    for layer in layers:
-        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
-        block = blocks.setdefault(key, Block([], [], []))
-        block.layers.append(layer)
-        block.scales.append(float(layer.module.scaling))
-    by_rank: dict[tuple, list[Block]] = {}
-    for (shape_a, _, device, dtype), block in blocks.items():
-        block.stack(dtype)
-        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
-    return list(by_rank.values())
 
 
 class _Adjust(torch.autograd.Function):

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..._distributed import full, local
 from ...layer import decay_bases
-from ..closed_form import GramProjector, check_settings, compute_dtype
-from .discovery import Block, Layer, ModelOrLayers, check_steppable, discover, has_gradients
+from ..closed_form import GramProjector, check_settings
+from .discovery import Block, Layer, ModelOrLayers, by_rank, check_steppable, discover, has_gradients, stack_blocks
 from .state import check_saved_moments, restore_moments, saved_lora_states
 
 __all__ = ["LoRAProBase"]
@@ -80,23 +80,11 @@ class LoRAProBase(torch.optim.Optimizer):
 
     def _lora_work(self) -> list[Block]:
         """Blocks of the layers that have gradients this step, grouped by shape and settings."""
-        blocks: dict[tuple, Block] = {}
-        for group in self.param_groups:
-            if not group["lora_pro"]:
-                continue
-            for layer in self._layers_of(group):
-                if not has_gradients(layer):
-                    continue
-                a, b = layer.A, layer.B
-                key = (group["mode"], group["x_mode"], group["trust_region"], a.shape, b.shape, a.device,
-                       compute_dtype(a.dtype))
-                block = blocks.setdefault(key, Block([], [], []))
-                block.layers.append(layer)
-                block.groups.append(group)
-                block.scales.append(float(layer.module.scaling))
-        for key, block in blocks.items():
-            block.stack(key[-1])
-        return list(blocks.values())
+        return stack_blocks(
+            (_settings(group), layer, group)
+            for group in self.param_groups if group["lora_pro"]
+            for layer in self._layers_of(group) if has_gradients(layer)
+        )
 
     def _layers_of(self, group: dict[str, Any]) -> Iterator[Layer]:
         """The layers of a LoRA group's ``(lora_A, lora_B)`` pairs, each checked to be steppable
@@ -179,17 +167,12 @@ class LoRAProBase(torch.optim.Optimizer):
 
     def _step_layers(self, blocks: list[Block]) -> list[Tensor | None]:
         """Steps the blocks, one closed form per rank and settings; each block's relative changes of A."""
-        by_rank: dict[tuple, list[Block]] = {}
-        for block in blocks:
-            first = block.groups[0]
-            key = (first["mode"], first["x_mode"], first["trust_region"], block.A.shape[1], block.A.device,
-                   block.A.dtype)
-            by_rank.setdefault(key, []).append(block)
         changes = []
-        for (mode, x_mode, *_), rank_blocks in by_rank.items():
+        for rank_blocks in by_rank(blocks, lambda block: _settings(block.groups[0])):
+            first = rank_blocks[0].groups[0]
+            mode, x_mode = first["mode"], first["x_mode"]
             projector = GramProjector(
-                [b.A for b in rank_blocks], [b.B for b in rank_blocks], [b.s for b in rank_blocks],
-                rank_blocks[0].groups[0]["ridge"],
+                [b.A for b in rank_blocks], [b.B for b in rank_blocks], [b.s for b in rank_blocks], first["ridge"]
             )
             directions = self._directions(projector, rank_blocks, mode, x_mode)
             for block, (d_a, d_b) in zip(rank_blocks, directions):
@@ -236,6 +219,11 @@ class LoRAProBase(torch.optim.Optimizer):
         except BaseException:
             self.state, self.param_groups = before  # Optimizer.load_state_dict builds new ones
             raise
+
+
+def _settings(group: dict[str, Any]) -> tuple:
+    """The group settings that layers of one closed form share."""
+    return group["mode"], group["x_mode"], group["trust_region"]
 
 
 def _check_settings(defaults: dict[str, Any]) -> None:

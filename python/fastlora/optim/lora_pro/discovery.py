@@ -7,16 +7,17 @@ through the closed form together.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..._distributed import check_row_sharded, full, is_dtensor, row_range
+from ..._distributed import check_row_sharded, full, is_dtensor, local, row_range
 from ...layer import LoRALinear, check_no_peft_layers, lora_layers
+from ..closed_form import compute_dtype
 
-__all__ = ["Block", "Layer", "ModelOrLayers", "check_steppable", "discover", "has_gradients"]
+__all__ = ["Block", "Layer", "ModelOrLayers", "by_rank", "check_steppable", "discover", "has_gradients", "stack_blocks"]
 
 ModelOrLayers = nn.Module | Mapping[str, LoRALinear] | Iterable[LoRALinear]
 
@@ -78,6 +79,32 @@ class Block:
             return None
         lr = self.per_layer("lr").reshape(-1)
         return torch.where(lr > 0, trust * self.A.flatten(1).norm(dim=1) / lr, torch.full_like(lr, math.inf))
+
+
+def stack_blocks(entries: Iterable[tuple[tuple, Layer, dict | None]]) -> list[Block]:
+    """Blocks of the ``(settings, layer, param group or None)`` entries: layers of one shape,
+    device and compute dtype (and equal settings) in one, stacked. Under FSDP2 stacking gathers the
+    adapters and their gradients (collectives)."""
+    blocks: dict[tuple, Block] = {}
+    for settings, layer, group in entries:
+        a = layer.A
+        key = (*settings, a.shape, layer.B.shape, local(a).device, compute_dtype(a.dtype))
+        block = blocks.setdefault(key, Block([], [], []))
+        block.layers.append(layer)
+        if group is not None:
+            block.groups.append(group)
+        block.scales.append(float(layer.module.scaling))
+    for key, block in blocks.items():
+        block.stack(key[-1])
+    return list(blocks.values())
+
+
+def by_rank(blocks: Iterable[Block], settings: Callable[[Block], tuple] = lambda block: ()) -> list[list[Block]]:
+    """The blocks grouped for one closed form each: of one rank, device and dtype (and settings)."""
+    groups: dict[tuple, list[Block]] = {}
+    for block in blocks:
+        groups.setdefault((*settings(block), block.A.shape[1], block.A.device, block.A.dtype), []).append(block)
+    return list(groups.values())
 
 
 def discover(model: ModelOrLayers) -> tuple[list[Layer], list[nn.Parameter]]:
