@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._distributed import local
 from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, lora_pro_gradients
 from .lora_pro.discovery import ModelOrLayers, by_rank, discover, has_gradients, stack_blocks
 
@@ -55,9 +54,7 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
         adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
         for block, (h_a, h_b) in zip(same, adjusted):
-            for layer, ha, hb in zip(block.layers, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
-                local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
-                local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
+            block.write_rows(h_a, h_b, grads=True)
     return len(work)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._distributed import full, local
+from ..._distributed import full
 from ...layer import decay_bases
 from ..closed_form import GramProjector, check_settings
 from .discovery import Block, Layer, ModelOrLayers, by_rank, check_steppable, discover, has_gradients, stack_blocks
@@ -199,7 +199,7 @@ class LoRAProBase(torch.optim.Optimizer):
         change = None
         if self._steps_taken <= _WATCHED_STEPS or logger.isEnabledFor(logging.DEBUG):
             change = (new_a - block.A).flatten(1).norm(dim=1) / block.A.flatten(1).norm(dim=1).clamp_min(1e-30)
-        _write_rows(block, new_a, new_b)
+        block.write_rows(new_a, new_b)
         _decay_base_weights(block)
         return change
 
@@ -268,19 +268,6 @@ def _raise_if_not_finite(blocks: list[Block], plain: PlainWork) -> None:
                     f"a parameter of shape {tuple(p.shape)} has a gradient with NaN or Inf; "
                     "the step was not applied"
                 )
-
-
-def _write_rows(block: Block, new_a: Tensor, new_b: Tensor) -> None:
-    """Copies the new adapters into the layers. Every rank computed the same whole ``new_a``,
-    ``new_b``; each writes the rows it holds."""
-    torch._foreach_copy_(
-        [local(layer.A) for layer in block.layers],
-        [a[slice(*layer.rows_A)] for layer, a in zip(block.layers, new_a.unbind(0))],
-    )
-    torch._foreach_copy_(
-        [local(layer.B) for layer in block.layers],
-        [b[slice(*layer.rows_B)] for layer, b in zip(block.layers, new_b.unbind(0))],
-    )
 
 
 def _decay_base_weights(block: Block) -> None:

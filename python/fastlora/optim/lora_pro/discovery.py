@@ -65,6 +65,15 @@ class Block:
         self.grad_B = torch.stack([full(layer.B.grad) for layer in self.layers]).to(dtype)
         self.s = torch.tensor(self.scales, dtype=dtype, device=self.A.device)
 
+    def write_rows(self, a: Tensor, b: Tensor, grads: bool = False) -> None:
+        """Copies each layer's whole ``a[k]``, ``b[k]`` into its adapters (with ``grads``: into
+        their gradients). Every rank computed the same whole tensors; each writes the rows it holds."""
+        for which, new in (("A", a), ("B", b)):
+            params = [getattr(layer, which) for layer in self.layers]
+            rows = [slice(*getattr(layer, f"rows_{which}")) for layer in self.layers]
+            torch._foreach_copy_([local(p.grad if grads else p) for p in params],
+                                 [t[r] for t, r in zip(new.unbind(0), rows)])
+
     def per_layer(self, key: str) -> Tensor:
         """A hyperparameter of each layer's group as a (K, 1, 1) tensor."""
         values = [float(g[key]) for g in self.groups]
