@@ -13,8 +13,10 @@ from ..gradients import GradientStats
 from ..layer import LoRALinear, lora_layers
 
 
-def named_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LoRALinear]:
-    """The model's LoRA layers (all, or those named), unmerged; clear errors otherwise."""
+def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: GradientStats) -> dict[str, LoRALinear]:
+    """The model's LoRA layers (all, or those named), unmerged and covered by ``gradients``;
+    clear errors otherwise."""
+    check_gradients(gradients, [] if names is None else names)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
@@ -27,14 +29,6 @@ def named_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LoR
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
-    return layers
-
-
-def select_layers(model: nn.Module, names: Iterable[str] | None, gradients: GradientStats) -> dict[str, LoRALinear]:
-    """The model's LoRA layers (all, or those named), unmerged and covered by ``gradients``;
-    clear errors otherwise."""
-    check_gradients(gradients, [] if names is None else names)
-    layers = named_layers(model, names)
     # LoRA-GA rewrites W and GoRA resizes the adapters: whole tensors on every rank are needed.
     sharded = [n for n, layer in layers.items() if any(is_dtensor(p) for p in layer.parameters())]
     if sharded:

@@ -24,10 +24,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..layer import lora_layers
 from ..principal import PRINCIPAL_INITS, is_principal_init, original_weight, principal_factors
 from ..progress import Progress
 from ..transaction import transaction
-from .common import named_layers
 
 __all__ = ["PRINCIPAL_INITS", "is_principal_init", "original_weight", "principal_factors", "principal_init"]
 
@@ -47,10 +47,20 @@ def principal_init(model: nn.Module, init: str, layers: Iterable[str] | None = N
     Returns per layer the norm of the offset ``s·B A`` moved out of the base."""
     if not is_principal_init(init):
         raise ValueError(f"init must be 'pissa', 'pissa_niter_<n>' or 'olora', got {init!r}")
-    selected = named_layers(model, layers)
+    all_layers = lora_layers(model)
+    if not all_layers:
+        raise ValueError("the model has no LoRA layers; call fastlora.inject(model, ...) first")
+    names = list(all_layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ValueError(f"not LoRA layers of this model: {unknown[:4]}")
+    merged = [n for n in names if all_layers[n].merged]
+    if merged:
+        raise RuntimeError(f"unmerge layers {merged[:4]} before initialising them")
     planned = {}
-    progress = Progress(init, len(selected), unit="layers")
-    for name, layer in selected.items():
+    progress = Progress(init, len(names), unit="layers")
+    for name in names:
+        layer = all_layers[name]
         a, b = principal_factors(original_weight(layer), layer.r, layer.scaling, init)
         a = a.to(layer.lora_A.device, layer.lora_A.dtype)
         b = b.to(layer.lora_B.device, layer.lora_B.dtype)
@@ -62,7 +72,7 @@ def principal_init(model: nn.Module, init: str, layers: Iterable[str] | None = N
     report = {}
     with transaction(model):
         for name, (a, b, config) in planned.items():
-            layer = selected[name]
+            layer = all_layers[name]
             layer.load_factors(a, b, config, base_offset=(a, b))
             report[name] = {"rank": layer.r, "offset_norm": layer.delta_weight().norm().item()}
     logger.info("fastlora: %s initialised %d layers", init, len(planned))
