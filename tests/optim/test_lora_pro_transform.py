@@ -97,5 +97,12 @@ def test_bad_input_changes_nothing():
     for name, p in model.named_parameters():
         if name in before and p.grad is not None:
             assert torch.equal(p.grad, before[name]), name
+    model.blocks[0].up.lora_B.grad = before["blocks.0.up.lora_B"].clone()
+    model.blocks[0].up.lora_A.grad = before["blocks.0.up.lora_A"].to_sparse()
+    with pytest.raises(ValueError, match="sparse"):
+        adjust_gradients(model)
+    for name, p in model.named_parameters():
+        if name in before and p.grad is not None and not p.grad.is_sparse:
+            assert torch.equal(p.grad, before[name]), name
     with pytest.raises(TypeError, match="LoRALinear"):
         adjust_gradients([torch.nn.Parameter(torch.zeros(2))])

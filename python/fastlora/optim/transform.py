@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._distributed import local
-from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, compute_dtype, lora_pro_gradients
-from .lora_pro.discovery import Block, Layer, ModelOrLayers, discover
+from .closed_form import DEFAULT_RIDGE, GramProjector, check_settings, lora_pro_gradients
+from .lora_pro.discovery import ModelOrLayers, by_rank, discover, has_gradients, stack_blocks
 
 __all__ = ["adjust_gradients", "lora_pro_gradient_hooks"]
 
@@ -45,40 +44,18 @@ def adjust_gradients(model: ModelOrLayers, x_mode: str = "sylvester", ridge: flo
         The number of layers adjusted.
 
     Raises:
-        ValueError: an unknown ``x_mode``, a negative ridge, or only one of a layer's two adapters
-            has a gradient (nothing is changed then).
+        ValueError: an unknown ``x_mode``, a negative ridge, only one of a layer's two adapters
+            has a gradient, or one is sparse (nothing is changed then).
     """
     check_settings(x_mode, ridge)
     layers, _ = discover(model)
-    work = [layer for layer in layers if layer.A.grad is not None or layer.B.grad is not None]
-    for layer in work:
-        if layer.A.grad is None or layer.B.grad is None:
-            raise ValueError(f"layer {layer.name!r}: only one of lora_A.grad and lora_B.grad is set; LoRA-Pro needs "
-                             "both (set the other to zeros if that is what you mean)")
-    for same in _stacks_by_rank(work):
+    work = [layer for layer in layers if has_gradients(layer)]  # every layer checked before any is changed
+    for same in by_rank(stack_blocks(((), layer, None) for layer in work)):
         projector = GramProjector([b.A for b in same], [b.B for b in same], [b.s for b in same], ridge)
         adjusted = projector.adjust([b.grad_A for b in same], [b.grad_B for b in same], x_mode)
         for block, (h_a, h_b) in zip(same, adjusted):
-            for layer, ha, hb in zip(block.layers, h_a, h_b):  # each rank keeps its rows (all of them unsharded)
-                local(layer.A.grad).copy_(ha[slice(*layer.rows_A)])
-                local(layer.B.grad).copy_(hb[slice(*layer.rows_B)])
+            block.write_rows(h_a, h_b, grads=True)
     return len(work)
-
-
-def _stacks_by_rank(layers: list[Layer]) -> list[list[Block]]:
-    """Layers of one shape in one stack, stacks of one rank (device, dtype) in one closed form: as
-    LoRAPro batches. Under FSDP2 stacking gathers the adapters and their gradients (collectives)."""
-    blocks: dict[tuple, Block] = {}
-    for layer in layers:
-        key = (layer.A.shape, layer.B.shape, local(layer.A).device, compute_dtype(layer.A.dtype))
-        block = blocks.setdefault(key, Block([], [], []))
-        block.layers.append(layer)
-        block.scales.append(float(layer.module.scaling))
-    by_rank: dict[tuple, list[Block]] = {}
-    for (shape_a, _, device, dtype), block in blocks.items():
-        block.stack(dtype)
-        by_rank.setdefault((shape_a[0], device, dtype), []).append(block)
-    return list(by_rank.values())
 
 
 class _Adjust(torch.autograd.Function):

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._distributed import full, local
+from ..._distributed import full
 from ...layer import decay_bases
-from ..closed_form import GramProjector, check_settings, compute_dtype
-from .discovery import Block, Layer, ModelOrLayers, check_steppable, discover
+from ..closed_form import GramProjector, check_settings
+from .discovery import Block, Layer, ModelOrLayers, by_rank, check_steppable, discover, has_gradients, stack_blocks
 from .state import check_saved_moments, restore_moments, saved_lora_states
 
 __all__ = ["LoRAProBase"]
@@ -80,23 +80,11 @@ class LoRAProBase(torch.optim.Optimizer):
 
     def _lora_work(self) -> list[Block]:
         """Blocks of the layers that have gradients this step, grouped by shape and settings."""
-        blocks: dict[tuple, Block] = {}
-        for group in self.param_groups:
-            if not group["lora_pro"]:
-                continue
-            for layer in self._layers_of(group):
-                if not _has_gradients(layer):
-                    continue
-                a, b = layer.A, layer.B
-                key = (group["mode"], group["x_mode"], group["trust_region"], a.shape, b.shape, a.device,
-                       compute_dtype(a.dtype))
-                block = blocks.setdefault(key, Block([], [], []))
-                block.layers.append(layer)
-                block.groups.append(group)
-                block.scales.append(float(layer.module.scaling))
-        for key, block in blocks.items():
-            block.stack(key[-1])
-        return list(blocks.values())
+        return stack_blocks(
+            (_settings(group), layer, group)
+            for group in self.param_groups if group["lora_pro"]
+            for layer in self._layers_of(group) if has_gradients(layer)
+        )
 
     def _layers_of(self, group: dict[str, Any]) -> Iterator[Layer]:
         """The layers of a LoRA group's ``(lora_A, lora_B)`` pairs, each checked to be steppable
@@ -179,17 +167,12 @@ class LoRAProBase(torch.optim.Optimizer):
 
     def _step_layers(self, blocks: list[Block]) -> list[Tensor | None]:
         """Steps the blocks, one closed form per rank and settings; each block's relative changes of A."""
-        by_rank: dict[tuple, list[Block]] = {}
-        for block in blocks:
-            first = block.groups[0]
-            key = (first["mode"], first["x_mode"], first["trust_region"], block.A.shape[1], block.A.device,
-                   block.A.dtype)
-            by_rank.setdefault(key, []).append(block)
         changes = []
-        for (mode, x_mode, *_), rank_blocks in by_rank.items():
+        for rank_blocks in by_rank(blocks, lambda block: _settings(block.groups[0])):
+            first = rank_blocks[0].groups[0]
+            mode, x_mode = first["mode"], first["x_mode"]
             projector = GramProjector(
-                [b.A for b in rank_blocks], [b.B for b in rank_blocks], [b.s for b in rank_blocks],
-                rank_blocks[0].groups[0]["ridge"],
+                [b.A for b in rank_blocks], [b.B for b in rank_blocks], [b.s for b in rank_blocks], first["ridge"]
             )
             directions = self._directions(projector, rank_blocks, mode, x_mode)
             for block, (d_a, d_b) in zip(rank_blocks, directions):
@@ -216,7 +199,7 @@ class LoRAProBase(torch.optim.Optimizer):
         change = None
         if self._steps_taken <= _WATCHED_STEPS or logger.isEnabledFor(logging.DEBUG):
             change = (new_a - block.A).flatten(1).norm(dim=1) / block.A.flatten(1).norm(dim=1).clamp_min(1e-30)
-        _write_rows(block, new_a, new_b)
+        block.write_rows(new_a, new_b)
         _decay_base_weights(block)
         return change
 
@@ -238,6 +221,11 @@ class LoRAProBase(torch.optim.Optimizer):
             raise
 
 
+def _settings(group: dict[str, Any]) -> tuple:
+    """The group settings that layers of one closed form share."""
+    return group["mode"], group["x_mode"], group["trust_region"]
+
+
 def _check_settings(defaults: dict[str, Any]) -> None:
     """ValueError unless the closed form's settings (x_mode, ridge, trust_region) are valid."""
     check_settings(defaults["x_mode"], defaults["ridge"])
@@ -254,23 +242,6 @@ def _check_base_decay(layers: list[Layer], defaults: dict[str, Any]) -> None:
         if quantized:
             raise ValueError(f"decay_base_weight=True: layers {quantized[:4]} have quantized bases, whose weights "
                              "cannot decay in place; use decay_base_weight=False")
-
-
-def _has_gradients(layer: Layer) -> bool:
-    """Whether the layer is stepped: both adapters have dense gradients (False if neither has
-    one; ValueError if only one has, or one is sparse)."""
-    a, b = layer.A, layer.B
-    if a.grad is None and b.grad is None:
-        return False
-    for pname, p in (("lora_A", a), ("lora_B", b)):
-        if p.grad is None:
-            raise ValueError(
-                f"layer {layer.name!r}: {pname}.grad is None but the other adapter has a gradient; "
-                "LoRA-Pro needs both (set it to zeros if that is what you mean)"
-            )
-        if p.grad.is_sparse:
-            raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
-    return True
 
 
 def _raise_if_not_finite(blocks: list[Block], plain: PlainWork) -> None:
@@ -297,19 +268,6 @@ def _raise_if_not_finite(blocks: list[Block], plain: PlainWork) -> None:
                     f"a parameter of shape {tuple(p.shape)} has a gradient with NaN or Inf; "
                     "the step was not applied"
                 )
-
-
-def _write_rows(block: Block, new_a: Tensor, new_b: Tensor) -> None:
-    """Copies the new adapters into the layers. Every rank computed the same whole ``new_a``,
-    ``new_b``; each writes the rows it holds."""
-    torch._foreach_copy_(
-        [local(layer.A) for layer in block.layers],
-        [a[slice(*layer.rows_A)] for layer, a in zip(block.layers, new_a.unbind(0))],
-    )
-    torch._foreach_copy_(
-        [local(layer.B) for layer in block.layers],
-        [b[slice(*layer.rows_B)] for layer, b in zip(block.layers, new_b.unbind(0))],
-    )
 
 
 def _decay_base_weights(block: Block) -> None:

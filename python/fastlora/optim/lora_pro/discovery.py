@@ -7,16 +7,17 @@ through the closed form together.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..._distributed import check_row_sharded, full, is_dtensor, row_range
+from ..._distributed import check_row_sharded, full, is_dtensor, local, row_range
 from ...layer import LoRALinear, check_no_peft_layers, lora_layers
+from ..closed_form import compute_dtype
 
-__all__ = ["Block", "Layer", "ModelOrLayers", "check_steppable", "discover"]
+__all__ = ["Block", "Layer", "ModelOrLayers", "by_rank", "check_steppable", "discover", "has_gradients", "stack_blocks"]
 
 ModelOrLayers = nn.Module | Mapping[str, LoRALinear] | Iterable[LoRALinear]
 
@@ -64,6 +65,15 @@ class Block:
         self.grad_B = torch.stack([full(layer.B.grad) for layer in self.layers]).to(dtype)
         self.s = torch.tensor(self.scales, dtype=dtype, device=self.A.device)
 
+    def write_rows(self, a: Tensor, b: Tensor, grads: bool = False) -> None:
+        """Copies each layer's whole ``a[k]``, ``b[k]`` into its adapters (with ``grads``: into
+        their gradients). Every rank computed the same whole tensors; each writes the rows it holds."""
+        for which, new in (("A", a), ("B", b)):
+            params = [getattr(layer, which) for layer in self.layers]
+            rows = [slice(*getattr(layer, f"rows_{which}")) for layer in self.layers]
+            torch._foreach_copy_([local(p.grad if grads else p) for p in params],
+                                 [t[r] for t, r in zip(new.unbind(0), rows)])
+
     def per_layer(self, key: str) -> Tensor:
         """A hyperparameter of each layer's group as a (K, 1, 1) tensor."""
         values = [float(g[key]) for g in self.groups]
@@ -78,6 +88,32 @@ class Block:
             return None
         lr = self.per_layer("lr").reshape(-1)
         return torch.where(lr > 0, trust * self.A.flatten(1).norm(dim=1) / lr, torch.full_like(lr, math.inf))
+
+
+def stack_blocks(entries: Iterable[tuple[tuple, Layer, dict | None]]) -> list[Block]:
+    """Blocks of the ``(settings, layer, param group or None)`` entries: layers of one shape,
+    device and compute dtype (and equal settings) in one, stacked. Under FSDP2 stacking gathers the
+    adapters and their gradients (collectives)."""
+    blocks: dict[tuple, Block] = {}
+    for settings, layer, group in entries:
+        a = layer.A
+        key = (*settings, a.shape, layer.B.shape, local(a).device, compute_dtype(a.dtype))
+        block = blocks.setdefault(key, Block([], [], []))
+        block.layers.append(layer)
+        if group is not None:
+            block.groups.append(group)
+        block.scales.append(float(layer.module.scaling))
+    for key, block in blocks.items():
+        block.stack(key[-1])
+    return list(blocks.values())
+
+
+def by_rank(blocks: Iterable[Block], settings: Callable[[Block], tuple] = lambda block: ()) -> list[list[Block]]:
+    """The blocks grouped for one closed form each: of one rank, device and dtype (and settings)."""
+    groups: dict[tuple, list[Block]] = {}
+    for block in blocks:
+        groups.setdefault((*settings(block), block.A.shape[1], block.A.device, block.A.dtype), []).append(block)
+    return list(groups.values())
 
 
 def discover(model: ModelOrLayers) -> tuple[list[Layer], list[nn.Parameter]]:
@@ -161,3 +197,20 @@ def check_steppable(layer: Layer) -> None:
         raise RuntimeError(f"layer {layer.name!r} is merged: a step would change adapters the merged weight does not "
                            "follow; fastlora.unmerge(model) before training")
     module.check_base_unchanged()
+
+
+def has_gradients(layer: Layer) -> bool:
+    """Whether the layer is stepped (or adjusted): both adapters have dense gradients (False if
+    neither has one; ValueError if only one has, or one is sparse)."""
+    a, b = layer.A, layer.B
+    if a.grad is None and b.grad is None:
+        return False
+    for pname, p in (("lora_A", a), ("lora_B", b)):
+        if p.grad is None:
+            raise ValueError(
+                f"layer {layer.name!r}: {pname}.grad is None but the other adapter has a gradient (only one of "
+                "lora_A.grad and lora_B.grad is set); LoRA-Pro needs both (set it to zeros if that is what you mean)"
+            )
+        if p.grad.is_sparse:
+            raise ValueError(f"layer {layer.name!r}: {pname}.grad is sparse; LoRA-Pro needs it dense")
+    return True
