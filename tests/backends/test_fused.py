@@ -12,7 +12,7 @@ import torch
 import fastlora
 from fastlora import fused, skinny
 from fastlora.testing import reference
-from conftest import seed_tensor
+from conftest import seed_tensor, small_lora_model
 from helpers import check_against_the_oracle, layer_problem
 
 # Triton's interpreter on the CPU: slow
@@ -75,13 +75,7 @@ def test_dispatch_of_the_fused_path(monkeypatch):
 @pytest.mark.parametrize("with_skinny", [False, True])
 def test_torch_compile_fullgraph_through_the_fused_ops(with_skinny):
     """Without and with the skinny kernels (as on CUDA): no graph break, same values."""
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
-    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
-    for layer in fastlora.lora_layers(model).values():
-        nn.init.normal_(layer.lora_B)
+    model = small_lora_model()
     x = torch.randn(2, 9, 32)
     params = fastlora.trainable_parameters(model)
     torch._dynamo.reset()  # its compilations (2 variants x 2 modes) count against no later test's limit
