@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastlora
+from fastlora.backends import layer as dispatch
 from fastlora.testing import reference
 from conftest import DTYPES, RTOL, available_isas, make_matrix, seed_tensor
 
@@ -315,6 +316,14 @@ def layer_problem(T, n_in, n_out, r, dtype, layout, bias, seed):
     return x, w, b, a, bb, dy
 
 
+def assert_pinned_runs(impl, x, w, b, a, p):
+    """Pinned, ``impl`` itself is what ``fastlora.lora_linear`` runs on these operands, not
+    another implementation (a value check alone cannot tell which one ran)."""
+    with fastlora.use_backend(impl):
+        chosen = dispatch.choose_linear(x.reshape(-1, x.shape[-1]), w, b, a, p)
+    assert chosen.name == impl, f"pinned {impl!r}, but {chosen.name!r} runs"
+
+
 def check_against_the_oracle(impl, T, n_in, n_out, r, dtype, layout, bias, p, seed):
     """y, dx, dA and dB of ``impl`` in ``dtype`` against the float64 oracle on the same inputs and
     mask, relative to the largest term that enters each result (sums of products may cancel),
@@ -322,6 +331,7 @@ def check_against_the_oracle(impl, T, n_in, n_out, r, dtype, layout, bias, p, se
     x, w, b, a, bb, dy = layer_problem(T, n_in, n_out, r, dtype, layout, bias, seed)
     s, drop_seed = 1.3, seed_tensor(seed)
     xs, a_s, b_s = x.detach().requires_grad_(True), a.clone().requires_grad_(True), bb.clone().requires_grad_(True)
+    assert_pinned_runs(impl, xs, w, b, a_s, p)
     with fastlora.use_backend(impl):
         y = fastlora.lora_linear(xs, w, b, a_s, b_s, s, p, drop_seed)
         y.backward(dy)
