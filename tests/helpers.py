@@ -3,7 +3,7 @@ another (the fixtures, tolerances, layouts and poisoned allocations every test u
 conftest.py; the multi-process launchers in tests/distributed/gloo.py and fsdp_helpers.py):
 the gradient engine's MLP problem, the adapter-state models and snapshots, LoRA-Pro's moment-pass
 inputs and oracle, the drawn op problems, the ops' operands and opcheck samples, quantized bases,
-and the layer problems with the low-precision comparison against the float64 oracle."""
+a small Llama with PEFT's view of its adapters, and the layer problems with the low-precision comparison against the float64 oracle."""
 
 from __future__ import annotations
 
@@ -282,6 +282,31 @@ def adapted(kind=KINDS[0], dropout: float = 0.0, seed: int = 0) -> nn.Sequential
     with torch.no_grad():  # B = 0 would hide every error of the branch
         model[0].lora_B.copy_(torch.randn(OUT, R, generator=torch.Generator().manual_seed(seed + 1)))
     return model
+
+
+# ---- a small Llama (PEFT interop: its config, its initialisers) ------------------------------------
+
+LLAMA_IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_llama(cls=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A seeded 2-layer Llama (vocabulary 128, hidden 32) in eval mode: a causal LM unless ``cls``
+    names another head (3 labels for sequence classification)."""
+    import transformers  # only the interop tests need it (they skip without it)
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                   pad_token_id=0, num_labels=3)
+    return (cls or transformers.LlamaForCausalLM)(cfg).to(dtype).eval()
+
+
+def peft_layers(model: nn.Module) -> dict:
+    """PEFT's LoRA layers of a PeftModel by the name of the module they wrap."""
+    import peft
+
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 # ---- layer problems (the conformance suite, the composed and fused paths) --------------------------

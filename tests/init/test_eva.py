@@ -15,6 +15,7 @@ from fastlora.init.eva import EvaConfig, _IncrementalPCA
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_eva  # noqa: E402
 from peft.utils.incremental_pca import IncrementalPCA  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 
 class Net(nn.Module):
@@ -177,12 +178,8 @@ def _lm_batches(n: int = 12, vocab: int = 128):
 def test_llama_peft_user_flow_matches_peft():
     """PEFT's own flow (get_peft_model with init_lora_weights="eva", then initialize_lora_eva_weights
     with its language-model masks) against fastlora's with only those two lines changed."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   pad_token_id=0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    base = tiny_llama()
     config = dict(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="eva",
                   eva_config=peft.EvaConfig(rho=2.0, tau=0.9))
     batches = _lm_batches()

@@ -12,31 +12,17 @@ from torch import nn
 
 import fastlora
 from fastlora.init.pissa import principal_factors
+from helpers import LLAMA_IDS, peft_layers, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-VOCAB = 128
-IDS = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-
-
-def tiny_llama(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def logits(model):
     with torch.no_grad():
-        return model.eval()(input_ids=IDS).logits.float()
-
-
-def peft_layers(model):
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
-            if isinstance(m, peft.tuners.lora.LoraLayer)}
+        return model.eval()(input_ids=LLAMA_IDS).logits.float()
 
 
 def float32_tol(w):

@@ -14,25 +14,14 @@ from torch import nn
 
 import fastlora
 from fastlora import config as fconfig
+from helpers import LLAMA_IDS, peft_layers, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-VOCAB = 128
-IDS = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def tiny_llama(cls=None, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   pad_token_id=0, num_labels=3)
-    return (cls or transformers.LlamaForCausalLM)(cfg).eval()
-
-
 def _out(model):
     with torch.no_grad():
-        out = model.eval()(input_ids=IDS)
+        out = model.eval()(input_ids=LLAMA_IDS)
     return out.logits
 
 
@@ -43,15 +32,14 @@ def twins(config_kwargs, cls=None):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs))
     ours = fastlora.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs))
     g = torch.Generator().manual_seed(1)
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
-                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    twin_layers = peft_layers(theirs)
     with torch.no_grad():
         for name, layer in fastlora.lora_layers(ours).items():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-            twin = peft_layers[name]
+            twin = twin_layers[name]
             twin.lora_A["default"].weight.copy_(layer.lora_A)
             twin.lora_B["default"].weight.copy_(layer.lora_B)
-    return theirs, ours, peft_layers
+    return theirs, ours, twin_layers
 
 
 HONOURED = {
@@ -76,11 +64,11 @@ HONOURED = {
 
 @pytest.mark.parametrize("kwargs", HONOURED.values(), ids=HONOURED.keys())
 def test_an_honoured_field_adapts_as_peft_does(kwargs):
-    theirs, ours, peft_layers = twins(kwargs)
+    theirs, ours, twin_layers = twins(kwargs)
     layers = fastlora.lora_layers(ours)
-    assert sorted(layers) == sorted(peft_layers)  # the same adapted modules
+    assert sorted(layers) == sorted(twin_layers)  # the same adapted modules
     for name, layer in layers.items():
-        twin = peft_layers[name]
+        twin = twin_layers[name]
         assert layer.r == twin.r["default"]
         assert layer.scaling == pytest.approx(twin.scaling["default"], rel=1e-12)
         dropout = twin.lora_dropout["default"]
