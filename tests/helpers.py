@@ -176,8 +176,6 @@ ISAS = available_isas() or ["auto"]
 
 
 @st.composite
-
-
 def problems(draw, dy_layouts=("contiguous", "transposed", "strided", "broadcast")):
     n_in = draw(st.integers(1, 80))
     n_out = draw(st.integers(1, 80))
