@@ -98,12 +98,6 @@ def poisoned_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
-@pytest.fixture
-def poison():
-    with poisoned_allocations():
-        yield
-
-
 def available_isas() -> list[str]:
     if not fastlora.extension_available():
         return []
