@@ -3,7 +3,8 @@ another (the fixtures, tolerances, layouts and poisoned allocations every test u
 conftest.py; the multi-process launchers in tests/distributed/gloo.py and fsdp_helpers.py):
 the gradient engine's MLP problem, the adapter-state models and snapshots, LoRA-Pro's moment-pass
 inputs and oracle, the drawn op problems, the ops' operands and opcheck samples, quantized bases,
-a small Llama with PEFT's view of its adapters, and the layer problems with the low-precision comparison against the float64 oracle."""
+a small Llama with its logits and PEFT's view of its adapters, and the layer problems with the
+low-precision comparison against the float64 oracle."""
 
 from __future__ import annotations
 
@@ -299,6 +300,12 @@ def tiny_llama(cls=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> n
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
                                    pad_token_id=0, num_labels=3)
     return (cls or transformers.LlamaForCausalLM)(cfg).to(dtype).eval()
+
+
+def llama_logits(model: nn.Module) -> torch.Tensor:
+    """The logits (float32) of ``model`` (a :func:`tiny_llama`, adapted or not) on ``LLAMA_IDS``, in eval mode."""
+    with torch.no_grad():
+        return model.eval()(input_ids=LLAMA_IDS).logits.float()
 
 
 def peft_layers(model: nn.Module) -> dict:
