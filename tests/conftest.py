@@ -136,6 +136,15 @@ def small_lora_model(dropout: float = 0.1) -> torch.nn.Module:
     return model
 
 
+def autograd_node(y: torch.Tensor) -> str:
+    """The name of the backward node that made ``y``, past the views restoring x's leading
+    dimensions: which autograd Function (which implementation of the layer) ran."""
+    node = y.grad_fn
+    while type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
 def traced_graphs(module, *args) -> list[str]:
     """The FX graphs (as text) that torch.compile(fullgraph=True) traces for module(*args)."""
     graphs = []

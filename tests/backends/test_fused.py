@@ -12,18 +12,11 @@ import torch
 import fastlora
 from fastlora import fused, skinny
 from fastlora.testing import reference
-from conftest import seed_tensor, small_lora_model
+from conftest import autograd_node, seed_tensor, small_lora_model
 from helpers import check_against_the_oracle, layer_problem
 
 # Triton's interpreter on the CPU: slow
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")]
-
-
-def _path(y: torch.Tensor) -> str:
-    node = y.grad_fn
-    while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
-        node = node.next_functions[0][0]
-    return type(node).__name__
 
 
 @pytest.mark.parametrize("n_in", [41, 42])  # odd: a hash per element; even: one per column pair
@@ -62,9 +55,9 @@ def test_dispatch_of_the_fused_path(monkeypatch):
     # of measured dispatch, not trusted on its own (tests/backends/test_dispatch.py).
     x, w, b, a, bb, _ = layer_problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
     with fastlora.use_backend("auto"):
-        assert _path(fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)) != "_FusedLoRABackward"
+        assert autograd_node(fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)) != "_FusedLoRABackward"
     with fastlora.use_backend("fused"):
-        assert _path(fastlora.lora_linear(x, w, b, a, bb, 1.0)) == "_FusedLoRABackward"
+        assert autograd_node(fastlora.lora_linear(x, w, b, a, bb, 1.0)) == "_FusedLoRABackward"
         with pytest.raises(RuntimeError, match="does not take torch.float64"):  # float64 is not a Triton dtype
             fastlora.lora_linear(x.double(), w.double(), b.double(), a, bb, 1.0)
     monkeypatch.setattr(fused, "available", lambda: False)  # no Triton: pinning it says what to install
