@@ -46,10 +46,6 @@ def measure_interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_name() -> str:
-    return cpu_model()
-
-
 def environment(device: torch.device | str = "cpu") -> dict:
     """What a result needs next to it: device, torch version, threads, fastlora's kernel build."""
     import fastlora
@@ -58,7 +54,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "threads": torch.get_num_threads(),
         "fastlora_extension": fastlora.extension_available(),
     }

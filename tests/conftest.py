@@ -98,12 +98,6 @@ def poisoned_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
-@pytest.fixture
-def poison():
-    with poisoned_allocations():
-        yield
-
-
 def available_isas() -> list[str]:
     if not fastlora.extension_available():
         return []
@@ -140,6 +134,15 @@ def small_lora_model(dropout: float = 0.1) -> torch.nn.Module:
     for layer in fastlora.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B)
     return model
+
+
+def autograd_node(y: torch.Tensor) -> str:
+    """The name of the backward node that made ``y``, past the views restoring x's leading
+    dimensions: which autograd Function (which implementation of the layer) ran."""
+    node = y.grad_fn
+    while type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__
 
 
 def traced_graphs(module, *args) -> list[str]:

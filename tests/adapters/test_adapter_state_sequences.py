@@ -27,9 +27,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 import fastlora
 from fastlora.optim import LoRAPro, LoRAProSGD
-from helpers import X, assert_unchanged, base_model, ga_model, snapshot
+from helpers import F64, X, assert_unchanged, base_model, ga_model, snapshot
 
-F64 = torch.float64
 ALPHA = 2.0
 ERRORS = (ValueError, RuntimeError, TypeError)
 OPTIMIZERS = {

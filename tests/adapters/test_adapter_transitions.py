@@ -15,7 +15,7 @@ from torch import nn
 
 import fastlora
 from fastlora.optim import LoRAPro, LoRAProSGD
-from helpers import F64, X, assert_unchanged, base_model, expected, ga_model, out, randomise, snapshot
+from helpers import F64, X, assert_unchanged, base_model, close, expected, ga_model, out, randomise, snapshot
 
 
 inject_module = importlib.import_module("fastlora.inject")  # fastlora.inject is the function
@@ -51,8 +51,8 @@ def test_merge_inside_disable_adapter_is_refused_and_the_block_still_ends_cleanl
         refused(model, lambda: fastlora.merge(model), RuntimeError, "switched off")
         refused(model, lambda: fastlora.lora_layers(model)["0"].merge(), RuntimeError, "switched off")
         refused(model, lambda: fastlora.unload(model), RuntimeError, "switched off")
-        torch.testing.assert_close(out(model), base, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out(model), want, rtol=1e-12, atol=1e-12)
+        close(out(model), base)
+    close(out(model), want)
     assert all(layer.adapter_enabled for layer in fastlora.lora_layers(model).values())
 
 
@@ -70,8 +70,8 @@ def test_a_load_inside_disable_adapter_takes_effect_when_the_block_ends(tmp_path
     model = adapted(seed=1)
     with fastlora.disable_adapter(model):
         fastlora.load_adapter(model, tmp_path / "a")
-        torch.testing.assert_close(out(model), out(base_model()), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out(model), out(source), rtol=1e-12, atol=1e-12)
+        close(out(model), out(base_model()))
+    close(out(model), out(source))
 
 
 @pytest.mark.parametrize("fmt", ["fastlora", "peft"])
@@ -86,8 +86,8 @@ def test_a_head_loaded_inside_disable_adapter_stays_off_until_the_block_ends(tmp
     model = adapted(seed=1, exclude_modules=["2.0"])
     with fastlora.disable_adapter(model):
         load(model, tmp_path / "a")
-        torch.testing.assert_close(out(model), out(base_model()), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out(model), out(source), rtol=1e-12, atol=1e-12)
+        close(out(model), out(base_model()))
+    close(out(model), out(source))
 
 
 def test_inject_inside_disable_adapter_is_refused_and_unload_inside_it_gives_the_base():
@@ -121,7 +121,7 @@ def test_an_adamw_step_while_merged_does_not_corrupt_the_unmerged_base():
     fastlora.merge(model)
     opt.step()  # torch's optimizers know nothing of merges: the adapters move under the merged weight
     fastlora.unmerge(model)
-    torch.testing.assert_close(out(model), expected(base_model(), model), rtol=1e-12, atol=1e-12)
+    close(out(model), expected(base_model(), model))
 
 
 def test_an_optimizer_built_before_unload_still_steps_the_merged_head_after_a_new_inject():
@@ -167,10 +167,10 @@ def test_decay_base_weight_is_a_layer_transition_that_keeps_lora_ga_offsets_exac
         scaled = copy.deepcopy(base)
         with torch.no_grad():
             scaled.get_submodule("0").weight.mul_(factor)
-        torch.testing.assert_close(out(model), out(scaled), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out(model), expected(scaled, model), rtol=1e-12, atol=1e-12)
+        close(out(model), out(scaled))
+    close(out(model), expected(scaled, model))
     plain = fastlora.unload(model, merge=False)
-    torch.testing.assert_close(plain.get_submodule("0").weight, factor * w0, rtol=1e-12, atol=1e-12)
+    close(plain.get_submodule("0").weight, factor * w0)
     assert layer.detached
 
 
@@ -288,13 +288,13 @@ def test_model_functions_take_a_lora_layer_on_its_own():
     randomise(layer, 1)
     want = layer.eval()(X)
     fastlora.merge(layer)
-    torch.testing.assert_close(layer(X), want, rtol=1e-12, atol=1e-12)
+    close(layer(X), want)
     fastlora.unmerge(layer)
     with fastlora.disable_adapter(layer):
-        torch.testing.assert_close(layer(X), base(X), rtol=1e-12, atol=1e-12)
+        close(layer(X), base(X))
     merged = fastlora.unload(layer)
     assert type(merged) is nn.Linear and layer.detached
-    torch.testing.assert_close(merged(X), want, rtol=1e-12, atol=1e-12)
+    close(merged(X), want)
 
 
 # ---- PEFT applied on top of fastlora ---------------------------------------------------------------
@@ -352,13 +352,13 @@ def test_set_rank_removes_the_lora_ga_offset_and_its_init():
     layer = fastlora.lora_layers(model)["0"]
     layer.set_rank(1)
     assert layer.base_offset is None and layer.init_method == "lora"
-    torch.testing.assert_close(out(model), out(base), rtol=1e-12, atol=1e-12)
+    close(out(model), out(base))
 
 
 def test_unload_without_merge_removes_the_lora_ga_offset():
     model, base = ga_model(1)
     fastlora.unload(model, merge=False)
-    torch.testing.assert_close(out(model), out(base), rtol=1e-12, atol=1e-12)
+    close(out(model), out(base))
 
 
 def test_the_same_offset_under_another_scale_moves_the_base_weight():
@@ -367,7 +367,7 @@ def test_the_same_offset_under_another_scale_moves_the_base_weight():
     a0, b0 = (t.clone() for t in layer.base_offset)
     config = fastlora.AdapterConfig(layer.r, 2 * layer.lora_alpha, use_rslora=layer.use_rslora, init="lora_ga")
     layer.load_factors(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), config, (a0, b0))
-    torch.testing.assert_close(out(model), expected(base, model), rtol=1e-12, atol=1e-12)
+    close(out(model), expected(base, model))
 
 
 def test_set_adapter_is_a_deprecated_alias_of_load_factors():
@@ -387,6 +387,6 @@ def test_a_state_dict_carries_the_lora_ga_offset_with_the_weight_that_holds_it()
     for mine, theirs in zip(fastlora.lora_layers(model)["0"].base_offset, fastlora.lora_layers(other)["0"].base_offset):
         assert torch.equal(mine, theirs)
     fastlora.unload(other, merge=False)  # the original base comes back: the record came with the weight
-    torch.testing.assert_close(out(other), out(base), rtol=1e-12, atol=1e-12)
+    close(out(other), out(base))
     with pytest.raises(RuntimeError, match="lora_A0"):  # a model without the offset cannot take that state
         fastlora.inject(base_model(), "0", r=2, adapter_dtype=F64).load_state_dict(model.state_dict())

@@ -12,18 +12,11 @@ import torch
 import fastlora
 from fastlora import fused, skinny
 from fastlora.testing import reference
-from conftest import seed_tensor
+from conftest import autograd_node, seed_tensor, small_lora_model
 from helpers import check_against_the_oracle, layer_problem
 
 # Triton's interpreter on the CPU: slow
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")]
-
-
-def _path(y: torch.Tensor) -> str:
-    node = y.grad_fn
-    while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
-        node = node.next_functions[0][0]
-    return type(node).__name__
 
 
 @pytest.mark.parametrize("n_in", [41, 42])  # odd: a hash per element; even: one per column pair
@@ -62,9 +55,9 @@ def test_dispatch_of_the_fused_path(monkeypatch):
     # of measured dispatch, not trusted on its own (tests/backends/test_dispatch.py).
     x, w, b, a, bb, _ = layer_problem(4, 8, 6, 2, torch.float32, "contiguous", True, 0)
     with fastlora.use_backend("auto"):
-        assert _path(fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)) != "_FusedLoRABackward"
+        assert autograd_node(fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 1.0)) != "_FusedLoRABackward"
     with fastlora.use_backend("fused"):
-        assert _path(fastlora.lora_linear(x, w, b, a, bb, 1.0)) == "_FusedLoRABackward"
+        assert autograd_node(fastlora.lora_linear(x, w, b, a, bb, 1.0)) == "_FusedLoRABackward"
         with pytest.raises(RuntimeError, match="does not take torch.float64"):  # float64 is not a Triton dtype
             fastlora.lora_linear(x.double(), w.double(), b.double(), a, bb, 1.0)
     monkeypatch.setattr(fused, "available", lambda: False)  # no Triton: pinning it says what to install
@@ -75,13 +68,7 @@ def test_dispatch_of_the_fused_path(monkeypatch):
 @pytest.mark.parametrize("with_skinny", [False, True])
 def test_torch_compile_fullgraph_through_the_fused_ops(with_skinny):
     """Without and with the skinny kernels (as on CUDA): no graph break, same values."""
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
-    fastlora.inject(model, target_modules=["0", "2"], r=4, lora_alpha=8, lora_dropout=0.1)
-    for layer in fastlora.lora_layers(model).values():
-        nn.init.normal_(layer.lora_B)
+    model = small_lora_model()
     x = torch.randn(2, 9, 32)
     params = fastlora.trainable_parameters(model)
     torch._dynamo.reset()  # its compilations (2 variants x 2 modes) count against no later test's limit

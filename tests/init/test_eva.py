@@ -15,6 +15,8 @@ from fastlora.init.eva import EvaConfig, _IncrementalPCA
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_eva  # noqa: E402
 from peft.utils.incremental_pca import IncrementalPCA  # noqa: E402
+from gloo import spawn  # noqa: E402  (tests/distributed, on pytest's pythonpath)
+from helpers import tiny_llama  # noqa: E402
 
 
 class Net(nn.Module):
@@ -177,12 +179,8 @@ def _lm_batches(n: int = 12, vocab: int = 128):
 def test_llama_peft_user_flow_matches_peft():
     """PEFT's own flow (get_peft_model with init_lora_weights="eva", then initialize_lora_eva_weights
     with its language-model masks) against fastlora's with only those two lines changed."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   pad_token_id=0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    base = tiny_llama()
     config = dict(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="eva",
                   eva_config=peft.EvaConfig(rho=2.0, tau=0.9))
     batches = _lm_batches()
@@ -244,14 +242,13 @@ def _eva_on_rank(rank, world, out_dir):
 @pytest.mark.slow  # two processes
 def test_distributed_gathers_every_ranks_inputs(tmp_path):
     """Two gloo ranks with half of each batch each reach the one-process result on whole batches."""
-    gloo = pytest.importorskip("gloo")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     torch.manual_seed(0)
     single = fastlora.inject(Net(), list(ALL), r=3)
     fastlora.initialize_lora_eva_weights(single, _batches(0), eva_config=EvaConfig(rho=2.0), show_progress_bar=False)
     want = {name: layer.lora_A.detach() for name, layer in fastlora.lora_layers(single).items()}
-    for got in gloo.spawn(_eva_on_rank, tmp_path, world=2):
+    for got in spawn(_eva_on_rank, tmp_path, world=2):
         assert set(got) == set(want)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

@@ -12,31 +12,12 @@ from torch import nn
 
 import fastlora
 from fastlora.principal import principal_factors
+from helpers import llama_logits, peft_layers, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-VOCAB = 128
-IDS = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-
-
-def tiny_llama(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def logits(model):
-    with torch.no_grad():
-        return model.eval()(input_ids=IDS).logits.float()
-
-
-def peft_layers(model):
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
-            if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 def float32_tol(w):
@@ -69,9 +50,9 @@ def test_a_b_and_residual_base_equal_peft(init, dtype):
         torch.testing.assert_close(layer.base_layer.weight.float(), w.float(), rtol=0, atol=ulp + tol)
         assert layer.init_method == init and layer.base_offset is not None
     # outputs unchanged at init (both models compute the original base)
-    scale = logits(base).abs().max().item()
+    scale = llama_logits(base).abs().max().item()
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(logits(ours), logits(base), rtol=0, atol=64 * eps * scale)
+    torch.testing.assert_close(llama_logits(ours), llama_logits(base), rtol=0, atol=64 * eps * scale)
 
 
 def test_pissa_niter_is_within_the_svd_bound_of_peft():
@@ -101,7 +82,7 @@ def test_pissa_niter_is_within_the_svd_bound_of_peft():
         torch.testing.assert_close(theirs_ba, exact_ba, rtol=0, atol=bound)
         torch.testing.assert_close(layer.base_layer.weight.detach(), twin.base_layer.weight.detach(), rtol=0,
                                    atol=bound * layer.scaling)
-    torch.testing.assert_close(logits(ours), logits(base), rtol=0, atol=1e-4)
+    torch.testing.assert_close(llama_logits(ours), llama_logits(base), rtol=0, atol=1e-4)
 
 
 def _train_like(layers, seed=1):
@@ -119,10 +100,10 @@ def test_export_reloads_in_peft_on_the_original_base(init, tmp_path):
     model = fastlora.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=TARGETS, r=4,
                                                                          init_lora_weights=init))
     _train_like([(layer.lora_A, layer.lora_B) for layer in fastlora.lora_layers(model).values()])
-    expected = logits(model)
+    expected = llama_logits(model)
     fastlora.export_peft(model, tmp_path)
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -134,11 +115,11 @@ def test_peft_saved_pissa_and_olora_adapters_import(init, converted, tmp_path):
     if converted:
         theirs.save_pretrained(tmp_path / "init")  # the adapter as initialised
     _train_like([(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in peft_layers(theirs).values()])
-    expected = logits(theirs)
+    expected = llama_logits(theirs)
     kwargs = {"path_initial_model_for_weight_conversion": str(tmp_path / "init")} if converted else {}
     theirs.save_pretrained(tmp_path / "trained", **kwargs)
     ours = fastlora.import_peft(copy.deepcopy(base), tmp_path / "trained")
-    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_logits(ours), expected, rtol=1e-5, atol=1e-5)
     layer = next(iter(fastlora.lora_layers(ours).values()))
     assert (layer.base_offset is not None) == (not converted)
 

@@ -14,27 +14,10 @@ from torch import nn
 
 import fastlora
 from fastlora import config as fconfig
+from helpers import llama_logits, peft_layers, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-VOCAB = 128
-IDS = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def tiny_llama(cls=None, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   pad_token_id=0, num_labels=3)
-    return (cls or transformers.LlamaForCausalLM)(cfg).eval()
-
-
-def _out(model):
-    with torch.no_grad():
-        out = model.eval()(input_ids=IDS)
-    return out.logits
-
 
 def twins(config_kwargs, cls=None):
     """PEFT's and fastlora's model from the same base and the same LoraConfig, with the same
@@ -43,15 +26,14 @@ def twins(config_kwargs, cls=None):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs))
     ours = fastlora.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs))
     g = torch.Generator().manual_seed(1)
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
-                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    twin_layers = peft_layers(theirs)
     with torch.no_grad():
         for name, layer in fastlora.lora_layers(ours).items():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-            twin = peft_layers[name]
+            twin = twin_layers[name]
             twin.lora_A["default"].weight.copy_(layer.lora_A)
             twin.lora_B["default"].weight.copy_(layer.lora_B)
-    return theirs, ours, peft_layers
+    return theirs, ours, twin_layers
 
 
 HONOURED = {
@@ -76,11 +58,11 @@ HONOURED = {
 
 @pytest.mark.parametrize("kwargs", HONOURED.values(), ids=HONOURED.keys())
 def test_an_honoured_field_adapts_as_peft_does(kwargs):
-    theirs, ours, peft_layers = twins(kwargs)
+    theirs, ours, twin_layers = twins(kwargs)
     layers = fastlora.lora_layers(ours)
-    assert sorted(layers) == sorted(peft_layers)  # the same adapted modules
+    assert sorted(layers) == sorted(twin_layers)  # the same adapted modules
     for name, layer in layers.items():
-        twin = peft_layers[name]
+        twin = twin_layers[name]
         assert layer.r == twin.r["default"]
         assert layer.scaling == pytest.approx(twin.scaling["default"], rel=1e-12)
         dropout = twin.lora_dropout["default"]
@@ -91,8 +73,8 @@ def test_an_honoured_field_adapts_as_peft_does(kwargs):
                             for n, p in ours.named_parameters() if p.requires_grad)
     assert ours_trainable == trainable
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    expected, got = _out(theirs), _out(ours)
-    assert (expected - _out(tiny_llama())).abs().max() > 1e-3  # the adapters do change the output
+    expected, got = llama_logits(theirs), llama_logits(ours)
+    assert (expected - llama_logits(tiny_llama())).abs().max() > 1e-3  # the adapters do change the output
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -101,7 +83,7 @@ def test_a_sequence_classification_task_trains_the_score_head_as_peft_does():
     theirs, ours, _ = twins(kwargs, transformers.LlamaForSequenceClassification)
     assert "score" in fastlora.copies.trainable_copies(ours)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_logits(ours), llama_logits(theirs), rtol=1e-5, atol=1e-5)
 
 
 # A non-default value for each PEFT field fastlora does not have; the error names the field.
@@ -189,29 +171,29 @@ def test_no_default_targets_without_a_model_type():
 
 def test_peft_methods_on_the_model_and_gone_after_unload(capsys):
     base = tiny_llama()
-    reference = _out(base)
+    reference = llama_logits(base)
     model = fastlora.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear"))
     with torch.no_grad():
         for layer in fastlora.lora_layers(model).values():
             layer.lora_B.normal_()
-    adapted = _out(model)
+    adapted = llama_logits(model)
     with model.disable_adapter():
-        torch.testing.assert_close(_out(model), reference, rtol=0, atol=0)
+        torch.testing.assert_close(llama_logits(model), reference, rtol=0, atol=0)
     model.merge_adapter()
-    torch.testing.assert_close(_out(model), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_logits(model), adapted, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
     assert capsys.readouterr().out.startswith(f"trainable params: {trainable:,d} || all params: {total:,d}")
     merged = model.merge_and_unload()
     assert merged is model and not fastlora.lora_layers(model)
-    torch.testing.assert_close(_out(model), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_logits(model), adapted, rtol=1e-5, atol=1e-5)
     for name in ("merge_and_unload", "unload", "disable_adapter", "print_trainable_parameters",
                  "get_nb_trainable_parameters", "merge_adapter", "unmerge_adapter"):
         assert not hasattr(model, name), name
     again = fastlora.inject(copy.deepcopy(base), ["q_proj"])
     plain = again.unload()
-    torch.testing.assert_close(_out(plain), reference, rtol=0, atol=0)
+    torch.testing.assert_close(llama_logits(plain), reference, rtol=0, atol=0)
 
 
 def test_retargeting_an_adapted_layer_says_already_adapted():

@@ -5,9 +5,7 @@ process saves (one save, never one save's configuration with another's tensors).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import os
 import subprocess
 import sys

@@ -13,20 +13,16 @@ import torch
 
 import fastlora
 from fastlora.testing import reference
-from conftest import assert_matches, seed_tensor, small_lora_model, traced_graphs
+from conftest import assert_matches, autograd_node, seed_tensor, small_lora_model, traced_graphs
 from helpers import layer_input, layer_params
+
+COMPOSED = "_ComposedLoRABackward"  # the composed path's autograd Function
+
 
 @pytest.fixture(autouse=True)
 def composed_backend():
     with fastlora.use_backend("composed"):
         yield
-
-
-def _is_composed(y: torch.Tensor, function: str = "_ComposedLoRA") -> bool:
-    node = y.grad_fn
-    while type(node).__name__ == "ViewBackward0":  # restoring x's leading dimensions
-        node = node.next_functions[0][0]
-    return type(node).__name__ == f"{function}Backward"
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -78,11 +74,11 @@ def test_default_on_devices_without_kernels():
     with fastlora.use_backend("auto"):
         w, b, a, bb, s = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in layer_params(8, 6, 2))
         x = torch.empty(5, 8, dtype=torch.float64, device="meta", requires_grad=True)
-        assert _is_composed(fastlora.lora_linear(x, w, b, a, bb, s, 0.1, seed_tensor().to("meta")))
+        assert autograd_node(fastlora.lora_linear(x, w, b, a, bb, s, 0.1, seed_tensor().to("meta"))) == COMPOSED
         # and on the CPU where the kernels do not apply (the base weight requires grad)
         w, b, a, bb, s = layer_params(8, 6, 2)
         x = torch.randn(5, 8, dtype=torch.float64)
-        assert _is_composed(fastlora.lora_linear(x, w.requires_grad_(True), b, a, bb, s))
+        assert autograd_node(fastlora.lora_linear(x, w.requires_grad_(True), b, a, bb, s)) == COMPOSED
 
 
 def test_default_without_the_extension():
@@ -111,7 +107,7 @@ def test_update_of_a_base_output_matches_reference_and_saves_x_xa_seed(p):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         got = fastlora.lora_update(x, y, a, bb, s, p, seed)
-    assert _is_composed(got, "_ComposedUpdate")
+    assert autograd_node(got) == "_ComposedUpdateBackward"
     activations = [t for t in saved if t.data_ptr() not in {a.data_ptr(), bb.data_ptr()}]
     assert not any(t.dtype == torch.bool for t in saved), "no mask is kept"
     assert sum(t.numel() for t in activations) == T * n_in + T * r + (1 if p > 0 else 0)

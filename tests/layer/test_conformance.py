@@ -20,7 +20,7 @@ from fastlora import skinny
 from fastlora.testing import reference
 from fastlora.backends.registry import Implementation, implementations
 from conftest import RTOL, assert_matches, requires_extension, seed_tensor
-from helpers import check_against_the_oracle, layer_input, layer_params
+from helpers import assert_pinned_runs, check_against_the_oracle, layer_input, layer_params
 
 LINEAR = implementations("linear")
 ORACLE = "reference"
@@ -79,6 +79,7 @@ def test_float64_matches_the_oracle_with_the_same_mask(impl, T, n_in, n_out, r, 
     for t in inputs[1:]:
         t.requires_grad_(True)
     seed = seed_tensor(7)
+    assert_pinned_runs(impl, x, w, b, a, p)
     with fastlora.use_backend(impl):
         y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
     ref = reference.lora_linear(x.reshape(-1, n_in), w, b, a, bb, s, p, seed).reshape(y.shape)
@@ -104,6 +105,7 @@ def test_gradcheck(impl, T, n_in, n_out, r, lead, layout, p, bias):
         with fastlora.use_backend(impl):
             return fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
 
+    assert_pinned_runs(impl, x, w, b, a, p)
     assert torch.autograd.gradcheck(f, (x, a.requires_grad_(True), bb.requires_grad_(True)))
 
 
@@ -117,6 +119,7 @@ def test_gradcheck_with_trainable_base_and_dropout(impl):
         with fastlora.use_backend(impl):
             return fastlora.lora_linear(*t, s, 0.3, seed)
 
+    assert_pinned_runs(impl, *args[:4], 0.3)
     assert torch.autograd.gradcheck(f, args)
 
 
@@ -135,6 +138,7 @@ def test_low_precision_matches_float64_reference(impl, dtype, p):
     a.requires_grad_(True)
     bb.requires_grad_(True)
     seed = seed_tensor(21)
+    assert_pinned_runs(impl, x, w, b, a, p)
     with fastlora.use_backend(impl):
         y = fastlora.lora_linear(x, w, b, a, bb, s, p, seed)
     assert y.dtype == dtype

@@ -125,6 +125,7 @@ def test_layer_end_to_end(pr, lead):
         y = fastlora.lora_linear(x, t["w"], t["bias"], a, b, pr["scale"], pr["p"], t["seed"])
         g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dt)
         got = torch.autograd.grad(y, (x, a, b), g, allow_unused=True)
+
     def reference_grads(sign):
         # sign=abs gives every gradient entry as a sum of |terms|: the scale for tolerances.
         x64, a64, b64 = (sign(v.detach().double()).requires_grad_(True) for v in (x, a, b))

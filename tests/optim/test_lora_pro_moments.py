@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.testing import reference
 from conftest import assert_matches, available_isas, poisoned_allocations, requires_extension, using_isa
 
 from helpers import HYPER, assert_moments_match, moment_bounds, moment_inputs, moment_reference
