@@ -76,7 +76,7 @@ def dropout(x: Tensor, p: float, seed: Tensor | None, mask: Tensor | None = None
     if mask is None:
         assert seed is not None, "dropout with p > 0 needs a seed"
         mask = dropout_mask(seed, x.shape[0], x.shape[1], p)
-    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(mask, x * (1.0 / (1.0 - p)), 0.0)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
