@@ -76,7 +76,7 @@ def dropout(x: Tensor, p: float, seed: Tensor | None, mask: Tensor | None = None
     if mask is None:
         assert seed is not None, "dropout with p > 0 needs a seed"
         mask = dropout_mask(seed, x.shape[0], x.shape[1], p)
-    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(mask, x * (1.0 / (1.0 - p)), 0.0)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,10 +97,8 @@ def adam_directions(
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (written back into the moments, in
     their dtype) and ``D = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)`` from the values
     before that rounding. The math runs in float64 for float64 moments, else in float32."""
-    def acc(t: Tensor) -> Tensor:
-        return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-    ms, vs = [acc(m) for m in exp_avgs], [acc(v) for v in exp_avg_sqs]
+    ms = [m.to(accumulation_dtype(m.dtype)) for m in exp_avgs]
+    vs = [v.to(accumulation_dtype(v.dtype)) for v in exp_avg_sqs]
     gs = [g.to(m.dtype) for g, m in zip(grads, ms)]
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
@@ -135,7 +133,7 @@ def lora_pro_moments(
     equivalent gradient), updates the out x in moments in place as :func:`adam_directions`
     and returns the LoRA gradients of its direction D, ``(scale B^T D, scale D A^T)``, in
     float32 (float64 for float64 moments)."""
-    acc = torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(exp_avg.dtype)
     a, b = lora_A.to(acc), lora_B.to(acc)
     g = scale * (b @ grad_A0.to(acc) + grad_B0.to(acc) @ a)
     d = adam_directions([exp_avg], [exp_avg_sq], [g], beta1, beta2, eps, [step])[0]

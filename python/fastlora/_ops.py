@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _numerics
 from ._extension import extension_available
-from .backends.registry import kernel_used
+from .backends.registry import kernel_used, op_function
 
 __all__ = ["lora_forward", "dropout_mask", "lora_pro_moments", "lora_pro_kernel_applies"]
 
@@ -41,9 +41,7 @@ def lora_forward(
 
 def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     """The keep-mask dropout applies for this seed (the compiled kernel where the registry says so)."""
-    if kernel_used("dropout_mask", seed.device.type):
-        return torch.ops.fastlora.dropout_mask(seed, rows, cols, p)
-    return _numerics.dropout_mask(seed, rows, cols, p)
+    return op_function("dropout_mask", seed.device)(seed, rows, cols, p)
 
 
 def lora_pro_kernel_applies(exp_avg: Tensor, r: int) -> bool:

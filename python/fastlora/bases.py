@@ -46,8 +46,6 @@ class Dense:
     """A plain ``nn.Linear``: the base and the adapter in one fused call; LoRA-GA's offset is
     held in the weight (``W0 - s·B0 A0``)."""
 
-    holds_offset = True
-
     @staticmethod
     def describe(base: nn.Module) -> str:
         return ""
@@ -113,8 +111,6 @@ class Dense:
 class Quantized:
     """A bitsandbytes ``Linear4bit`` (NF4/FP4) or ``Linear8bitLt``: its own forward computes
     ``Q(W) x + b`` and fastlora's ops add the exact offset term and the adapter branch."""
-
-    holds_offset = False
 
     @staticmethod
     def describe(base: nn.Module) -> str:

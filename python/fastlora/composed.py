@@ -37,8 +37,9 @@ def _keep_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
 
 
 def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
-    # where, not a product: a dropped element is exactly zero even where t is infinite.
-    return t if mask is None else torch.where(mask, t, t.new_zeros(()))
+    # where, not a product: a dropped element is exactly zero even where t is infinite. A Python
+    # zero, not a 0-dim tensor: no allocation (on CUDA, no fill kernel) per call.
+    return t if mask is None else torch.where(mask, t, 0.0)
 
 
 def _down(x: Tensor, lora_A: Tensor, p: float, seed: Tensor | None) -> Tensor:

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .composed import lora_backward, lora_forward
-from ._numerics import dropout_threshold
-from .skinny import needs_index_64, dot_precision
+from .skinny import dropout_args, dot_precision, needs_index_64
 
 __all__ = ["available", "lora_linear", "forward", "grad_x"]
 
@@ -181,7 +180,7 @@ def _grad_x_impl(dy: Tensor, weight: Tensor, dxa: Tensor, lora_A: Tensor, seed: 
     _launch("grad_x", dx, k, r, dy, weight, dxa, lora_A, seed if drop else dy, dx, m, n, k, r,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0), dxa.stride(1),
             lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-            dropout_threshold(dropout_p) if drop else 0, 1.0 / (1.0 - dropout_p),
+            *dropout_args(dropout_p),
             DROPOUT=drop, PAIRED=n % 2 == 0, PRECISION=dot_precision(dy.dtype), INDEX_64=needs_index_64(dy, weight, dxa, lora_A, dx))
     return dx
 

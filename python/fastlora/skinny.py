@@ -158,7 +158,8 @@ def _compiled(name: str) -> Any:
     return _KERNELS[key]
 
 
-def _dropout_args(p: float) -> tuple[int, float]:
+def dropout_args(p: float) -> tuple[int, float]:
+    """The kernels' dropout arguments (the hash threshold, 1/(1-p)); (0, 1.0) without dropout."""
     return (dropout_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
 
 
@@ -168,7 +169,7 @@ def _down_impl(x: Tensor, lora_A: Tensor, p: float, seed: Optional[Tensor]) -> T
     xa = torch.empty(t, r, dtype=x.dtype, device=x.device)
     meta = tiles("down", x.device.type, r)
     _run("down", (triton.cdiv(t, meta["BLOCK_T"]),), x, x, lora_A, seed if p > 0.0 else x, xa, t, k, r,
-         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1), *_dropout_args(p),
+         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1), *dropout_args(p),
          DROPOUT=p > 0.0, PAIRED=k % 2 == 0, PRECISION=dot_precision(x.dtype), INDEX_64=needs_index_64(x, lora_A, xa),
          **meta)
     return xa
@@ -224,7 +225,7 @@ def _grad_a_impl(dxa: Tensor, x: Tensor, p: float, seed: Optional[Tensor]) -> Te
     if splits == 0:
         return torch.zeros(r, k, dtype=torch.float32, device=x.device)
     _run("grad_a", (triton.cdiv(k, meta["BLOCK_K"]), splits), x, dxa, x, seed if p > 0.0 else x, part, t, k, r,
-         t_split, dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), *_dropout_args(p), DROPOUT=p > 0.0,
+         t_split, dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), *dropout_args(p), DROPOUT=p > 0.0,
          PAIRED=k % 2 == 0, PRECISION=dot_precision(x.dtype), INDEX_64=needs_index_64(dxa, x, part), **meta)
     return part.sum(0)
 
@@ -238,7 +239,7 @@ def _add_low_rank_impl(dx: Tensor, dxa: Tensor, lora_A: Tensor, seed: Optional[T
         return
     _run("add_low_rank", (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(k, meta["BLOCK_K"])), dx, dx, dxa, lora_A,
          seed if p > 0.0 else dx, t, k, r, dx.stride(0), dx.stride(1), dxa.stride(0), dxa.stride(1),
-         lora_A.stride(0), lora_A.stride(1), *_dropout_args(p), ACCUMULATE=accumulate, DROPOUT=p > 0.0,
+         lora_A.stride(0), lora_A.stride(1), *dropout_args(p), ACCUMULATE=accumulate, DROPOUT=p > 0.0,
          PAIRED=k % 2 == 0, PRECISION=dot_precision(dx.dtype), INDEX_64=needs_index_64(dx, dxa, lora_A), **meta)
 
 

@@ -358,10 +358,9 @@ def test_check_tolerance_follows_the_dtype():
 def test_index_range_is_decided_by_the_exact_token_count():
     # T beyond the bucket cap shares a key, except across 2^31 elements, where 32-bit offsets wrap
     fused = dataclasses.replace(registry.implementations("linear")["fused"], max_index=2**31)  # a 32-bit one
-    small = dispatch._key("linear", torch.empty(2**17, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,
-                          False, False)
-    huge = dispatch._key("linear", torch.empty(2**20, 2048, device="meta"), torch.float32, 2048, 2048, 8, 0.0,
-                         False, False)
+    meta, f32 = torch.device("meta"), torch.float32
+    small = dispatch._key("linear", 2**17, meta, f32, f32, 2048, 2048, 8, 0.0, False, False)
+    huge = dispatch._key("linear", 2**20, meta, f32, f32, 2048, 2048, 8, 0.0, False, False)
     assert small[4] == huge[4] == measured.T_CAP and small != huge
     on_cuda = [(k[0], torch.device("cuda"), torch.float16, *k[3:]) for k in (small, huge)]
     assert dispatch._eligible(on_cuda[0], fused) in (None, "it needs Triton: pip install triton")

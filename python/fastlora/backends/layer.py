@@ -183,28 +183,29 @@ def _choose(key: tuple, x: Tensor) -> Implementation:
 _HUGE = 2**31  # operands of this many elements or more need 64-bit offsets
 
 
-def _key(op: str, x: Tensor, adapter_dtype: torch.dtype, n_in: int, n_out: int, r: int, dropout_p: float, bias: bool,
-         weight_grad: bool) -> tuple:
-    t = x.shape[0]
-    if not isinstance(t, int):  # a symbolic T (torch.compile with dynamic shapes): no bucket
-        return (op, x.device, x.dtype, adapter_dtype, None, n_in, n_out, r, dropout_p > 0.0, bias, weight_grad, False)
+def _key(op: str, t: Any, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, n_in: int, n_out: int,
+         r: int, dropout_p: float, bias: bool, weight_grad: bool) -> tuple:
+    """The shape key of a call with ``t`` tokens (a symbolic size under torch.compile's dynamic shapes)."""
+    if not isinstance(t, int):  # a symbolic T: no bucket
+        return (op, device, dtype, adapter_dtype, None, n_in, n_out, r, dropout_p > 0.0, bias, weight_grad, False)
     # the exact size decides the index range: T beyond the bucket cap shares its key otherwise
     huge = t * max(n_in, n_out) >= _HUGE
-    return (op, x.device, x.dtype, adapter_dtype, measured.bucket(t), n_in, n_out, r, dropout_p > 0.0, bias,
-            weight_grad, huge)
+    return (op, device, dtype, adapter_dtype, measured.bucket(t), n_in, n_out, r, dropout_p > 0.0, bias, weight_grad,
+            huge)
 
 
 def choose_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, dropout_p: float) -> Implementation:
     """The implementation :func:`fastlora.lora_linear` runs for a 2-D x and these operands."""
     wgrad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    key = _key("linear", x, lora_A.dtype, weight.shape[1], weight.shape[0], lora_A.shape[0], dropout_p,
-               bias is not None, wgrad)
+    key = _key("linear", x.shape[0], x.device, x.dtype, lora_A.dtype, weight.shape[1], weight.shape[0], lora_A.shape[0],
+               dropout_p, bias is not None, wgrad)
     return _choose(key, x)
 
 
 def choose_update(x: Tensor, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> Implementation:
     """The implementation :func:`fastlora.lora_update` runs for a 2-D x and these adapters."""
-    key = _key("update", x, lora_A.dtype, lora_A.shape[1], lora_B.shape[0], lora_A.shape[0], dropout_p, False, False)
+    key = _key("update", x.shape[0], x.device, x.dtype, lora_A.dtype, lora_A.shape[1], lora_B.shape[0],
+               lora_A.shape[0], dropout_p, False, False)
     return _choose(key, x)
 
 
@@ -261,8 +262,7 @@ def tune_shape(tokens: int, in_features: int, out_features: int, r: int, *, dtyp
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (op, device, dtype, adapter_dtype, measured.bucket(tokens), in_features, out_features, r, dropout_p > 0.0,
-           bias, False, tokens * max(in_features, out_features) >= _HUGE)
+    key = _key(op, tokens, device, dtype, adapter_dtype, in_features, out_features, r, dropout_p, bias, False)
     impl, record = _settle(key, _candidates(key))
     if registry.get_backend() == "auto" and registry.measured():
         _memo[key] = impl

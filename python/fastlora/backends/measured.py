@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._version import __version__
 
 __all__ = ["Key", "bucket", "cache_path", "cached_choice", "cpu_model", "device_name", "elapsed", "settle", "time_run"]
@@ -201,8 +202,7 @@ def _disagreement(got: Sequence[Tensor | None], want: Sequence[Tensor | None], n
     """Why ``got`` differs from the composed path's ``want`` beyond rounding, or None. Each
     result is a sum of at most ``depth`` products: its error against max|want| is a few units
     of the compute dtype (``unit``; outputs, xa and dxa round there) plus the fp32 accumulation's."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rtol = 8 * (unit or _UNIT[dtype]) + 4 * math.sqrt(depth) * _UNIT[acc]
+    rtol = 8 * (unit or _UNIT[dtype]) + 4 * math.sqrt(depth) * _UNIT[accumulation_dtype(dtype)]
     for name, g, w in zip(names, got, want):
         if (g is None) != (w is None):
             return f"{name} is {'missing' if g is None else 'unexpected'}"
