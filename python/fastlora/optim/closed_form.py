@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
+
 __all__ = [
     "DEFAULT_RIDGE",
     "X_MODES",
@@ -48,11 +50,6 @@ def check_settings(x_mode: str, ridge: float) -> None:
         raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
     if not isinstance(ridge, numbers.Real) or not ridge >= 0.0:
         raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the closed form for parameters of ``dtype``: float64 stays, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cutoff(values: Tensor, dims: tuple[int, ...], n: int) -> Tensor:
@@ -228,7 +225,7 @@ def lora_pro_gradients(
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {X_MODES}")
     single = lora_A.dim() == 2
-    dtype = compute_dtype(lora_A.dtype)
+    dtype = accumulation_dtype(lora_A.dtype)
     a, b, ga, gb = (t.to(dtype).unsqueeze(0) if single else t.to(dtype) for t in (lora_A, lora_B, grad_A, grad_B))
     s = torch.as_tensor(scale, dtype=dtype, device=a.device).reshape(-1).expand(a.shape[0])
     h_a, h_b = GramProjector([a], [b], [s], ridge).adjust([ga], [gb], x_mode)[0]
@@ -239,5 +236,5 @@ def equivalent_gradient(lora_A: Tensor, lora_B: Tensor, grad_A: Tensor, grad_B: 
     """``s (B hA + hB A)``: the direction a LoRA step along ``(hA, hB)`` moves the merged weight
     to first order (for the plain LoRA gradients it is ``s^2 (B B^T G + G A^T A)``)."""
     _check_pair(lora_A, lora_B, grad_A, grad_B)
-    dtype = compute_dtype(lora_A.dtype)
+    dtype = accumulation_dtype(lora_A.dtype)
     return scale * (lora_B.to(dtype) @ grad_A.to(dtype) + grad_B.to(dtype) @ lora_A.to(dtype))

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..._distributed import check_row_sharded, full, is_dtensor, local, row_range
+from ..._numerics import accumulation_dtype
 from ...layer import LoRALinear, check_no_peft_layers, lora_layers
-from ..closed_form import compute_dtype
 
 __all__ = ["Block", "Layer", "ModelOrLayers", "by_rank", "check_steppable", "discover", "has_gradients", "stack_blocks"]
 
@@ -97,7 +97,7 @@ def stack_blocks(entries: Iterable[tuple[tuple, Layer, dict | None]]) -> list[Bl
     blocks: dict[tuple, Block] = {}
     for settings, layer, group in entries:
         a = layer.A
-        key = (*settings, a.shape, layer.B.shape, local(a).device, compute_dtype(a.dtype))
+        key = (*settings, a.shape, layer.B.shape, local(a).device, accumulation_dtype(a.dtype))
         block = blocks.setdefault(key, Block([], [], []))
         block.layers.append(layer)
         if group is not None:
